@@ -1,0 +1,322 @@
+"""The method contract and the open registry.
+
+Every method answers the same questions, so the trainer, the bench, the serializer and the server treat them
+alike: a JSON config with a format version, ``apply`` (freeze the base, add or select what trains, in place),
+trainable and *changed* parameter counts, ``state()`` (the tensors that are the fine-tune), ``merge`` /
+``unmerge`` and capability flags. A new method is one file with ``@register("name")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..anatomy import Anatomy, anatomy
+
+FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
+OVERHEADS = ("none", "extra_ffn", "extra_input", "gating")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    mergeable: bool = False  # merge() folds the change into the base weights: no inference overhead after
+    restores_base: bool = False  # unmerge()/remove() gives the base back bitwise
+    mixed_batch: bool = False  # several adapters can serve one batch side by side
+    prunable: bool = False  # Light-PEFT can prune it
+    needs_schedule: bool = False  # the training loop must call its schedule hook
+    inference_overhead: str = "none"  # before merge: none / extra_ffn / extra_input / gating
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method config: a plain dataclass with a JSON round trip and a format version.
+
+    ``from_dict`` refuses unknown keys and versions newer than this release knows, with a message that says what
+    to do; values given as strings (from the CLI) are coerced to the field's type."""
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["format_version"] = self.FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, method: str | None = None) -> MethodConfig:
+        d = dict(d)
+        version = d.pop("format_version", cls.FORMAT_VERSION)
+        where = f"method {method!r}" if method else cls.__name__
+        if not isinstance(version, int) or version > cls.FORMAT_VERSION:
+            raise ConfigError(
+                f"{where}: config format_version {version!r} is newer than this leantune understands "
+                f"(up to {cls.FORMAT_VERSION}); upgrade leantune to read it"
+            )
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ConfigError(f"{where}: unknown option(s) {unknown}; known options: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: coerce(v, hints[k], f"{where} option {k!r}") for k, v in d.items()}
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise ConfigError on values that make no sense. Subclasses extend."""
+
+    def replace(self, **changes) -> MethodConfig:
+        merged = {**self.to_dict(), **changes}
+        return type(self).from_dict(merged)
+
+
+def _strip_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+        return tp, True
+    return tp, False
+
+
+def coerce(value: Any, tp, where: str) -> Any:
+    """Turn CLI strings and JSON values into the declared type; clear error otherwise."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional or value is None:
+            return None
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            if isinstance(value, (list, tuple)):
+                return ",".join(str(v) for v in value)
+            return str(value)
+        if origin in (list, tuple):
+            (inner, *_) = typing.get_args(tp) or (str,)
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            return [coerce(v, inner, where) for v in value]
+        if typing.get_origin(tp) is typing.Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register(name: str):
+    """Class decorator: ``@register("lora")``. Names are lowercase snake_case and unique."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if not _NAME_RE.match(name):
+            raise ValueError(f"method name {name!r} must be lowercase snake_case")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        if cls.family not in FAMILIES:
+            raise ValueError(f"method {name!r}: family {cls.family!r} is not one of {FAMILIES}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Method]:
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))} (see `leantune methods`)")
+    return _REGISTRY[name]
+
+
+def list_methods() -> list[type[Method]]:
+    from . import _load_builtin_methods
+
+    _load_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def make_config(name: str, options: dict | None = None) -> MethodConfig:
+    cls = get_method(name)
+    return cls.config_cls.from_dict(options or {}, method=name)
+
+
+class Method:
+    """One fine-tuning method applied to one model.
+
+    Subclasses set ``name`` (by ``@register``), ``family``, ``description``, ``config_cls`` and implement
+    ``_apply``, ``trainable_parameters`` and ``state``/``load_state``; mergeable methods implement ``merge`` /
+    ``unmerge``. The method object is attached to the model as ``model.leantune_method``.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    default_lr: ClassVar[float] = 1e-4
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_cls()
+        if not isinstance(self.config, self.config_cls):
+            raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config.validate()
+        self.model: nn.Module | None = None
+        self.anatomy: Anatomy | None = None
+        self.merged = False
+        self.base_fingerprint: dict | None = None
+
+    # -- capabilities ---------------------------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities()
+
+    # -- apply ----------------------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, anat: Anatomy | None = None) -> Method:
+        if getattr(model, "leantune_method", None) is not None:
+            raise RuntimeError(
+                f"this model already carries method {model.leantune_method.name!r}; load a fresh base model"
+            )
+        from ..io import fingerprint
+
+        self.base_fingerprint = fingerprint(model)
+        self.model = model
+        self.anatomy = anat or anatomy(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._apply(model, self.anatomy)
+        model.__dict__["leantune_method"] = self  # plain attribute: not a submodule, not in state_dict
+        return self
+
+    def _apply(self, model: nn.Module, anat: Anatomy) -> None:
+        raise NotImplementedError
+
+    # -- what trains ----------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs that the optimizer should see."""
+        for n, p in self._model().named_parameters():
+            if p.requires_grad:
+                yield n, p
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters())
+
+    def num_changed(self) -> int:
+        """Entries of the base model that differ after training and merge (the survey's 'changed')."""
+        raise NotImplementedError
+
+    # -- the fine-tune as tensors ---------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state()
+        check_state_keys(self.name, expected, state)
+        with torch.no_grad():
+            for k, v in state.items():
+                expected[k].copy_(v.to(expected[k].dtype))
+
+    # -- merge ----------------------------------------------------------------------------------------------
+    def merge(self) -> None:
+        if not self.capabilities.mergeable:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.capabilities.mergeable:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged or unmerged")
+        self.merged = False
+
+    def remove(self) -> nn.Module:
+        """Take the method off the model and give the base back (bitwise where ``restores_base``)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be removed; reload the base model")
+
+    def schedule(self):
+        """A hook object for the training loop (see leantune.train.hooks), or None."""
+        return None
+
+    def _model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(f"method {self.name!r} is not applied to a model yet: call apply(model) first")
+        return self.model
+
+    @classmethod
+    def describe(cls) -> dict:
+        caps = cls().capabilities
+        return {
+            "name": cls.name,
+            "family": cls.family,
+            "description": cls.description,
+            "capabilities": caps.to_dict(),
+            "default_lr": cls.default_lr,
+            "options": {k: v for k, v in cls.config_cls().to_dict().items() if k != "format_version"},
+        }
+
+
+def check_state_keys(method: str, expected: dict, given: dict) -> None:
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"adapter tensors do not match method {method!r} on this model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}. "
+            "Was the adapter saved with a different method config or for another base model?"
+        )
+    for k, v in given.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(
+                f"adapter tensor {k!r} has shape {tuple(v.shape)}, this model needs {tuple(expected[k].shape)}; "
+                "the adapter was made for a different base model or config"
+            )
+
+
+def unique_parameters(params) -> list[nn.Parameter]:
+    """Tied weights (embedding = LM head) counted once."""
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def warn_once(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,140 @@
+"""Base models: built-in tiny ones made from configs in code, or any Hugging Face hub id / local folder.
+
+Built-in models are random-initialised from a fixed seed, so the same name always gives the same weights
+(adapters made on one machine load on another). Their tokenizer is byte-level, built in code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+BUILTIN_PREFIX = "builtin:"
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+
+
+def byte_tokenizer():
+    """A byte-level fast tokenizer (256 byte tokens + pad/bos/eos), a real ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {PAD: 0, BOS: 1, EOS: 2}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, model_max_length=1024
+    )
+
+
+def _tiny_llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # GQA (4 query heads on 2 KV heads) and an explicit head_dim (24) that differs from hidden / heads (16).
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=512, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _tiny_gpt2(vocab: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg)
+
+
+def _tiny_bert(vocab: int):
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return BertForMaskedLM(cfg)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    build: callable
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "tiny-llama": BuiltinModel(_tiny_llama, "2-layer LLaMA, hidden 64, GQA 4q/2kv heads, explicit head_dim 24"),
+    "tiny-gpt2": BuiltinModel(_tiny_gpt2, "2-layer GPT-2, hidden 64, 4 heads (fused c_attn, Conv1D)"),
+    "tiny-bert": BuiltinModel(_tiny_bert, "2-layer BERT masked LM, hidden 64, 4 heads (an encoder)"),
+}
+
+
+def register_builtin_model(name: str, build, description: str) -> None:
+    """Add a ``builtin:NAME`` model (later: the pretrained base)."""
+    BUILTIN_MODELS[name] = BuiltinModel(build, description)
+
+
+def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id."""
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    if name.startswith(BUILTIN_PREFIX):
+        key = name[len(BUILTIN_PREFIX):]
+        if key not in BUILTIN_MODELS:
+            raise ValueError(
+                f"unknown built-in model {name!r}; available: "
+                + ", ".join(BUILTIN_PREFIX + k for k in sorted(BUILTIN_MODELS))
+            )
+        entry = BUILTIN_MODELS[key]
+        tokenizer = byte_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            built = entry.build(len(tokenizer))
+        model, tokenizer = built if isinstance(built, tuple) else (built, tokenizer)
+        model.config.name_or_path = name
+    else:
+        model, tokenizer = _load_hf(name, dtype)
+    if dtype is not None:
+        model = model.to(dtype)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_hf(name: str, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    if not os.path.isdir(name) and os.path.exists(name):
+        raise ValueError(f"model {name!r} is a file; give a model folder, a hub id or a builtin: name")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as e:
+        raise ValueError(
+            f"cannot load model {name!r}: not a local folder with config.json and not reachable on the hub "
+            f"({e.__class__.__name__}). Use a local path, a builtin: model (see `leantune models`), or go online."
+        ) from None
+    from .anatomy import FAMILIES
+
+    spec = FAMILIES.get(config.model_type)
+    auto = AutoModelForCausalLM if (spec is None or spec.causal) else AutoModelForMaskedLM
+    model = auto.from_pretrained(name, dtype=dtype) if dtype is not None else auto.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.name_or_path = name
+    return model, tokenizer
+
+
+def model_name(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "name_or_path", None) or None
