@@ -49,6 +49,6 @@ def generate_accuracy(model, tokenizer, examples: list[Example], max_new_tokens:
         "accuracy": sum(hits) / len(hits),
         "n": len(hits),
         "examples": [
-            {"prompt": e.prompt, "prediction": p, "target": e.response} for p, e in list(zip(preds, examples))[:3]
+            {"prompt": e.prompt, "prediction": p, "target": e.response} for p, e in list(zip(preds, examples, strict=True))[:3]
         ],
     }
