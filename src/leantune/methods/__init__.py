@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 from .base import (
     Capabilities,
@@ -15,16 +16,17 @@ from .base import (
     register,
 )
 
-_BUILTIN = ("selective", "lora")
 _loaded = False
 
 
 def _load_builtin_methods() -> None:
+    """Import every module of this package once: each registers its methods."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for mod in _BUILTIN:
-            importlib.import_module(f"{__name__}.{mod}")
+        for info in pkgutil.iter_modules(__path__):
+            if info.name != "base" and not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = [
