@@ -1,0 +1,204 @@
+"""`leantune` command line. It only wires: models, data, methods and the loop live elsewhere."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Parameter-efficient fine-tuning, measured.")
+
+
+def _fail(msg: str, code: int = 2):
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``["r=16", "targets=q,v"]`` -> ``{"r": 16, "targets": "q,v"}`` (JSON values where they parse)."""
+    out = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise ValueError(f"option {item!r} must look like key=value (e.g. -o r=16)")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def load_recipe(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"recipe {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe {str(path)!r} must be a mapping with model, method, task/data, train")
+    known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"recipe {str(path)!r}: unknown key(s) {unknown}; known: {sorted(known)}")
+    method = data.get("method")
+    if isinstance(method, str):
+        data["method"] = {"name": method, "options": {}}
+    elif method is not None and (not isinstance(method, dict) or "name" not in method):
+        raise ValueError(f"recipe {str(path)!r}: method must be a name or {{name: ..., options: {{...}}}}")
+    return data
+
+
+@app.command()
+def train(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="hub id, local folder or builtin:NAME"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method name (see `leantune methods`)"),
+    task: Optional[str] = typer.Option(None, "--task", help="a built-in task, e.g. builtin:arith"),
+    data: Optional[Path] = typer.Option(None, "--data", help="your data: JSONL/CSV/datasets folder"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where the adapter, metrics, checkpoints go"),
+    config: Optional[Path] = typer.Option(None, "--config", help="a recipe YAML (flags override it)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value, repeatable"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default: the method's)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="linear | cosine | constant"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example"),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    eval_samples: int = typer.Option(64, "--eval-samples", help="test examples per periodic evaluation"),
+    save_every: Optional[int] = typer.Option(None, "--save-every"),
+    resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="continue from the last checkpoint"),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="start from this adapter folder"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Fine-tune MODEL with METHOD on a task or your data; writes the adapter to OUTPUT_DIR."""
+    from .train.loop import TrainConfig
+
+    try:
+        recipe = load_recipe(config) if config else {}
+        opts = dict((recipe.get("method") or {}).get("options") or {})
+        opts.update(parse_options(option))
+        train_opts = dict(recipe.get("train") or {})
+        flags = {
+            "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
+            "warmup_steps": warmup_steps, "lr_schedule": lr_schedule, "weight_decay": weight_decay,
+            "max_grad_norm": max_grad_norm, "seed": seed, "mixed_precision": mixed_precision,
+            "gradient_checkpointing": gradient_checkpointing, "eval_every": eval_every, "save_every": save_every,
+            "resume": resume, "tensorboard": tensorboard,
+        }
+        train_opts.update({k: v for k, v in flags.items() if v is not None})
+        max_len = max_length or train_opts.pop("max_length", None) or recipe.get("max_length") or 256
+        train_opts.setdefault("max_steps", 100)
+        model_name = model or recipe.get("model")
+        method_name = method or (recipe.get("method") or {}).get("name")
+        task_name = task or recipe.get("task")
+        data_path = data or (Path(recipe["data"]) if recipe.get("data") else None)
+        out = output_dir or (Path(recipe["output_dir"]) if recipe.get("output_dir") else None)
+        adapter_dir = adapter or (Path(recipe["adapter"]) if recipe.get("adapter") else None)
+        missing = [n for n, v in (("--model", model_name), ("--output-dir", out)) if not v]
+        if not method_name and not adapter_dir:
+            missing.append("--method")
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)} (give the flag or put it in --config)")
+        if bool(task_name) == bool(data_path):
+            raise ValueError("give exactly one of --task (a built-in task) or --data (your file or folder)")
+        known = set(TrainConfig.__dataclass_fields__)
+        bad = sorted(set(train_opts) - known)
+        if bad:
+            raise ValueError(f"unknown train option(s) {bad}; known: {sorted(known)}")
+        cfg = TrainConfig(**train_opts, output_dir=str(out), progress=progress)
+        from .pipeline import run_training
+
+        summary = run_training(
+            model_name=model_name, method_name=method_name, method_options=opts, task=task_name,
+            data_path=str(data_path) if data_path else None, max_length=max_len, train_config=cfg,
+            eval_samples=eval_samples, adapter=str(adapter_dir) if adapter_dir else None,
+        )
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder (leantune or PEFT)"),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text, repeatable"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+):
+    """Greedy generation from a base model, with an adapter if given."""
+    from .pipeline import load_for_inference
+
+    try:
+        m, tok = load_for_inference(model, str(adapter) if adapter else None)
+        from .data.evaluate import greedy_generate
+
+        outs = greedy_generate(m, tok, list(prompt), max_new_tokens)
+    except (ValueError, KeyError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    for p, o in zip(prompt, outs, strict=True):
+        typer.echo(p + o)
+
+
+@app.command()
+def methods(as_json: bool = typer.Option(False, "--json", help="machine-readable list")):
+    """List the registered methods with their family, capabilities and options."""
+    from .methods import list_methods
+
+    rows = [cls.describe() for cls in list_methods()]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="leantune methods")
+    for col in ("name", "family", "mergeable", "schedule", "overhead"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("description", overflow="fold")
+    for r in rows:
+        c = r["capabilities"]
+        table.add_row(r["name"], r["family"], "yes" if c["mergeable"] else "no",
+                      "yes" if c["needs_schedule"] else "no", c["inference_overhead"], r["description"])
+    Console(width=max(Console().width, 140)).print(table)
+
+
+@app.command()
+def models():
+    """List the built-in models."""
+    from .models import BUILTIN_MODELS
+
+    for name, entry in sorted(BUILTIN_MODELS.items()):
+        typer.echo(f"builtin:{name}\t{entry.description}")
+
+
+@app.command()
+def tasks():
+    """List the built-in tasks."""
+    from .data.tasks import get_task, list_tasks
+
+    for name in list_tasks():
+        typer.echo(f"{name}\t{get_task(name).description}")
+
+
+def main():
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
