@@ -62,7 +62,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int) ->
         if "numpy" in rng:
             n = rng["numpy"]
             extra["numpy_rng"] = [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])]
-        state = {"step": step, "hooks": [h.state_dict() for h in hooks], **extra}
+        hook_states = [{"type": type(h).__qualname__, "state": h.state_dict()} for h in hooks]
+        state = {"step": step, "hooks": hook_states, **extra}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
@@ -81,12 +82,15 @@ def load_checkpoint(path: Path, method, hooks) -> int:
     state = json.loads((path / STATE_NAME).read_text())
     meta = io.read_meta(path)
     tensors = io.read_weights(path, meta)
-    hook_states = state.get("hooks", [])
-    if len(hook_states) != len(hooks):
-        raise ValueError(f"checkpoint {path} was written with {len(hook_states)} schedule hooks, this run has "
-                         f"{len(hooks)}: resume with the same method and hooks, or use a new output folder")
-    for h, s in zip(hooks, hook_states, strict=True):
-        h.load_state_dict(s)
+    saved = list(state.get("hooks", []))
+    for h in hooks:  # match saved hook states to this run's hooks by type, in order
+        i = next((i for i, s in enumerate(saved) if s["type"] == type(h).__qualname__), None)
+        if i is not None:
+            h.load_state_dict(saved.pop(i)["state"])
+    lost = [s["type"] for s in saved if s["state"]]
+    if lost:
+        raise ValueError(f"checkpoint {path} holds the state of schedule hook(s) {lost} that this run does not "
+                         "have: resume with the same method, or use a new output folder")
     method.load_state(tensors)
     return int(state["step"])
 

@@ -114,7 +114,10 @@ class BatchStream:
 
 def token_loss_sum(model: nn.Module, batch: dict, causal: bool) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over target tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:  # packed rows: no 2D mask, so transformers builds a block-causal one from positions
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
     if causal:
         logits, labels = logits[:, :-1], labels[:, 1:]
@@ -171,9 +174,13 @@ def train(
     out = Path(cfg.output_dir) if cfg.output_dir else None
 
     if cfg.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        kwargs = {"use_reentrant": False}  # non-reentrant: works with a frozen base and no input grads
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
             raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "config"):
         model.config.use_cache = False
     wrapped = acc.prepare_model(model)
@@ -307,7 +314,7 @@ def _nan_message(value, step, micro, out, what="loss") -> str:
     last = ckpt.latest(out) if out is not None else None
     where = f"step {step + 1}" + (f", micro-batch {micro + 1}" if micro is not None else "")
     keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-    return (f"{what} is {float(value)} at {where}; training stopped and {keep}. Lower the learning rate, "
+    return (f"{what} is {float(value.detach())} at {where}; training stopped and {keep}. Lower the learning rate, "
             "enable gradient clipping (max_grad_norm), or check the data for empty targets.")
 
 

@@ -1,0 +1,60 @@
+"""Shared test helpers: tiny models built in code, a fixed batch, logits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("LEANTUNE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY_MODELS = ["builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:tiny-bert"]
+
+
+def tiny(name: str = "builtin:tiny-llama"):
+    from leantune import load_model
+
+    return load_model(name)
+
+
+def fixed_batch(vocab: int = 259, batch: int = 2, length: int = 12, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train(was)
+    return out
+
+
+def loss_of(model, batch) -> torch.Tensor:
+    from leantune.anatomy import anatomy
+    from leantune.train.loop import token_loss_sum
+
+    causal = anatomy(model).causal
+    total, n = token_loss_sum(model, batch, causal)
+    return total / n
+
+
+def train_steps(model, batch, steps: int = 1, lr: float = 1e-2):
+    params = [p for _, p in model.leantune_method.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss_of(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

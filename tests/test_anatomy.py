@@ -1,0 +1,119 @@
+"""The anatomy table: roles, head counts, GQA, explicit head_dim, fused and Conv1D layers, unknown families."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny
+from leantune.anatomy import (
+    FAMILIES,
+    FamilySpec,
+    UnsupportedModelError,
+    anatomy,
+    is_conv1d,
+    register_family,
+    resolve_roles,
+    weight_2d,
+)
+
+
+def test_llama_gqa_and_explicit_head_dim():
+    model, _ = tiny("builtin:tiny-llama")
+    a = anatomy(model)
+    assert (a.n_heads, a.n_kv_heads, a.head_dim, a.hidden, a.intermediate) == (4, 2, 24, 64, 128)
+    assert a.head_dim != a.hidden // a.n_heads  # the explicit value, not hidden / heads
+    b = a.blocks[0]
+    assert weight_2d(b.linear("q")).shape == (4 * 24, 64)
+    assert weight_2d(b.linear("k")).shape == (2 * 24, 64)
+    assert weight_2d(b.linear("o")).shape == (64, 4 * 24)
+    assert weight_2d(b.linear("down")).shape == (64, 128)
+    assert b.linear("gate") is model.model.layers[0].mlp.gate_proj
+    assert a.embed is model.model.embed_tokens and a.head is model.lm_head and a.final_norm is model.model.norm
+    assert len(a.blocks) == 2 and len(b.norms) == 2
+
+
+def test_gpt2_fused_qkv_and_conv1d():
+    model, _ = tiny("builtin:tiny-gpt2")
+    a = anatomy(model)
+    b = a.blocks[0]
+    assert b.linear("q") is b.linear("v") is model.transformer.h[0].attn.c_attn
+    assert is_conv1d(b.linear("o"))
+    assert weight_2d(b.linear("qkv")).shape == (3 * 64, 64)  # (out, in) although Conv1D stores (in, out)
+    assert weight_2d(b.linear("up")).shape == (256, 64)
+    names = [n for n, role, _, _ in a.linears("q,k,v")]
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]  # the fused layer once
+    assert a.linears("q")[0][1] == "qkv"
+
+
+def test_bert_roles_and_no_final_norm():
+    model, _ = tiny("builtin:tiny-bert")
+    a = anatomy(model)
+    assert not a.causal and a.final_norm is None
+    layer = model.bert.encoder.layer[1]
+    assert a.blocks[1].linear("o") is layer.attention.output.dense
+    assert a.blocks[1].linear("up") is layer.intermediate.dense
+    assert a.blocks[1].linear("down") is layer.output.dense
+    assert a.blocks[1].linear("gate") is None
+    assert len(a.linears("all-linear")) == 2 * 6
+
+
+def test_unknown_family_names_model_type_and_how_to_register():
+    model, _ = tiny("builtin:tiny-llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(UnsupportedModelError, match=r"'mystery'.*register_family"):
+        anatomy(model)
+
+
+def test_register_family_teaches_a_new_model_type():
+    model, _ = tiny("builtin:tiny-llama")
+    model.config.model_type = "my_llama"
+    spec = FamilySpec(blocks="layers", embed="embed_tokens", final_norm="norm",
+                      roles={"q": "self_attn.q_proj", "o": "self_attn.o_proj"}, norms=("input_layernorm",))
+    register_family("my_llama", spec)
+    try:
+        a = anatomy(model)
+        assert [role for _, role, _, _ in a.linears("all-linear")] == ["q", "o", "q", "o"]
+    finally:
+        del FAMILIES["my_llama"]
+
+
+def test_bad_paths_in_a_family_spec_are_reported():
+    model, _ = tiny("builtin:tiny-llama")
+    spec = FamilySpec(blocks="layers", embed="embed_tokens", roles={"q": "attn.query"}, norms=())
+    with pytest.raises(UnsupportedModelError, match="attn.query"):
+        anatomy(model, spec)
+
+
+def test_unknown_role_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown target role.*'qq'"):
+        resolve_roles("q,qq")
+    assert resolve_roles("all-linear") == ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def _tiny_hf(kind):
+    import transformers as tf
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    cfg = {"mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config}[kind]
+    extra = {"head_dim": 12} if kind == "qwen3" else {}
+    return tf.AutoModelForCausalLM.from_config(cfg(**common, **extra))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_llama_style_families(kind):
+    import torch
+
+    import leantune
+
+    model = _tiny_hf(kind)
+    a = anatomy(model)
+    assert (a.n_heads, a.n_kv_heads) == (4, 2)
+    assert a.head_dim == (12 if kind == "qwen3" else 8)
+    assert weight_2d(a.blocks[0].linear("k")).shape == (2 * a.head_dim, 32)
+    if kind == "qwen3":
+        assert len(a.blocks[0].norms) == 4  # q_norm and k_norm too
+    ids = torch.randint(0, 64, (1, 8))
+    base = model(input_ids=ids).logits
+    leantune.apply(model, "lora", r=4)
+    torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-6)

@@ -1,0 +1,91 @@
+"""The `leantune` command in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "LEANTUNE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "leantune.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"leantune {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.parametrize(("method", "lr"), [("full", "1e-3"), ("lora", "3e-3"), ("bitfit", "1e-2"),
+                                            ("ln_tuning", "3e-2")])
+def test_train_builtin_tiny_llama_loss_goes_down(tmp_path, method, lr):
+    out = tmp_path / method
+    proc = run("train", "--model", "builtin:tiny-llama", "--method", method, "--task", "builtin:arith",
+               "--max-steps", "25", "--batch-size", "16", "--lr", lr, "--output-dir", str(out),
+               "--eval-samples", "8", "--no-progress")
+    summary = json.loads(proc.stdout)
+    assert summary["method"] == method and summary["steps"] == 25
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.05, (first, last)
+    assert (out / "leantune.json").exists() and (out / "adapter.safetensors").exists()
+
+
+def test_recipe_yaml_and_option_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: builtin:tiny-llama\nmethod: {name: lora, options: {r: 4, alpha: 8}}\ntask: builtin:arith\n"
+        "train: {max_steps: 3, batch_size: 4, lr: 0.001}\n"
+    )
+    out = tmp_path / "o"
+    run("train", "--config", str(recipe), "-o", "r=2", "--output-dir", str(out), "--eval-samples", "2")
+    meta = json.loads((out / "leantune.json").read_text())
+    assert meta["config"]["r"] == 2 and meta["config"]["alpha"] == 8.0 and meta["train"]["max_steps"] == 3
+
+
+def test_generate_with_adapter(tmp_path):
+    out = tmp_path / "a"
+    run("train", "--model", "builtin:tiny-llama", "--method", "lora", "--task", "builtin:arith", "--max-steps", "2",
+        "--output-dir", str(out), "--eval-samples", "2")
+    proc = run("generate", "--adapter", str(out), "--prompt", "What is 1 plus 2? Answer:", "--max-new-tokens", "3")
+    assert proc.stdout.startswith("What is 1 plus 2? Answer:")
+
+
+def test_methods_json_lists_the_contract():
+    rows = json.loads(run("methods", "--json").stdout)
+    names = {r["name"] for r in rows}
+    assert {"full", "lora", "bitfit", "ln_tuning"} <= names
+    for r in rows:
+        assert {"name", "family", "capabilities", "description"} <= set(r)
+        assert {"mergeable", "mixed_batch", "prunable", "needs_schedule"} <= set(r["capabilities"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "loraa"], "unknown method 'loraa'"),
+        (["--method", "lora", "-o", "rank=4"], "unknown option"),
+        (["--method", "lora", "-o", "r"], "key=value"),
+        (["--method", "lora", "--model", "builtin:tiny-nope"], "unknown built-in model"),
+        (["--method", "lora", "--task", "builtin:nope"], "unknown task"),
+        (["--method", "lora", "--model", "/no/such/model"], "cannot load model"),
+    ],
+)
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    base = {"--model": "builtin:tiny-llama", "--task": "builtin:arith"}
+    for i in range(0, len(args), 2):
+        base.pop(args[i], None)
+    flat = [x for kv in base.items() for x in kv]
+    proc = run("train", *flat, *args, "--max-steps", "1", "--output-dir", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_encoder_with_generative_task_is_refused(tmp_path):
+    proc = run("train", "--model", "builtin:tiny-bert", "--method", "lora", "--task", "builtin:arith",
+               "--max-steps", "1", "--output-dir", str(tmp_path / "b"), check=False)
+    assert proc.returncode == 2 and "encoder" in proc.stderr
