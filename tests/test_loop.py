@@ -167,7 +167,7 @@ def test_fp16_on_cpu_is_a_clear_error():
 def test_gradient_checkpointing_gives_same_update():
     plain, _ = _run("lora", max_steps=2)
     ckpt, _ = _run("lora", max_steps=2, gradient_checkpointing=True)
-    assert ckpt.is_gradient_checkpointing
+    assert ckpt.is_activation_checkpointing
     _assert_same(_params(plain), _params(ckpt), atol=1e-6)
 
 
