@@ -39,6 +39,8 @@ class FamilySpec:
     n_kv_heads_attr: tuple[str, ...] = ("num_key_value_heads",)
     hidden_attr: tuple[str, ...] = ("hidden_size", "n_embd")
     intermediate_attr: tuple[str, ...] = ("intermediate_size", "n_inner")
+    # role -> config switch that gives that role's linear layers a bias (a merged BitFit export turns it on)
+    bias_switches: dict[str, str] = field(default_factory=dict)
 
 
 _LLAMA = FamilySpec(
@@ -55,6 +57,7 @@ _LLAMA = FamilySpec(
         "down": "mlp.down_proj",
     },
     norms=("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"),
+    bias_switches={**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "down"), "mlp_bias")},
 )
 
 _GPT2 = FamilySpec(

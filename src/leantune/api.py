@@ -44,7 +44,19 @@ def save(model: nn.Module, directory, **extra):
 
 
 def load(model: nn.Module, directory, strict_base: bool = True, trainable: bool = False) -> Method:
+    """A leantune adapter folder, or a Hugging Face PEFT LoRA folder (imported as leantune LoRA)."""
+    from .interop.peft import is_peft_folder
+
+    if is_peft_folder(directory):
+        return load_peft(model, directory, trainable=trainable)
     return io.load(model, directory, strict_base=strict_base, trainable=trainable)
+
+
+def load_peft(model: nn.Module, directory, trainable: bool = False) -> Method:
+    """Import a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto a fresh base."""
+    from .interop.peft import load_peft as _load_peft
+
+    return _load_peft(model, directory, trainable=trainable)
 
 
 def merge(model: nn.Module) -> nn.Module:

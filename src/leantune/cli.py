@@ -42,7 +42,7 @@ def load_recipe(path: Path) -> dict:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {str(path)!r} must be a mapping with model, method, task/data, train")
-    known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter"}
+    known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter", "val_fraction", "packing"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"recipe {str(path)!r}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -80,8 +80,10 @@ def train(
     save_every: Optional[int] = typer.Option(None, "--save-every"),
     resume: Optional[bool] = typer.Option(None, "--resume/--no-resume", help="continue from the last checkpoint"),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard"),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="start from this adapter folder"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="start from this adapter folder (leantune or PEFT)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="held-out share of --data (default 0.1)"),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="pack short examples into rows"),
 ):
     """Fine-tune MODEL with METHOD on a task or your data; writes the adapter to OUTPUT_DIR."""
     from .train.loop import TrainConfig
@@ -125,6 +127,8 @@ def train(
             model_name=model_name, method_name=method_name, method_options=opts, task=task_name,
             data_path=str(data_path) if data_path else None, max_length=max_len, train_config=cfg,
             eval_samples=eval_samples, adapter=str(adapter_dir) if adapter_dir else None,
+            val_fraction=val_fraction if val_fraction is not None else float(recipe.get("val_fraction", 0.1)),
+            packing=packing if packing is not None else bool(recipe.get("packing", False)),
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
@@ -150,6 +154,55 @@ def generate(
         _fail(e.args[0] if e.args else str(e))
     for p, o in zip(prompt, outs, strict=True):
         typer.echo(p + o)
+
+
+@app.command("eval")
+def evaluate(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder (leantune or PEFT)"),
+    task: Optional[str] = typer.Option(None, "--task", help="a built-in task, e.g. builtin:arith"),
+    data: Optional[str] = typer.Option(None, "--data", help="your data: JSONL/CSV/datasets folder or hf:NAME"),
+    split: Optional[str] = typer.Option(None, "--split", help="task: test (default), shifted, train; data: all "
+                                        "(default for a file), validation, train, or a dataset's split name"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="only the first N examples of the split"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="default: longest answer + 1"),
+    max_length: int = typer.Option(1024, "--max-length", help="tokens per example for the loss"),
+    seed: int = typer.Option(0, "--seed", help="the training seed (for --split validation of a file)"),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="as in training (for --split validation)"),
+):
+    """Greedy generation and exact match (whitespace-normalized), and the mean token loss, on one split."""
+    from .pipeline import run_evaluation
+
+    try:
+        res = run_evaluation(
+            model_name=model, adapter=str(adapter) if adapter else None, task=task, data_path=data, split=split,
+            limit=limit, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, val_fraction=val_fraction,
+        )
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    loss = "n/a" if res["loss"] is None else f"{res['loss']:.4f}"
+    typer.echo(f"accuracy {res['accuracy']:.4f} on {res['n']} examples ({res['split']}), loss {loss}")
+
+
+@app.command()
+def export(
+    adapter: Path = typer.Argument(..., help="adapter folder (leantune or PEFT)"),
+    fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT LoRA folder)"),
+    output_dir: Path = typer.Option(..., "--output-dir", help="a new or empty folder"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
+):
+    """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
+    from .export import export_adapter
+
+    try:
+        res = export_adapter(str(adapter), fmt, output_dir, model_name=model)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    typer.echo(json.dumps(res, indent=2))
 
 
 @app.command()

@@ -157,7 +157,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
         if (directory / "adapter_config.json").exists():
             raise AdapterError(
                 f"{str(directory)!r} is a Hugging Face PEFT adapter folder (adapter_config.json), not a leantune "
-                "one; import it with leantune.load_peft(model, dir)"
+                "one; import it with leantune.load(model, dir) or leantune.load_peft(model, dir)"
             )
         raise AdapterError(f"{str(directory)!r} has no {CONFIG_NAME}: not a leantune adapter folder (or incomplete)")
     try:

@@ -7,27 +7,37 @@ import time
 from . import io
 from .api import apply
 from .data.encode import encode_examples
-from .data.evaluate import generate_accuracy
+from .data.evaluate import eval_loss, generate_accuracy
 from .data.tasks import get_task
 from .models import load_model
 from .train.loop import TrainConfig, seed_everything, train
 
 
-def load_training_data(tokenizer, task: str | None, data_path: str | None, max_length: int, seed: int):
-    """(encoded train examples, held-out Examples for evaluation, scorer, max_new_tokens, source name)."""
+def load_training_data(tokenizer, task: str | None, data_path: str | None, max_length: int, seed: int,
+                       val_fraction: float = 0.1, report: dict | None = None):
+    """(encoded train examples, held-out Examples for evaluation, scorer, max_new_tokens, source name).
+    ``report`` (a dict, when given) receives the example count and how many were too long."""
     if task:
         t = get_task(task, seed=0)
         train_ex, test_ex = t.split("train"), t.split("test")
-        return encode_examples(tokenizer, train_ex, max_length, task), test_ex, t.score, t.max_new_tokens, task
+        encoded = encode_examples(tokenizer, train_ex, max_length, task)
+        if report is not None:
+            report.update(examples=len(train_ex), too_long=len(train_ex) - len(encoded))
+        return encoded, test_ex, t.score, t.max_new_tokens, task
     from .data.files import load_examples_split
 
-    train_ex, val_ex = load_examples_split(data_path, tokenizer, seed=seed)
-    return encode_examples(tokenizer, train_ex, max_length, data_path), val_ex, None, 64, data_path
+    train_ex, val_ex = load_examples_split(data_path, tokenizer, seed=seed, val_fraction=val_fraction)
+    encoded = encode_examples(tokenizer, train_ex, max_length, data_path)
+    if report is not None:
+        report.update(examples=len(train_ex), too_long=len(train_ex) - len(encoded))
+    # the longest answer plus one token: enough to match it, and to see a longer prediction differ
+    max_new = 1 + max((len(tokenizer(e.response, add_special_tokens=False)["input_ids"]) for e in val_ex), default=63)
+    return encoded, val_ex, None, max_new, data_path
 
 
 def run_training(*, model_name: str, method_name: str | None, method_options: dict, task: str | None,
                  data_path: str | None, max_length: int, train_config: TrainConfig, eval_samples: int = 64,
-                 adapter: str | None = None) -> dict:
+                 adapter: str | None = None, val_fraction: float = 0.1, packing: bool = False) -> dict:
     seed_everything(train_config.seed)  # the method's initial weights (LoRA's A) come from this seed
     model, tokenizer = load_model(model_name)
     if adapter:
@@ -41,12 +51,21 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
             f"{model_name!r} is an encoder ({method.anatomy.model_type}); leantune's generative training needs a "
             "causal LM. Use the Python API with your own loss for encoders."
         )
+    report: dict = {}
     data, held_out, scorer, max_new, source = load_training_data(
-        tokenizer, task, data_path, max_length, train_config.seed)
+        tokenizer, task, data_path, max_length, train_config.seed, val_fraction, report)
+    if packing:
+        from .data.files import check_packing, pack_examples
+
+        check_packing(model)
+        data = pack_examples(data, max_length)
     held_out = held_out[:eval_samples]
 
     def eval_fn(m):
-        return generate_accuracy(m, tokenizer, held_out, max_new_tokens=max_new, scorer=scorer) if held_out else {}
+        if not held_out:
+            return {}
+        res = generate_accuracy(m, tokenizer, held_out, max_new_tokens=max_new, scorer=scorer)
+        return {**res, "loss": eval_loss(m, tokenizer, held_out, max_length)["loss"]}
 
     t0 = time.perf_counter()
     result = train(model, data, train_config, pad_id=tokenizer.pad_token_id, eval_fn=eval_fn)
@@ -64,12 +83,20 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
         "final_loss": losses[-1] if losses else None,
         "eval_accuracy": final_eval.get("eval_accuracy"),
         "eval_n": final_eval.get("eval_n"),
+        "eval_loss": final_eval.get("eval_loss"),
+        "examples": report["examples"],
+        "skipped_too_long": report["too_long"],
+        "packed_rows": len(data) if packing else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
 def load_adapter(model, adapter: str, trainable: bool = False):
-    """A leantune adapter folder (or, once imported, a PEFT one) onto ``model``."""
+    """A leantune adapter folder, or a Hugging Face PEFT LoRA folder imported as leantune LoRA, onto ``model``."""
+    from .interop.peft import is_peft_folder, load_peft
+
+    if is_peft_folder(adapter):
+        return load_peft(model, adapter, trainable=trainable)
     return io.load(model, adapter, trainable=trainable)
 
 
@@ -77,7 +104,9 @@ def load_for_inference(model_name: str | None, adapter: str | None):
     if model_name is None:
         if adapter is None:
             raise ValueError("give --model, or --adapter whose leantune.json names its base model")
-        model_name = (io.read_meta(adapter).get("base") or {}).get("name")
+        from .interop.peft import is_peft_folder, peft_base_name
+
+        model_name = peft_base_name(adapter) if is_peft_folder(adapter) else (io.read_meta(adapter).get("base") or {}).get("name")
         if not model_name:
             raise ValueError(f"adapter {adapter!r} does not name its base model; give --model")
     model, tokenizer = load_model(model_name)
@@ -85,3 +114,51 @@ def load_for_inference(model_name: str | None, adapter: str | None):
         load_adapter(model, adapter)
     model.eval()
     return model, tokenizer
+
+
+def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | None, data_path: str | None,
+                   split: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
+                   max_length: int = 1024, seed: int = 0, val_fraction: float = 0.1) -> dict:
+    """``leantune eval``: greedy generation with exact match (whitespace-normalized) and the mean token loss on
+    one split of a built-in task (default ``test``) or of your data (see ``data.files.split_rows``)."""
+    from .anatomy import anatomy
+    from .models import model_name as name_of
+
+    if bool(task) == bool(data_path):
+        raise ValueError("give exactly one of --task (a built-in task) or --data (your file or folder)")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    model, tokenizer = load_for_inference(model_name, adapter)
+    if not anatomy(model).causal:
+        raise ValueError(f"{name_of(model)!r} is an encoder; `leantune eval` generates text and needs a causal LM")
+    if task:
+        t = get_task(task, seed=0)
+        split = split or "test"
+        examples, scorer = t.split(split)[:limit], t.score
+        max_new = max_new_tokens or t.max_new_tokens
+    else:
+        from .data.files import default_split, read_source, split_rows, to_examples
+
+        src = read_source(data_path)
+        split = split or default_split(src)
+        examples = to_examples(split_rows(src, split, seed, val_fraction)[:limit], tokenizer)
+        if not examples:
+            raise ValueError(f"{data_path}: split {split!r} has no rows; nothing to evaluate")
+        scorer = None
+        max_new = max_new_tokens or 1 + max(len(tokenizer(e.response, add_special_tokens=False)["input_ids"])
+                                            for e in examples)  # as in training's periodic eval
+    acc = generate_accuracy(model, tokenizer, examples, max_new_tokens=max_new, scorer=scorer)
+    loss = eval_loss(model, tokenizer, examples, max_length)
+    return {
+        "accuracy": acc["accuracy"],
+        "n": acc["n"],
+        "loss": loss["loss"],
+        "loss_tokens": loss["loss_tokens"],
+        "too_long": loss["too_long"],
+        "task" if task else "data": task or data_path,
+        "split": split,
+        "model": name_of(model),
+        "adapter": adapter,
+        "max_new_tokens": max_new,
+        "examples": acc["examples"],
+    }

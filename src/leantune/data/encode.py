@@ -19,14 +19,20 @@ class DataError(ValueError):
     pass
 
 
+def bos_prefix(tokenizer, ids: list[int]) -> list[int]:
+    """``[BOS]`` to put before ``ids``, or ``[]`` when they already start with it (chat templates often emit it)."""
+    bos = tokenizer.bos_token_id
+    return [] if bos is None or ids[:1] == [bos] else [bos]
+
+
 def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> dict | None:
     """``{"input_ids", "labels"}``: BOS + prompt + response + EOS, labels = -100 outside the response (+EOS).
 
     Returns None when the example does not fit in ``max_length`` (the caller counts and reports it)."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r = tokenizer(response, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = bos_prefix(tokenizer, p)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and r[-1:] != [tokenizer.eos_token_id] else []
     ids = bos + p + r + eos
     if len(ids) > max_length:
         return None
@@ -68,4 +74,9 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(b["input_ids"])
         labels[i, :n] = torch.tensor(b["labels"])
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if "position_ids" in batch[0]:  # packed rows (data.files.pack_examples): positions restart per example
+        out["position_ids"] = torch.zeros_like(ids)
+        for i, b in enumerate(batch):
+            out["position_ids"][i, :len(b["position_ids"])] = torch.tensor(b["position_ids"])
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .encode import Example
+from .encode import Example, bos_prefix
 from .tasks import normalize
 
 
@@ -15,10 +15,10 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        chunk = [bos_prefix(tokenizer, c) + c for c in chunk]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -52,3 +52,23 @@ def generate_accuracy(model, tokenizer, examples: list[Example], max_new_tokens:
             {"prompt": e.prompt, "prediction": p, "target": e.response} for p, e in list(zip(preds, examples, strict=True))[:3]
         ],
     }
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, examples: list[Example], max_length: int, batch_size: int = 16) -> dict:
+    """``{"loss": mean token loss over the responses (as training computes it), "loss_tokens", "too_long"}``;
+    examples longer than ``max_length`` are counted in ``too_long`` and left out (loss None when none fit)."""
+    from ..train.loop import token_loss_sum  # the training loss itself, so the two are comparable
+    from .encode import collate, encode_example
+
+    encoded = [e for ex in examples if (e := encode_example(tokenizer, ex.prompt, ex.response, max_length))]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], tokenizer.pad_token_id).items()}
+        loss_sum, n = token_loss_sum(model, batch, causal=True)
+        total, tokens = total + float(loss_sum), tokens + n
+    model.train(was_training)
+    return {"loss": total / tokens if tokens else None, "loss_tokens": tokens, "too_long": len(examples) - len(encoded)}

@@ -268,6 +268,30 @@ class Method:
         """Take the method off the model and give the base back (bitwise where ``restores_base``)."""
         raise NotImplementedError(f"method {self.name!r} cannot be removed; reload the base model")
 
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the change into the base weights and take the method off: a plain model of the base architecture
+        (its config adjusted where needed) that behaves like base + adapter. What a merged export saves."""
+        if not self.capabilities.mergeable:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights; export the adapter")
+        if type(self).unload is Method.unload:  # checked before merge() so a refusal leaves the model untouched
+            raise NotImplementedError(
+                f"method {self.name!r} does not implement unload() yet, so it has no merged export; save the adapter"
+            )
+        self.merge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """After ``merge()``: take the method's modules, hooks and state off the model, keeping the merged weights,
+        and return the model. Mergeable methods override it (``merge_and_unload`` calls it)."""
+        raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
+
+    def lora_factors(self) -> dict | None:
+        """The fine-tune as exact LoRA factors, for a PEFT export (``interop.peft.save_peft_lora(dir, **factors)``),
+        or None when it has none: ``{"modules": {qualified module name: (A (r x in), B (out x r))}, "alpha": float,
+        {name: float} or None (None: scale 1), "use_rslora": bool, "magnitudes": {name: (out,)} or None (DoRA),
+        "dropout": float}``."""
+        return None
+
     def schedule(self):
         """A hook object for the training loop (see leantune.train.hooks), or None."""
         return None

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import in_out_features, resolve_roles, weight_2d
+from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
 from .base import Capabilities, ConfigError, Method, MethodConfig, register
 
 
@@ -86,6 +86,17 @@ def _lora_hook(module: nn.Module, args, output):
     return output + (factor - 1) * base + factor * h.to(output.dtype)
 
 
+def _add_stored(mod: nn.Module, delta_2d: torch.Tensor) -> None:
+    """weight += delta (given as (out, in)) in the weight's stored layout: a transposed view writes slowly."""
+    w = mod.weight
+    w.add_((delta_2d.t() if is_conv1d(mod) else delta_2d).to(w.dtype))
+
+
+def _set_stored(mod: nn.Module, new_2d: torch.Tensor) -> None:
+    w = mod.weight
+    w.copy_((new_2d.t() if is_conv1d(mod) else new_2d).to(w.dtype))
+
+
 @register("lora")
 class Lora(Method):
     family = "reparametrization"
@@ -138,15 +149,15 @@ class Lora(Method):
         if self.merged:
             return
         for mod in self.layers.values():
-            w = weight_2d(mod)
             lora = mod.lora
             delta = lora.delta_weight().float()
             if lora.magnitude is None:
-                w.add_(delta.to(w.dtype))
+                _add_stored(mod, delta)
             else:
-                norm = (w.float() + delta).norm(dim=1)
+                w = weight_2d(mod).float()
+                norm = (w + delta).norm(dim=1)
                 lora._merged_norm = norm
-                w.copy_(((w.float() + delta) * (lora.magnitude.float() / norm)[:, None]).to(w.dtype))
+                _set_stored(mod, (w + delta) * (lora.magnitude.float() / norm)[:, None])
             lora.merged = True
         self.merged = True
 
@@ -155,21 +166,25 @@ class Lora(Method):
         if not self.merged:
             return
         for mod in self.layers.values():
-            w = weight_2d(mod)
             lora = mod.lora
             delta = lora.delta_weight().float()
             if lora.magnitude is None:
-                w.sub_(delta.to(w.dtype))
+                _add_stored(mod, -delta)
             else:
-                w.copy_((w.float() * (lora._merged_norm / lora.magnitude.float())[:, None] - delta).to(w.dtype))
+                w = weight_2d(mod).float()
+                _set_stored(mod, w * (lora._merged_norm / lora.magnitude.float())[:, None] - delta)
                 lora._merged_norm = None
             lora.merged = False
         self.merged = False
 
     def remove(self) -> nn.Module:
         """Take LoRA off (unmerging first if merged): the base model back, within float rounding."""
-        model = self._model()
         self.unmerge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Take the LoRA modules and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
+        model = self._model()
         for h in self._hooks:
             h.remove()
         for mod in self.layers.values():
@@ -179,3 +194,13 @@ class Lora(Method):
         model.__dict__.pop("leantune_method", None)
         self.model = None
         return model
+
+    def lora_factors(self) -> dict:
+        cfg = self.config
+        return {
+            "modules": {n: (m.lora.A.data, m.lora.B.data) for n, m in self.layers.items()},
+            "alpha": cfg.alpha,
+            "use_rslora": cfg.rslora,
+            "magnitudes": {n: m.lora.magnitude.data for n, m in self.layers.items()} if cfg.dora else None,
+            "dropout": cfg.dropout,
+        }

@@ -83,6 +83,16 @@ class SelectiveMethod(Method):
         self.model = None
         return model
 
+    def unload(self) -> nn.Module:
+        """Nothing to fold (the tuned values are the weights): drop the method and its snapshot of the base."""
+        model = self._model()
+        self.snapshot = None
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.__dict__.pop("leantune_method", None)
+        self.model = None
+        return model
+
 
 @dataclass
 class FullConfig(MethodConfig):
@@ -144,6 +154,28 @@ class BitFit(SelectiveMethod):
         added = {id(m.bias) for m, _ in self.added}
         self.selected = {n: p for n, p in self.selected.items() if id(p) not in added}
         return super().remove()
+
+    def unload(self) -> nn.Module:
+        """Keep the added biases and switch on the config flags that give the plain architecture those biases
+        (zero biases on the other layers a flag covers, so the model is exactly what the config builds)."""
+        switches = self.anatomy.spec.bias_switches
+        roles = self.added_bias_roles()
+        lacking = sorted(r for r in roles if r not in switches)
+        if lacking:
+            raise ValueError(
+                f"bitfit added biases to the {lacking} layers, but a {self.anatomy.model_type!r} config has no switch "
+                "that gives them a bias, so a plain model cannot hold them: export the adapter instead, or train "
+                "with add_missing=false"
+            )
+        flags = {switches[r] for r in roles}
+        model = self._model()
+        for flag in sorted(flags):
+            setattr(model.config, flag, True)
+        for _n, role, _i, mod in self.anatomy.linears("all-linear"):
+            if switches.get(role) in flags and getattr(mod, "bias", None) is None:
+                w = mod.weight
+                mod.bias = nn.Parameter(torch.zeros(in_out_features(mod)[1], dtype=w.dtype, device=w.device))
+        return super().unload()
 
     def added_bias_roles(self) -> set[str]:
         """Roles that gained a bias (a merged export must switch the config's bias flags on)."""

@@ -114,8 +114,8 @@ class BatchStream:
 
 def token_loss_sum(model: nn.Module, batch: dict, causal: bool) -> tuple[torch.Tensor, int]:
     """Sum of cross-entropy over target tokens, and their count."""
-    if "position_ids" in batch:  # packed rows: no 2D mask, so transformers builds a block-causal one from positions
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    if "position_ids" in batch:  # packed rows: no 2D mask and no cache, so transformers masks block-causally
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]

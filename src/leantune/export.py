@@ -1,0 +1,88 @@
+"""Export a fine-tune in the formats the rest of the ecosystem loads.
+
+``merged``: a plain Hugging Face model folder (config, safetensors weights, tokenizer) with the fine-tune folded
+into the weights, which ``transformers`` loads by itself (``AutoModelForCausalLM.from_pretrained``); any method
+whose ``merge_and_unload()`` is implemented. ``peft``: a Hugging Face PEFT LoRA folder (see
+:mod:`leantune.interop.peft`); methods with exact LoRA factors.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMATS = ("merged", "peft")
+
+
+def check_plain_architecture(model: nn.Module) -> None:
+    """Raise unless ``model`` has exactly the tensors a fresh model of its class builds from its config, so that
+    ``from_pretrained`` on the saved folder restores every tensor and invents none."""
+    with torch.device("meta"):
+        fresh = type(model)(copy.deepcopy(model.config))
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+    wrong = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    if extra or missing or wrong:
+        raise ValueError(
+            f"the merged model does not match what its config builds ({type(model).__name__}): extra tensors "
+            f"{extra[:4]}, missing {missing[:4]}, other shapes {wrong[:4]}. transformers would drop or invent them "
+            "on load, so the export stops here; export the adapter instead"
+        )
+
+
+def _empty_output(directory: Path) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ValueError(f"output folder {str(directory)!r} exists and is not empty; choose a new or empty folder")
+
+
+def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> Path:
+    """Fold the fine-tune that ``model`` carries into its weights, take the method off and save a plain Hugging
+    Face model folder (and ``tokenizer`` when given). ``model`` is the plain merged model afterwards, also when the
+    architecture check refuses it (then nothing is written: reload the base and the adapter)."""
+    method = getattr(model, "leantune_method", None)
+    if method is None:
+        raise ValueError("this model carries no leantune method: load or apply one first")
+    directory = Path(directory)
+    _empty_output(directory)
+    try:
+        plain = method.merge_and_unload()
+    except NotImplementedError as e:
+        raise ValueError(f"{e.args[0]} (a merged export needs a mergeable method with merge_and_unload)") from None
+    check_plain_architecture(plain)
+    plain.config.use_cache = True  # training switched the cache off; a served model wants it
+    plain.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None) -> dict:
+    """``leantune export``: load the base (``model_name``, default the one the adapter names) with the adapter and
+    write ``fmt`` to ``output_dir``; returns a summary."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    from .pipeline import load_for_inference
+
+    out = Path(output_dir)
+    _empty_output(out)
+    model, tokenizer = load_for_inference(model_name, adapter)
+    method = model.leantune_method
+    name = method.name
+    if fmt == "peft":
+        from .interop.peft import export_peft
+
+        export_peft(model, out)
+    else:
+        save_merged(model, tokenizer, out)
+    return {
+        "format": fmt,
+        "method": name,
+        "adapter": str(adapter),
+        "output_dir": str(out),
+        "files": sorted(p.name for p in out.iterdir()),
+    }
