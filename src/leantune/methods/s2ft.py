@@ -1,0 +1,660 @@
+"""S²FT: structured sparse fine-tuning (Yang et al., NeurIPS 2024, arXiv 2412.06289).
+
+"Select sparsely, compute densely": whole attention heads of ``o`` (blocks of ``head_dim`` input columns) and whole
+FFN channels of ``down`` (input columns) train; optionally whole KV heads of ``v`` and channels of ``up`` (output
+rows). Everything works in the original coordinates (no co-permutation of heads), so GQA, explicit ``head_dim``,
+GPT-2's Conv1D and BERT need no special case beyond the anatomy.
+
+A target layer gains a child module ``s2ft`` (``indices`` + a dense block ``delta``, zero at init) and a forward hook:
+  input slice   ``y = x Wᵀ + x[..., idx] Dᵀ``     D: (out, k); only the k-column copy ``x[..., idx]`` is saved
+  output slice  ``y[..., idx] += x Dᵀ``           D: (k, in); saves x, like LoRA does
+The base weight never gets a gradient. Merge adds D into the selected columns (saving the originals, so unmerge
+is bitwise); switching adapters restores k columns and ``index_add_``s the next adapter's (cost independent of
+the layer's width); ``fuse`` sums adapters; ``to_lora`` / ``save_peft`` export a rank-k LoRA that ``peft`` loads.
+
+The adapter state is, per module, ``<name>.in_indices`` + ``<name>.in_delta`` (input slice) or ``<name>.out_indices``
++ ``<name>.out_delta`` (output slice); loading a state adopts its k, so fused adapters save and load like any other.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
+from .base import Capabilities, ConfigError, Method, MethodConfig, register
+
+S2FT_ROLES = ("o", "down", "v", "up")
+_SIDE = {"o": "in", "down": "in", "v": "out", "up": "out"}  # which axis of the (out, in) weight is sliced
+_KIND = {"o": "head", "v": "head", "down": "channel", "up": "channel"}
+BUDGETS = ("lora", "ratio", "count")
+SELECTIONS = ("random", "activation", "weight", "gradient")
+DATA_SELECTIONS = ("activation", "gradient")
+ORDERS = ("smallest", "largest")
+
+
+@dataclass
+class S2FTConfig(MethodConfig):
+    targets: str = "o,down"  # any of o, down (input slices), v, up (output slices)
+    budget: str = "lora"  # lora: match a LoRA's parameter count | ratio: a fraction of units | count: per layer
+    lora_r: int = 16  # budget=lora: the LoRA rank to match ...
+    lora_targets: str = "all-linear"  # ... on these roles
+    head_share: float = 0.5  # budget=lora: the part of each layer's budget that goes to attention heads
+    ratio: float = 0.05  # budget=ratio: fraction of each target's heads / channels per layer (at least 1)
+    heads: int = 0  # budget=count: heads per layer in o (KV heads in v, capped at n_kv_heads)
+    channels: int = 0  # budget=count: channels per layer in down (and up)
+    selection: str = "random"  # random | activation | weight | gradient (activation, gradient need calibrate())
+    order: str = "smallest"  # activation/weight/gradient: pick the smallest or the largest norms
+    seed: int = 0
+
+    def validate(self):
+        def bad(msg):
+            raise ConfigError(f"s2ft: {msg}")
+
+        roles = [r.strip() for r in self.targets.split(",") if r.strip()]
+        if not roles or any(r not in S2FT_ROLES for r in roles):
+            bad(f"targets {self.targets!r} must be a comma list of {', '.join(S2FT_ROLES)}")
+        if self.budget not in BUDGETS:
+            bad(f"budget {self.budget!r} must be one of {', '.join(BUDGETS)}")
+        if self.selection not in SELECTIONS:
+            bad(f"selection {self.selection!r} must be one of {', '.join(SELECTIONS)}")
+        if self.order not in ORDERS:
+            bad(f"order {self.order!r} must be smallest or largest")
+        if self.lora_r < 1:
+            bad(f"lora_r must be >= 1, got {self.lora_r}")
+        try:
+            resolve_roles(self.lora_targets)
+        except ValueError as e:
+            bad(f"lora_targets: {e}")
+        if not 0.0 <= self.head_share <= 1.0:
+            bad(f"head_share must be in [0, 1], got {self.head_share}")
+        if not 0.0 < self.ratio <= 1.0:
+            bad(f"ratio must be in (0, 1], got {self.ratio}")
+        if self.heads < 0 or self.channels < 0:
+            bad(f"heads and channels must be >= 0, got heads={self.heads}, channels={self.channels}")
+        if self.budget == "count" and self.heads == 0 and self.channels == 0:
+            bad("budget='count' needs heads > 0 or channels > 0 (per layer)")
+
+    @property
+    def roles(self) -> list[str]:
+        return [r.strip() for r in self.targets.split(",") if r.strip()]
+
+
+# -- the layer ----------------------------------------------------------------------------------------------
+
+
+class _InputSliceDelta(torch.autograd.Function):
+    """``x[..., idx] @ Dᵀ``. Saves the k-column copy of x (not x) and D; D's gradient is ``gᵀ x[..., idx]``."""
+
+    @staticmethod
+    def forward(ctx, x, delta, idx):
+        xs = x.index_select(-1, idx).to(delta.dtype)  # a copy of k columns: what backward keeps alive
+        ctx.save_for_backward(xs, delta)
+        ctx.idx, ctx.x_shape, ctx.x_dtype = idx, x.shape, x.dtype  # idx is the module's own buffer
+        return F.linear(xs, delta)
+
+    @staticmethod
+    def backward(ctx, g):
+        xs, delta = ctx.saved_tensors
+        gx = gd = None
+        if ctx.needs_input_grad[0]:
+            gx = g.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+            gx.index_add_(-1, ctx.idx, (g @ delta).to(ctx.x_dtype))
+        if ctx.needs_input_grad[1]:
+            gd = g.reshape(-1, g.shape[-1]).t() @ xs.reshape(-1, xs.shape[-1])
+        return gx, gd, None
+
+
+class S2FTSlice(nn.Module):
+    """The trainable slice of one layer: ``indices`` into the (out, in) weight's ``side`` axis and the dense
+    block ``delta``. Selection works in ``units`` (a head = ``unit`` consecutive indices from ``offset``)."""
+
+    def __init__(self, side: str, count: int, unit: int, n_units: int, offset: int, weight: torch.Tensor):
+        super().__init__()
+        out_f, in_f = weight.shape
+        k = count * unit
+        shape = (out_f, k) if side == "in" else (k, in_f)
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        self.register_buffer("indices", torch.zeros(k, dtype=torch.long, device=weight.device), persistent=False)
+        self.register_buffer("saved", None, persistent=False)  # the original columns while merged
+        self.side, self.unit, self.n_units, self.offset = side, unit, n_units, offset
+        self.selected = False
+        self.merged = False
+        self.active = True
+
+    @property
+    def dim(self) -> int:
+        return 1 if self.side == "in" else 0
+
+    def set_indices(self, idx: torch.Tensor) -> None:
+        self.indices = idx.to(dtype=torch.long, device=self.delta.device)
+        self.selected = True
+
+    def dense(self, weight_shape) -> torch.Tensor:
+        """ΔW as an (out, in) matrix (zeros outside the slice)."""
+        d = torch.zeros(weight_shape, dtype=self.delta.dtype, device=self.delta.device)
+        return d.index_copy_(self.dim, self.indices, self.delta.detach())
+
+    def _stored(self, mod: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(weight as stored, the sliced dim in it, delta in its orientation): index ops on a Conv1D's transposed
+        view take a slow path, while its (out, in) columns are contiguous rows of the stored (in, out) weight."""
+        if is_conv1d(mod):
+            return mod.weight, 1 - self.dim, self.delta.t()
+        return mod.weight, self.dim, self.delta
+
+    @torch.no_grad()
+    def merge_into(self, mod: nn.Module) -> None:
+        w, dim, delta = self._stored(mod)
+        self.saved = w.index_select(dim, self.indices)  # a new tensor: the original values, for a bitwise unmerge
+        w.index_add_(dim, self.indices, delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def restore(self, mod: nn.Module) -> None:
+        w, dim, _ = self._stored(mod)
+        w.index_copy_(dim, self.indices, self.saved)
+        self.saved = None
+        self.merged = False
+
+
+def _s2ft_hook(module: nn.Module, args, output):
+    s: S2FTSlice = module.s2ft
+    if s.merged or not s.active:
+        return output
+    if not s.selected:
+        raise RuntimeError(
+            "s2ft: no indices selected yet. selection='activation'/'gradient' needs calibration data: call "
+            "method.calibrate(batches) before training, or build S2FT(config, calibration=batches)"
+        )
+    x = args[0]
+    if s.side == "in":
+        delta = s.delta if s.delta.dtype == output.dtype else s.delta.to(output.dtype)  # autocast: compute dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return output + _InputSliceDelta.apply(x, delta, s.indices)
+    h = F.linear(x, s.delta)
+    return output.index_add(-1, s.indices, h.to(output.dtype))
+
+
+# -- the method ---------------------------------------------------------------------------------------------
+
+
+@register("s2ft")
+class S2FT(Method):
+    """S²FT on a model. Besides the config: ``calibration`` (batches of ``input_ids`` / ``attention_mask`` /
+    ``labels`` tensors) runs the data-driven selection at ``apply``; ``exclude`` (an s2ft state dict, adapter folder
+    or S2FT method) keeps the new selection disjoint from that adapter's indices, for later fusion."""
+
+    family = "selective"
+    description = ("S²FT: whole attention heads (o) and FFN channels (down) train as dense blocks in the original "
+                   "coordinates; partial backprop; adapters switch by index_add_, fuse, and export as LoRA.")
+    config_cls = S2FTConfig
+    default_lr = 2e-3  # the paper's S²FT LR is about 4x LoRA's; leantune's LoRA default is 5e-4
+
+    def __init__(self, config: S2FTConfig | None = None, *, calibration=None, exclude=None):
+        super().__init__(config)
+        self.calibration = calibration
+        self.exclude = exclude
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True, inference_overhead="extra_ffn")
+
+    # -- apply: structure, budget, selection ---------------------------------------------------------------
+    def _apply(self, model, anat):
+        cfg = self.config
+        self.layers: dict[str, nn.Module] = {}
+        self._hooks = []
+        per_block = self._targets(anat)
+        lora_params = self._lora_params(anat)
+        for block in anat.blocks:
+            targets = per_block[block.index]
+            counts = self._layer_counts(targets, lora_params.get(block.index, 0), block.index)
+            for t in targets:
+                if counts[t["name"]] == 0:
+                    continue
+                mod = t["module"]
+                mod.add_module("s2ft", S2FTSlice(t["side"], counts[t["name"]], t["unit"], t["n_units"], t["offset"],
+                                                 weight_2d(mod)))
+                self._hooks.append(mod.register_forward_hook(_s2ft_hook))
+                self.layers[t["name"]] = mod
+        if not self.layers:
+            raise ValueError(f"s2ft: the budget selects nothing on this {anat.model_type} model ({cfg}); "
+                             "raise lora_r, ratio, heads or channels")
+        if cfg.selection == "random":
+            self._select(None)
+        elif cfg.selection == "weight":
+            self._select({n: self._unit_norms(m.s2ft, _coord_sq(weight_2d(m), m.s2ft.side))
+                          for n, m in self.layers.items()})
+        elif self.calibration is not None:
+            self.calibrate(self.calibration)
+
+    def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
+        """Per block, the target layers with their slicing geometry, from the anatomy."""
+        hd, nh, nkv = anat.head_dim, anat.n_heads, anat.n_kv_heads
+        out: dict[int, list[dict]] = {b.index: [] for b in anat.blocks}
+        for role in self.config.roles:
+            for name, real_role, i, mod in anat.linears([role]):
+                in_f, out_f = in_out_features(mod)
+                offset = 0
+                if role == "o":
+                    unit, n_units = hd, nh
+                    if in_f != nh * hd:
+                        raise ValueError(f"s2ft: {name} has {in_f} inputs, expected heads x head_dim = {nh}x{hd}")
+                elif role == "v":
+                    unit, n_units = hd, nkv
+                    if real_role == "qkv":  # fused q|k|v (GPT-2): the v rows come after q and k
+                        offset = (nh + nkv) * hd
+                    if out_f != offset + nkv * hd:
+                        raise ValueError(f"s2ft: {name} has {out_f} outputs, expected {offset + nkv * hd} for "
+                                         f"{nkv} KV heads of {hd} (q/k/v layout not understood)")
+                else:
+                    unit, n_units = 1, (in_f if role == "down" else out_f)
+                side = _SIDE[role]
+                cost = unit * (out_f if side == "in" else in_f)  # parameters per selected unit
+                out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit": unit,
+                               "n_units": n_units, "offset": offset, "cost": cost, "kind": _KIND[role]})
+        return out
+
+    def _lora_params(self, anat: Anatomy) -> dict[int, int]:
+        """Per block, the trainable parameters of a LoRA of rank lora_r on lora_targets: sum r*(in+out)."""
+        out: dict[int, int] = {}
+        for _name, _role, i, mod in anat.linears(self.config.lora_targets):
+            in_f, out_f = in_out_features(mod)
+            out[i] = out.get(i, 0) + self.config.lora_r * (in_f + out_f)
+        return out
+
+    def _layer_counts(self, targets: list[dict], budget: int, block: int) -> dict[str, int]:
+        """Units per target in one layer (see docs/s2ft.md, "Budget")."""
+        cfg = self.config
+        counts: dict[str, int] = {}
+        if cfg.budget == "count":
+            for t in targets:
+                want = cfg.heads if t["kind"] == "head" else cfg.channels
+                if t["role"] == "v":
+                    want = min(want, t["n_units"])  # GQA: fewer KV heads than query heads
+                if want > t["n_units"]:
+                    raise ConfigError(f"s2ft: {t['name']} has {t['n_units']} {t['kind']}s, asked for {want} per layer")
+                counts[t["name"]] = want
+            return counts
+        if cfg.budget == "ratio":
+            return {t["name"]: min(t["n_units"], max(1, math.floor(cfg.ratio * t["n_units"] + 0.5))) for t in targets}
+        attn = [t for t in targets if t["kind"] == "head"]
+        ffn = [t for t in targets if t["kind"] == "channel"]
+        left = budget
+        attn_share = budget * (cfg.head_share if ffn else 1.0) / max(1, len(attn))
+        for t in attn:  # heads: nearest whole number of heads, never past the layer's budget
+            n = min(t["n_units"], math.floor(attn_share / t["cost"] + 0.5), left // t["cost"])
+            counts[t["name"]] = n
+            left -= n * t["cost"]
+        for j, t in enumerate(ffn):  # channels: what the heads left, rounded down, split over the FFN targets
+            n = min(t["n_units"], int(left / (len(ffn) - j)) // t["cost"])
+            counts[t["name"]] = n
+            left -= n * t["cost"]
+        if targets and all(counts[t["name"]] == t["n_units"] for t in targets) and left > 0 and block == 0:
+            warnings.warn(f"s2ft: the LoRA r={cfg.lora_r} budget ({budget} parameters per layer) exceeds what "
+                          f"targets {cfg.targets!r} hold; every head and channel of them trains", stacklevel=4)
+        return counts
+
+    @staticmethod
+    def _unit_norms(s: S2FTSlice, coord_sq: torch.Tensor) -> torch.Tensor:
+        """Per-unit L2 norm from per-index squared norms along the sliced axis."""
+        span = coord_sq[s.offset: s.offset + s.n_units * s.unit]
+        return span.reshape(s.n_units, s.unit).sum(1).sqrt()
+
+    def _select(self, scores: dict[str, torch.Tensor] | None) -> None:
+        """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
+        gen = torch.Generator().manual_seed(self.config.seed)
+        excluded = _state_indices(_as_state(self.exclude)) if self.exclude is not None else {}
+        for name, mod in self.layers.items():
+            s = mod.s2ft
+            count = s.delta.shape[s.dim] // s.unit
+            score = torch.rand(s.n_units, generator=gen) if scores is None else scores[name].detach().double().cpu()
+            if self.config.order == "largest" and scores is not None:
+                score = -score
+            allowed = torch.ones(s.n_units, dtype=torch.bool)
+            ex = excluded.get((name, s.side))
+            if ex is not None:
+                units = (ex - s.offset) // s.unit
+                allowed[units[(units >= 0) & (units < s.n_units)]] = False
+            candidates = torch.nonzero(allowed).flatten()
+            if len(candidates) < count:
+                raise ValueError(f"s2ft: {name} needs {count} units but only {len(candidates)} of {s.n_units} are "
+                                 "outside the excluded adapter; lower the budget or exclude less")
+            order = torch.argsort(score[candidates], stable=True)
+            units = torch.sort(candidates[order[:count]]).values
+            idx = s.offset + (units[:, None] * s.unit + torch.arange(s.unit)).flatten()
+            s.set_indices(idx)
+
+    # -- calibration (activation / gradient selection) -----------------------------------------------------
+    def calibrate(self, batches) -> S2FT:
+        """Select indices from data, before training: ``batches`` of tensors (``input_ids``, ``attention_mask``;
+        ``labels`` too for selection='gradient'). Activation norms skip padding (attention_mask == 0)."""
+        cfg = self.config
+        if cfg.selection not in DATA_SELECTIONS:
+            raise ConfigError(f"s2ft: selection={cfg.selection!r} uses no calibration data; "
+                              f"calibrate() is for {' or '.join(DATA_SELECTIONS)}")
+        if any(bool(m.s2ft.delta.detach().ne(0).any()) for m in self.layers.values()):
+            raise RuntimeError("s2ft: calibrate() re-selects indices and must run before training (deltas are not zero)")
+        if self.merged:
+            raise RuntimeError("s2ft: unmerge() before calibrate()")
+        model = self._model()
+        batches = list(batches)
+        if not batches:
+            raise ValueError("s2ft: calibrate() got no batches")
+        device = next(model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items() if torch.is_tensor(v)} for b in batches]
+        was_training = model.training
+        model.eval()
+        for m in self.layers.values():
+            m.s2ft.active = False  # calibrate the base alone
+        try:
+            scores = self._activation_scores(batches) if cfg.selection == "activation" else self._gradient_scores(batches)
+        finally:
+            for m in self.layers.values():
+                m.s2ft.active = True
+            model.train(was_training)
+        self._select(scores)
+        return self
+
+    @torch.no_grad()
+    def _activation_scores(self, batches) -> dict[str, torch.Tensor]:
+        sums: dict[str, torch.Tensor] = {}
+        current: dict[str, torch.Tensor | None] = {"mask": None}
+
+        def record(name, t):
+            mask = current["mask"]
+            if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
+                t = t * mask[..., None].to(t.dtype)
+            sq = t.float().pow(2).reshape(-1, t.shape[-1]).sum(0)
+            sums[name] = sums[name] + sq if name in sums else sq
+
+        handles = []
+        for name, mod in self.layers.items():
+            if mod.s2ft.side == "in":
+                handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: record(name, a[0])))
+            else:
+                handles.append(mod.register_forward_hook(lambda m, a, o, name=name: record(name, o)))
+        try:
+            for b in batches:
+                current["mask"] = b.get("attention_mask")
+                self.model(**b)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
+
+    def _gradient_scores(self, batches) -> dict[str, torch.Tensor]:
+        weights = {n: m.weight for n, m in self.layers.items()}
+        for w in weights.values():
+            w.grad = None
+            w.requires_grad_(True)  # calibration only: the full gradient of the target layers, once
+        try:
+            with torch.enable_grad():
+                for b in batches:
+                    if "labels" not in b:
+                        raise ValueError("s2ft: selection='gradient' needs batches with labels")
+                    self.model(**b).loss.backward()
+            scores = {}
+            for n, m in self.layers.items():
+                g = m.weight.grad.t() if is_conv1d(m) else m.weight.grad
+                scores[n] = self._unit_norms(m.s2ft, _coord_sq(g, m.s2ft.side))
+        finally:
+            for w in weights.values():
+                w.grad = None
+                w.requires_grad_(False)
+        return scores
+
+    def schedule(self):
+        return _SelectionGuard() if self.config.selection in DATA_SELECTIONS else None
+
+    # -- what trains, what changes ---------------------------------------------------------------------------
+    def trainable_parameters(self):
+        for name, mod in self.layers.items():
+            yield f"{name}.s2ft.delta", mod.s2ft.delta
+
+    def num_changed(self) -> int:
+        return sum(m.s2ft.delta.numel() for m in self.layers.values())
+
+    def selected_units(self) -> dict[str, list[int]]:
+        """Per layer, the selected heads / channels (unit numbers, not indices)."""
+        return {n: ((m.s2ft.indices[:: m.s2ft.unit] - m.s2ft.offset) // m.s2ft.unit).tolist()
+                for n, m in self.layers.items()}
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, mod in self.layers.items():
+            s = mod.s2ft
+            if not s.selected:
+                raise RuntimeError(f"s2ft: {name} has no indices yet; call calibrate(batches) first")
+            out[f"{name}.{s.side}_indices"] = s.indices
+            out[f"{name}.{s.side}_delta"] = s.delta.data
+        return out
+
+    @torch.no_grad()
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take indices and deltas from ``state`` (k may differ from this config's: fused adapters). On a merged
+        model this is the exact switch: restore the current columns, then ``index_add_`` the new ones."""
+        expected = {f"{n}.{m.s2ft.side}_{part}" for n, m in self.layers.items() for part in ("indices", "delta")}
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or extra:
+            raise ValueError(f"s2ft adapter does not match this model's s2ft layers: missing {missing[:4]}, "
+                             f"unexpected {extra[:4]}; it was made with other targets or for another base model")
+        checked = {}
+        for name, mod in self.layers.items():
+            s = mod.s2ft
+            idx, delta = state[f"{name}.{s.side}_indices"], state[f"{name}.{s.side}_delta"]
+            checked[name] = (_check_slice(name, s, weight_2d(mod).shape, idx, delta), delta)
+        was_merged = self.merged
+        if was_merged:
+            self.unmerge()
+        for name, (idx, delta) in checked.items():
+            s = self.layers[name].s2ft
+            s.set_indices(idx)
+            if delta.shape == s.delta.shape:
+                s.delta.copy_(delta.to(s.delta.dtype))
+            else:
+                s.delta = nn.Parameter(delta.to(s.delta.dtype, copy=True).to(s.delta.device),
+                                       requires_grad=s.delta.requires_grad)
+        if was_merged:
+            self.merge()
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense (out, in) ΔW of one layer."""
+        mod = self.layers[name]
+        return mod.s2ft.dense(weight_2d(mod).shape)
+
+    # -- merge ---------------------------------------------------------------------------------------------
+    def merge(self) -> None:
+        if self.merged:
+            return
+        for mod in self.layers.values():
+            mod.s2ft.merge_into(mod)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Put back the columns saved at merge: the base weights return bitwise."""
+        if not self.merged:
+            return
+        for mod in self.layers.values():
+            mod.s2ft.restore(mod)
+        self.merged = False
+
+    def remove(self) -> nn.Module:
+        """Take S²FT off: the base model back, bitwise (merged columns are restored first)."""
+        self.unmerge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Take the slices and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
+        model = self._model()
+        for h in self._hooks:
+            h.remove()
+        for mod in self.layers.values():
+            del mod.s2ft
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.__dict__.pop("leantune_method", None)
+        self.model = None
+        return model
+
+    # -- LoRA / PEFT export --------------------------------------------------------------------------------
+    def to_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module name: (A, B)}`` with ``B @ A == ΔW`` at scale 1: an input slice gives A = one-hot rows of
+        idx (k x in), B = D (out x k); an output slice gives A = D (k x in), B = one-hot columns (out x k)."""
+        out = {}
+        for name, mod in self.layers.items():
+            s = mod.s2ft
+            out_f, in_f = weight_2d(mod).shape
+            d = s.delta.detach().clone()
+            k, rows = len(s.indices), torch.arange(len(s.indices), device=d.device)
+            if s.side == "in":
+                a = torch.zeros(k, in_f, dtype=d.dtype, device=d.device)
+                a[rows, s.indices] = 1
+                out[name] = (a, d)
+            else:
+                b = torch.zeros(out_f, k, dtype=d.dtype, device=d.device)
+                b[s.indices, rows] = 1
+                out[name] = (d, b)
+        return out
+
+    def lora_factors(self) -> dict:
+        return {"modules": self.to_lora(), "alpha": None, "use_rslora": False, "magnitudes": None, "dropout": 0.0}
+
+    def save_peft(self, directory: str | os.PathLike) -> Path:
+        """Write the adapter as a Hugging Face PEFT LoRA folder (rank k per module, scale 1)."""
+        if len({is_conv1d(m) for m in self.layers.values()}) > 1:
+            raise ValueError("s2ft: cannot export a mix of Conv1D and Linear targets as one PEFT LoRA")
+        from ..interop.peft import export_peft
+
+        return export_peft(self._model(), directory)
+
+
+class _SelectionGuard:
+    """Stops training from starting on a data-driven selection that was never calibrated."""
+
+    def on_train_begin(self, ctx):
+        if not all(m.s2ft.selected for m in ctx.method.layers.values()):
+            raise RuntimeError(f"s2ft: selection={ctx.method.config.selection!r} needs calibration data: call "
+                               "method.calibrate(batches) before training")
+
+    def on_step_begin(self, ctx): ...
+
+    def extra_loss(self, ctx):
+        return None
+
+    def on_step_end(self, ctx): ...
+
+    def on_train_end(self, ctx): ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _coord_sq(w2d: torch.Tensor, side: str) -> torch.Tensor:
+    """Squared L2 norm of every column (input slice) or row (output slice) of an (out, in) matrix."""
+    return w2d.detach().float().pow(2).sum(0 if side == "in" else 1)
+
+
+def _check_slice(name, s: S2FTSlice, weight_shape, idx, delta) -> torch.Tensor:
+    out_f, in_f = weight_shape
+    size = in_f if s.side == "in" else out_f
+    idx = idx.long().flatten()
+    want = (out_f, len(idx)) if s.side == "in" else (len(idx), in_f)
+    if tuple(delta.shape) != want:
+        raise ValueError(f"s2ft adapter: {name} delta has shape {tuple(delta.shape)}, expected {want} for "
+                         f"{len(idx)} indices; the file is damaged or for another base model")
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= size or len(torch.unique(idx)) != len(idx)):
+        raise ValueError(f"s2ft adapter: {name} indices must be distinct and in [0, {size}); "
+                         "the file is damaged or for another base model")
+    return idx
+
+
+# -- adapters as data: switch, fuse --------------------------------------------------------------------------
+
+
+def read_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of an s2ft adapter folder (checked like ``leantune.load`` checks them)."""
+    from ..io import AdapterError, read_meta, read_weights
+
+    meta = read_meta(directory)
+    if meta["method"] != "s2ft":
+        raise AdapterError(f"{directory}: holds a {meta['method']!r} adapter, not an s2ft one")
+    return read_weights(directory, meta)
+
+
+def _as_state(adapter) -> dict[str, torch.Tensor]:
+    if isinstance(adapter, S2FT):
+        return adapter.state()
+    if isinstance(adapter, (str, os.PathLike)):
+        return read_state(adapter)
+    if isinstance(adapter, dict):
+        return adapter
+    raise TypeError(f"s2ft: expected a state dict, an adapter folder or an S2FT method, got {type(adapter).__name__}")
+
+
+def _state_indices(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(module name, side): indices}`` of an s2ft state."""
+    out = {}
+    for key, v in state.items():
+        for side in ("in", "out"):
+            if key.endswith(f".{side}_indices"):
+                out[(key[: -len(f".{side}_indices")], side)] = v.long().flatten().cpu()
+    if not out:
+        raise ValueError("s2ft: this state has no '<module>.in_indices' / '<module>.out_indices' tensors")
+    return out
+
+
+def switch(model: nn.Module, adapter) -> None:
+    """Serve another s2ft adapter on a merged model: the current columns are restored bitwise and the new
+    adapter's are added with ``index_add_`` (k columns per layer; LoRA's switch adds a full B·A matrix)."""
+    method = getattr(model, "leantune_method", None)
+    if not isinstance(method, S2FT):
+        raise ValueError("s2ft.switch: the model carries no s2ft method; leantune.load(model, adapter_dir) first")
+    method.merge()
+    method.load_state(_as_state(adapter))
+
+
+def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
+    """Weighted sum of s2ft adapters (state dicts, folders or methods with the same layers) as one s2ft state:
+    per layer the union of indices, ``sum w_i D_i`` on it. Warns when index sets overlap (overlapping columns
+    add up; disjoint channels fuse best, paper Table 5)."""
+    states = [_as_state(a) for a in adapters]
+    if not states:
+        raise ValueError("s2ft.fuse: no adapters given")
+    weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(states):
+        raise ValueError(f"s2ft.fuse: {len(states)} adapters but {len(weights)} weights")
+    layers = [_state_indices(s) for s in states]
+    if any(set(ly) != set(layers[0]) for ly in layers):
+        raise ValueError("s2ft.fuse: the adapters adapt different layers; fuse adapters made with the same targets")
+    out, overlaps = {}, []
+    for name, side in sorted(layers[0]):
+        idxs = [ly[(name, side)] for ly in layers]
+        union = torch.unique(torch.cat(idxs))  # sorted
+        if len(union) < sum(len(i) for i in idxs):
+            overlaps.append((name, sum(len(i) for i in idxs) - len(union)))
+        deltas = [s[f"{name}.{side}_delta"] for s in states]
+        dim = 1 if side == "in" else 0
+        shape = list(deltas[0].shape)
+        shape[dim] = len(union)
+        fused = torch.zeros(shape, dtype=deltas[0].dtype)
+        for idx, d, w in zip(idxs, deltas, weights, strict=True):
+            fused.index_add_(dim, torch.searchsorted(union, idx), d.detach().cpu().to(fused.dtype), alpha=w)
+        out[f"{name}.{side}_indices"] = union
+        out[f"{name}.{side}_delta"] = fused
+    if overlaps:
+        name, n = overlaps[0]
+        warnings.warn(f"s2ft.fuse: index sets overlap in {len(overlaps)} of {len(layers[0])} layers (e.g. {name}: "
+                      f"{n} shared indices); their deltas add up there. Disjoint selections fuse best: train the "
+                      "next adapter with S2FT(config, exclude=<first adapter>)", stacklevel=2)
+    return out
