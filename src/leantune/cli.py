@@ -84,6 +84,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="held-out share of --data (default 0.1)"),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="pack short examples into rows"),
+    save_merged: bool = typer.Option(False, "--save-merged", help="also write the merged model to OUTPUT_DIR/merged"),
 ):
     """Fine-tune MODEL with METHOD on a task or your data; writes the adapter to OUTPUT_DIR."""
     from .train.loop import TrainConfig
@@ -129,6 +130,7 @@ def train(
             eval_samples=eval_samples, adapter=str(adapter_dir) if adapter_dir else None,
             val_fraction=val_fraction if val_fraction is not None else float(recipe.get("val_fraction", 0.1)),
             packing=packing if packing is not None else bool(recipe.get("packing", False)),
+            save_merged=save_merged,
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))

@@ -1,0 +1,116 @@
+"""Importance of the PEFT modules, collected with hooks while training runs.
+
+Module level: ``‖ΔW·x‖ / ‖W·x‖`` per token (padding excluded), averaged over the tokens of a step.
+Rank level: first-order Taylor, ``|mean(A⊙∇A) over rank i's row| + |mean(B⊙∇B) over its column|``, with the
+step's whole gradient (all micro-batches). Both are averaged over the steps during which ``active`` is set (the
+second half of estimation). An adapter unit is any pair of a down projection (r, in) and an up projection
+(out, r): LoRA's A and B, or an adapter's bottleneck.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AdapterUnit:
+    layer: nn.Module  # the base layer the adapter sits on
+    down: nn.Parameter  # (r, in)
+    up: nn.Parameter  # (out, r)
+    delta: Callable[[torch.Tensor], torch.Tensor]  # x -> ΔW·x (no dropout)
+
+
+class AdapterImportance:
+    def __init__(self, model: nn.Module, units: dict[str, AdapterUnit]):
+        self.units = units
+        self.active = False
+        self.names = list(units)
+        self.module_sum = torch.zeros(len(units), dtype=torch.float64)  # Σ over steps of the step's mean ratio
+        self.rank_sum = {n: torch.zeros(u.down.shape[0], dtype=torch.float64) for n, u in units.items()}
+        self.steps = torch.zeros((), dtype=torch.float64)
+        self._token_mask: torch.Tensor | None = None
+        self._reset_step()
+        self._hooks = [model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
+        for i, (name, u) in enumerate(units.items()):
+            # prepend: run before the adapter's own hook, so the output is still W·x + b
+            self._hooks.append(u.layer.register_forward_hook(self._module_hook(i, u), prepend=True))
+            self._hooks.append(u.down.register_hook(self._grad_hook(name, u.down, dim=1, down=True)))
+            self._hooks.append(u.up.register_hook(self._grad_hook(name, u.up, dim=0, down=False)))
+
+    def _reset_step(self):
+        # per-step sums stay on the model's device (no sync per call) until end_step
+        self._ratio_sum: dict[int, torch.Tensor] = {}
+        self._tokens: dict[int, int] = {}
+        self._down: dict[str, torch.Tensor] = {}
+        self._up: dict[str, torch.Tensor] = {}
+
+    def _remember_mask(self, module, args, kwargs):
+        self._token_mask = kwargs.get("attention_mask") if self.active else None
+
+    def _module_hook(self, i: int, u: AdapterUnit):
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            with torch.no_grad():
+                x = args[0]
+                base = output.float()
+                if getattr(module, "bias", None) is not None:
+                    base = base - module.bias.float()
+                ratio = u.delta(x).float().norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
+                mask = self._token_mask
+                if mask is not None and mask.shape == ratio.shape:
+                    keep = mask.to(ratio.device).bool()
+                    ratio = ratio[keep]
+                self._ratio_sum[i] = self._ratio_sum.get(i, 0) + ratio.double().sum()
+                self._tokens[i] = self._tokens.get(i, 0) + ratio.numel()
+            return None
+
+        return hook
+
+    def _grad_hook(self, name: str, param: nn.Parameter, dim: int, down: bool):
+        def hook(grad):
+            if self.active:
+                # the weight does not change within a step, so Σ over micro-batches of mean(W⊙g) = mean(W⊙Σg)
+                contrib = (param.detach().double() * grad.detach().double()).mean(dim=dim)
+                acc = self._down if down else self._up
+                acc[name] = acc.get(name, 0) + contrib
+            return None
+
+        return hook
+
+    def end_step(self) -> None:
+        """Fold the finished step into the running sums (only if it was an active step)."""
+        if self.active and all(self._tokens.get(i, 0) > 0 for i in range(len(self.names))):
+            for i in range(len(self.names)):
+                self.module_sum[i] += float(self._ratio_sum[i]) / self._tokens[i]
+            zero = torch.zeros(())
+            for n in self.names:
+                down = self._down.get(n, zero).cpu().abs()
+                up = self._up.get(n, zero).cpu().abs()
+                self.rank_sum[n] += down + up
+            self.steps += 1
+        self._reset_step()
+
+    def module_scores(self) -> dict[str, float]:
+        n = max(1.0, float(self.steps))
+        return {name: float(self.module_sum[i]) / n for i, name in enumerate(self.names)}
+
+    def rank_scores(self) -> dict[str, torch.Tensor]:
+        n = max(1.0, float(self.steps))
+        return {name: self.rank_sum[name] / n for name in self.names}
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The running sums as tensors (for checkpoints in the middle of estimation)."""
+        out = {f"{prefix}.module_sum": self.module_sum, f"{prefix}.steps": self.steps}
+        out.update({f"{prefix}.rank_sum.{n}": t for n, t in self.rank_sum.items()})
+        return out
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.active = False

@@ -1,0 +1,86 @@
+"""Foundation masks: one trainable scalar per attention head and one per FFN channel, init 1.0.
+
+A head mask scales the head's output before the output projection: a forward pre-hook on ``o`` multiplies the
+head's block of ``head_dim`` input columns (equivalent to scaling its attention probabilities, and it leaves
+fused attention kernels alone). An FFN mask scales the intermediate activation: a pre-hook on ``down``. The mask
+lives as a child module ``light_peft_mask`` of the layer it scales, so it moves with the model to any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..anatomy import Anatomy, in_out_features
+
+MASK_ATTR = "light_peft_mask"
+
+
+class InputMask(nn.Module):
+    """One scalar per block of ``block`` consecutive input features (fp32, cast to the input's dtype)."""
+
+    def __init__(self, n: int, block: int, device):
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones(n, dtype=torch.float32, device=device))
+        self.block = block
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mask.to(x.dtype)
+        if self.block == 1:
+            return x * m
+        return (x.unflatten(-1, (-1, self.block)) * m[:, None]).flatten(-2)
+
+
+def _pre_hook(module: nn.Module, args):
+    return (getattr(module, MASK_ATTR).scale(args[0]), *args[1:])
+
+
+class FoundationMasks:
+    """Head masks on every block's ``o`` and FFN masks on every block's ``down``; ``detach()`` drops them all."""
+
+    def __init__(self, anat: Anatomy, heads: bool = True, ffn: bool = True):
+        self.head_masks: list[InputMask] = []
+        self.ffn_masks: list[InputMask] = []
+        self._owners: list[nn.Module] = []
+        self._hooks = []
+        self.named: dict[str, nn.Parameter] = {}  # "<layer name>.head_mask" / ".ffn_mask" -> mask
+        for block in anat.blocks:
+            if heads:
+                o = block.linear("o")
+                self.head_masks.append(self._attach(o, anat.head_dim))
+                self.named[f"{anat.name_of(o)}.head_mask"] = self.head_masks[-1].mask
+            if ffn:
+                down = block.linear("down")
+                self.ffn_masks.append(self._attach(down, 1))
+                self.named[f"{anat.name_of(down)}.ffn_mask"] = self.ffn_masks[-1].mask
+
+    def _attach(self, layer: nn.Module, block: int) -> InputMask:
+        in_f, _ = in_out_features(layer)
+        if in_f % block:
+            raise ValueError(f"{type(layer).__name__} has {in_f} inputs, not a multiple of head_dim {block}")
+        mask = InputMask(in_f // block, block, layer.weight.device)
+        layer.add_module(MASK_ATTR, mask)
+        self._owners.append(layer)
+        self._hooks.append(layer.register_forward_pre_hook(_pre_hook))
+        return mask
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [m.mask for m in self.head_masks + self.ffn_masks]
+
+    def l1(self) -> torch.Tensor:
+        """Σ|m| over all masks."""
+        return sum(m.abs().sum() for m in self.parameters())
+
+    def head_scores(self) -> list[torch.Tensor]:
+        return [m.mask.detach().float().cpu() for m in self.head_masks]
+
+    def ffn_scores(self) -> list[torch.Tensor]:
+        return [m.mask.detach().float().cpu() for m in self.ffn_masks]
+
+    def detach(self) -> None:
+        """Drop the masks (not folded into the weights)."""
+        for h in self._hooks:
+            h.remove()
+        for layer in self._owners:
+            delattr(layer, MASK_ATTR)
+        self._hooks, self._owners, self.head_masks, self.ffn_masks, self.named = [], [], [], [], {}

@@ -1,0 +1,486 @@
+"""Light-PEFT: masks vs surgery, adapter pruning, importance, counts, save/load, merged export, training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import leantune
+from leantune.anatomy import weight_2d
+from leantune.data import encode_examples, get_task
+from leantune.models import load_model
+from leantune.prune import PlanError, PrunePlan, kept_count, load_merged, save_merged, select_heads
+from leantune.prune.plan import group_shapes
+from leantune.train.loop import TrainConfig, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fresh(name: str):
+    model, _ = load_model(f"builtin:{name}")
+    return model
+
+
+def ids_for(model, seed=0, batch=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
+
+
+def logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=attention_mask).logits
+
+
+def randomize_adapter(method, seed=1):
+    """LoRA starts with B = 0 (no effect); give every branch random A and B so slicing errors show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in method.peft.layers.values():
+            mod.lora.A.copy_(torch.randn(mod.lora.A.shape, generator=g) * 0.2)
+            mod.lora.B.copy_(torch.randn(mod.lora.B.shape, generator=g) * 0.2)
+
+
+def empty_plan(method) -> PrunePlan:
+    a = method.anatomy
+    return PrunePlan(len(a.blocks), a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate)
+
+
+def set_masks_from_plan(method, plan):
+    """0/1 masks: 1 on what the plan keeps."""
+    with torch.no_grad():
+        for i, m in enumerate(method.masks.head_masks):
+            m.mask.zero_()[plan.heads[i]] = 1.0
+        for i, m in enumerate(method.masks.ffn_masks):
+            m.mask.zero_()[plan.ffn[i]] = 1.0
+
+
+# -- the masked model with 0/1 masks equals the physically pruned model ------------------------------------
+
+FOUNDATION_CASES = {
+    # tiny-llama: 4 query heads on 2 KV heads (GQA), explicit head_dim 24 != hidden/heads; layers differ
+    "tiny-llama": dict(heads=[[2, 3], [0, 2]], kv_heads=[[1], [0, 1]], ffn=[[1, 5, 6, 100], list(range(0, 128, 3))]),
+    # tiny-gpt2: fused Conv1D c_attn, Conv1D c_proj / c_fc
+    "tiny-gpt2": dict(heads=[[0, 2, 3], [1]], kv_heads=[[0, 2, 3], [1]], ffn=[[0, 7, 200, 255], list(range(1, 256, 2))]),
+    # tiny-bert: separate query/key/value, attention.output.dense, intermediate/output
+    "tiny-bert": dict(heads=[[1, 2], [0, 1, 3]], kv_heads=[[1, 2], [0, 1, 3]], ffn=[[3, 4, 90], list(range(64))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FOUNDATION_CASES))
+def test_masked_model_equals_pruned_model(name):
+    model = fresh(name)
+    method = leantune.apply(model, "light_peft")
+    randomize_adapter(method)
+    plan = empty_plan(method)
+    for k, v in FOUNDATION_CASES[name].items():
+        setattr(plan, k, v)
+    plan.validate()
+    set_masks_from_plan(method, plan)
+    ids = ids_for(model)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # padding in the batch
+    masked = logits(model, ids, mask)
+
+    method.apply_plan(plan)
+    pruned = logits(model, ids, mask)
+    block = method.anatomy.blocks[0]
+    assert weight_2d(block.linear("o")).shape[1] == len(plan.heads[0]) * method.anatomy.head_dim
+    assert weight_2d(block.linear("down")).shape[1] == len(plan.ffn[0])
+    assert not any("light_peft_mask" in n for n, _ in model.named_parameters())  # masks dropped, not folded
+    torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_plan_must_keep_a_uniform_count_per_kv_head():
+    method = leantune.apply(fresh("tiny-llama"), "light_peft")
+    plan = empty_plan(method)
+    plan.heads, plan.kv_heads = [[0, 1, 2], [0, 1]], [[0, 1], [0]]  # layer 0: 2 heads on KV 0, 1 on KV 1
+    with pytest.raises(PlanError, match="same number"):
+        plan.validate()
+
+
+def test_pruned_llama_generates_with_its_kv_cache():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft")
+    plan = empty_plan(method)
+    plan.heads, plan.kv_heads = [[2, 3], [0, 2]], [[1], [0, 1]]
+    method.apply_plan(plan)
+    ids = ids_for(model, batch=1, length=6)
+    out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    # greedy decoding with the cache must pick what a full forward over the same prefix picks
+    full = logits(model, out[:, :-1])
+    assert out[0, -1].item() == full[0, -1].argmax().item()
+
+
+# -- adapter pruning ----------------------------------------------------------------------------------------
+
+
+def test_pruned_lora_ranks_equal_zeroed_ranks():
+    model = fresh("tiny-gpt2")
+    method = leantune.apply(model, "light_peft")
+    randomize_adapter(method)
+    keep = {name: sorted({(i * 3 + j) % 8 for j in range(1 + i % 4)}) for i, name in enumerate(method.peft.layers)}
+    with torch.no_grad():
+        for name, mod in method.peft.layers.items():
+            drop = [r for r in range(8) if r not in keep[name]]
+            mod.lora.A[drop] = 0.0
+            mod.lora.B[:, drop] = 0.0
+    ids = ids_for(model)
+    zeroed = logits(model, ids)
+    plan = empty_plan(method)
+    plan.ranks = keep
+    method.apply_plan(plan)
+    for name, mod in method.peft.layers.items():
+        assert mod.lora.A.shape[0] == mod.lora.B.shape[1] == len(keep[name])
+        assert mod.lora.scale == 16.0 / 8  # alpha / r_original, not alpha / r_kept
+    torch.testing.assert_close(logits(model, ids), zeroed, rtol=1e-5, atol=1e-6)
+
+
+def test_module_pruning_equals_removing_those_branches():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft")
+    randomize_adapter(method)
+    names = list(method.peft.layers)
+    kept = names[::4]
+    for n in names:
+        method.peft.layers[n].lora.active = n in kept  # an inactive branch adds nothing
+    ids = ids_for(model)
+    without = logits(model, ids)
+    plan = empty_plan(method)
+    plan.modules = kept
+    method.apply_plan(plan)
+    for n in names:
+        layer = model.get_submodule(n)
+        assert hasattr(layer, "lora") == (n in kept)
+    assert sorted(k.rsplit(".lora_", 1)[0] for k in method.state() if k.endswith("lora_A")) == sorted(kept)
+    torch.testing.assert_close(logits(model, ids), without, rtol=1e-5, atol=1e-6)
+
+
+# -- importance scores against a slow reference -------------------------------------------------------------
+
+
+def _lm_loss(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    return F.cross_entropy(out.reshape(-1, out.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+def test_importance_scores_match_a_slow_reference():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", targets="q,down")
+    randomize_adapter(method)
+    layers = method.peft.layers
+    steps = []  # each step: two micro-batches
+    for s in range(2):
+        micro = []
+        for j in range(2):
+            ids = ids_for(model, seed=10 * s + j, batch=2, length=9)
+            mask = torch.ones_like(ids)
+            mask[0, -2 - j:] = 0
+            micro.append((ids, mask))
+        steps.append(micro)
+
+    # the collector, as the schedule drives it
+    imp = method.importance
+    for micro in steps:
+        imp.active = True
+        for ids, mask in micro:
+            _lm_loss(model, ids, mask).backward()
+        imp.end_step()
+    imp.active = False
+    got_modules, got_ranks = imp.module_scores(), imp.rank_scores()
+
+    # slow reference: inputs captured per layer, W·x from the weight, whole-step gradients by autograd
+    ref_modules = {n: 0.0 for n in layers}
+    ref_ranks = {n: torch.zeros(8, dtype=torch.float64) for n in layers}
+    for micro in steps:
+        captured = {n: [] for n in layers}
+        hooks = [layers[n].register_forward_hook(lambda m, a, o, c=captured[n]: c.append(a[0].detach()))
+                 for n in layers]
+        params = [p for n in layers for p in (layers[n].lora.A, layers[n].lora.B)]
+        total = [torch.zeros_like(p) for p in params]
+        for ids, mask in micro:
+            grads = torch.autograd.grad(_lm_loss(model, ids, mask), params)
+            total = [t + g for t, g in zip(total, grads, strict=True)]
+        for h in hooks:
+            h.remove()
+        for i, n in enumerate(layers):
+            lora, W = layers[n].lora, weight_2d(layers[n]).detach()
+            A, B = lora.A.detach(), lora.B.detach()
+            ratios = []
+            for x, (_, mask) in zip(captured[n], micro, strict=True):
+                for b in range(x.shape[0]):
+                    for t in range(x.shape[1]):
+                        if mask[b, t]:
+                            dx = lora.scale * (B @ (A @ x[b, t]))
+                            ratios.append(float(dx.norm() / (W @ x[b, t]).norm()))
+            ref_modules[n] += sum(ratios) / len(ratios) / len(steps)
+            gA, gB = total[2 * i], total[2 * i + 1]
+            per_rank = (A * gA).double().mean(dim=1).abs() + (B * gB).double().mean(dim=0).abs()
+            ref_ranks[n] += per_rank / len(steps)
+    for n in layers:
+        assert got_modules[n] == pytest.approx(ref_modules[n], rel=1e-5)
+        torch.testing.assert_close(got_ranks[n], ref_ranks[n], rtol=1e-5, atol=1e-12)
+    assert all(v > 0 for v in got_modules.values())
+
+
+# -- explicit counts from ratios ----------------------------------------------------------------------------
+
+
+def test_ratio_to_count_rule():
+    assert [kept_count(0.6, n) for n in (4, 5, 128, 256)] == [2, 3, 77, 154]
+    assert kept_count(0.25, 14) == 4  # 3.5 rounds half up
+    assert kept_count(0.01, 10) == 1  # never below the minimum
+    # GQA 8 heads on 2 KV heads: achievable counts 1,2,3,4,6,8; 0.6 * 8 = 4.8 -> 4 = 1 group of 4 or 2 groups of 2
+    assert group_shapes(8, 2, 0.6) == [(1, 4), (2, 2)]
+    assert group_shapes(4, 2, 0.6) == [(1, 2), (2, 1)]
+    # divisibility (LlamaConfig wants hidden % heads == 0): 12 heads, 0.6 -> 7.2; 8 divides 64, 7 does not
+    assert group_shapes(12, 12, 0.6) == [(7, 1)]
+    assert group_shapes(12, 12, 0.6, divisor_of=64) == [(8, 1)]
+
+
+def test_heads_chosen_from_masks_keep_whole_groups_or_a_uniform_count():
+    scores = [torch.tensor([0.9, 0.8, 0.1, 0.2]), torch.tensor([0.9, 0.1, 0.8, 0.2])]
+    q, kv = select_heads(scores, n_kv=2, ratio=0.4)
+    assert q == [[0, 1], [0, 2]] and kv == [[0], [0, 1]]  # a whole group, then one head per group
+    q, kv = select_heads(scores, n_kv=2, ratio=0.4, uniform=True)
+    assert [len(h) for h in q] == [2, 2] and [len(k) for k in kv] == [len(kv[0])] * 2
+
+
+def test_plan_counts_follow_the_ratios():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft")  # defaults: 40 % heads, 40 % FFN, 25 % modules, half the ranks
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in method.masks.parameters():
+            p.copy_(torch.rand(p.shape, generator=g))
+        imp = method.importance
+        imp.module_sum.copy_(torch.rand(imp.module_sum.shape, generator=g, dtype=torch.float64))
+        for t in imp.rank_sum.values():
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64))
+        imp.steps.fill_(1)
+    plan = method.prune()
+    c = plan.counts
+    assert c["heads_kept_per_layer"] == [2, 2]  # 0.6 * 4 = 2.4 -> 2
+    assert c["ffn_kept"] == 154  # 0.6 * 256 = 153.6 -> 154, ranked across layers
+    assert c["modules_total"] == 14 and c["modules_kept"] == 4  # 0.25 * 14 = 3.5 -> 4
+    assert c["ranks_of_kept_modules"] == 32 and c["ranks_kept"] == 16
+    assert method.num_trainable() == c["adapter_params_after"] < c["adapter_params_before"]
+    assert c["base_params_after"] < c["base_params_before"]
+    json.dumps(method.config.to_dict())  # the plan in the config is JSON
+
+
+# -- save / load and merged export --------------------------------------------------------------------------
+
+
+def pruned_llama(uniform: bool, seed=0):
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", uniform=uniform)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in method.masks.parameters():
+            p.copy_(torch.rand(p.shape, generator=g))
+        method.importance.module_sum.copy_(torch.rand(14, generator=g, dtype=torch.float64))
+    method.prune()
+    randomize_adapter(method, seed=seed + 1)
+    return model, method
+
+
+def test_plan_and_adapter_round_trip_on_a_fresh_base(tmp_path):
+    model, method = pruned_llama(uniform=False)
+    ids = ids_for(model)
+    expected = logits(model, ids)
+    leantune.save(model, tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "leantune.json").read_text())
+    assert meta["method"] == "light_peft" and meta["config"]["plan"]["ffn"] == method.plan.ffn
+
+    base = fresh("tiny-llama")
+    loaded = leantune.load(base, tmp_path / "a")
+    assert loaded.pruned and loaded.plan.heads == method.plan.heads
+    assert loaded.schedule() is None  # nothing left to estimate
+    torch.testing.assert_close(logits(base, ids), expected, rtol=0, atol=0)
+
+
+def test_uniform_merged_folder_loads_in_transformers_alone(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = pruned_llama(uniform=True)
+    leantune.save(model, tmp_path / "adapter")
+    base = fresh("tiny-llama")
+    leantune.load(base, tmp_path / "adapter")  # base + plan + adapter, unmerged
+    ids = ids_for(model)
+    expected = logits(base, ids)
+
+    export = save_merged(base, tmp_path / "merged")
+    assert export.kind == "huggingface", export.reason
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert hf.config.num_attention_heads == 2 and hf.config.head_dim == 24
+    torch.testing.assert_close(logits(hf, ids), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits(base, ids), expected, rtol=0, atol=0)  # the live model left as it was
+
+
+def test_non_uniform_merged_folder_loads_in_leantune(tmp_path):
+    model, _ = pruned_llama(uniform=False)
+    leantune.save(model, tmp_path / "adapter")
+    base = fresh("tiny-llama")
+    leantune.load(base, tmp_path / "adapter")
+    ids = ids_for(model)
+    expected = logits(base, ids)
+
+    export = save_merged(base, tmp_path / "merged")
+    assert export.kind == "leantune" and "different numbers" in export.reason
+    assert not (tmp_path / "merged" / "config.json").exists()  # never mistaken for a transformers folder
+    merged = load_merged(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_with_pruned_heads_is_a_leantune_folder_and_says_why(tmp_path):
+    model = fresh("tiny-gpt2")
+    method = leantune.apply(model, "light_peft", uniform=True)
+    randomize_adapter(method)
+    plan = empty_plan(method)
+    plan.heads = plan.kv_heads = [[0, 1, 3], [0, 2, 3]]
+    plan.ffn = [list(range(0, 256, 2)), list(range(1, 256, 2))]
+    method.apply_plan(plan)
+    ids = ids_for(model)
+    expected = logits(model, ids)
+    export = save_merged(model, tmp_path / "merged")
+    assert export.kind == "leantune" and "GPT2" in export.reason and "num_heads" in export.reason
+    merged = load_merged(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)  # tied wte / lm_head kept
+
+
+# -- training: estimation, pruning in flight, continue --------------------------------------------------------
+
+
+class _Watch:
+    """A user hook that records the optimizer right after pruning."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_begin(self, ctx): ...
+    def extra_loss(self, ctx): return None
+    def on_step_end(self, ctx): ...
+    def on_train_end(self, ctx): ...
+    def state_dict(self): return {}
+    def load_state_dict(self, state): ...
+
+    def on_step_begin(self, ctx):
+        if ctx.step == 20:
+            opt = ctx.optimizer
+            self.seen = {"state": len(opt.state), "params": {id(p) for g in opt.param_groups for p in g["params"]},
+                         "trainable": {id(p) for _, p in ctx.method.trainable_parameters()}}
+
+
+def _arith(tokenizer, n=256):
+    return encode_examples(tokenizer, get_task("builtin:arith").split("train")[:n], max_length=48)
+
+
+def test_training_estimates_prunes_and_keeps_learning():
+    model, tok = load_model("builtin:tiny-llama")
+    method = leantune.apply(model, "light_peft", estimation_steps=20)
+    watch = _Watch()
+    cfg = TrainConfig(max_steps=60, batch_size=8, lr=3e-3, lr_schedule="constant", progress=False)
+    result = train(model, _arith(tok), cfg, pad_id=tok.pad_token_id, hooks=[watch])
+    assert method.pruned
+    row = result.history[19]
+    assert row["prune_heads_kept"] == 4 and row["prune_ffn_kept"] == 154 and row["prune_modules_kept"] == 4
+    assert watch.seen["state"] == 0 and watch.seen["params"] == watch.seen["trainable"]  # fresh, masks gone
+    losses = [r["loss"] for r in result.history]
+    after = losses[20:]
+    assert sum(after[-10:]) / 10 < sum(after[:10]) / 10 - 0.05  # it keeps learning after pruning
+
+
+def test_resume_after_pruning_rebuilds_the_pruned_shapes(tmp_path):
+    model, tok = load_model("builtin:tiny-llama")
+    leantune.apply(model, "light_peft", estimation_steps=20)
+    data = _arith(tok, 64)
+    base_cfg = dict(batch_size=4, lr=3e-3, progress=False, output_dir=str(tmp_path), save_every=21)
+    train(model, data, TrainConfig(max_steps=22, **base_cfg), pad_id=tok.pad_token_id)
+
+    model2, _ = load_model("builtin:tiny-llama")
+    method2 = leantune.apply(model2, "light_peft", estimation_steps=20)
+    result = train(model2, data, TrainConfig(max_steps=24, **base_cfg), pad_id=tok.pad_token_id)
+    assert method2.pruned and [r["step"] for r in result.history][0] == 22  # resumed at 21, pruned shapes
+    base = fresh("tiny-llama")
+    leantune.load(base, tmp_path)
+    ids = ids_for(base)
+    torch.testing.assert_close(logits(base, ids), logits(model2, ids), rtol=0, atol=0)
+
+
+def test_run_too_short_for_estimation_is_a_clear_error():
+    model, tok = load_model("builtin:tiny-llama")
+    leantune.apply(model, "light_peft")
+    with pytest.raises(ValueError, match="estimation phase takes 20"):
+        train(model, _arith(tok, 16), TrainConfig(max_steps=10, progress=False), pad_id=tok.pad_token_id)
+
+
+def test_bad_options_name_the_value():
+    with pytest.raises(leantune.methods.ConfigError, match="head_ratio .* got 1.5"):
+        leantune.make_config("light_peft", {"head_ratio": "1.5"})
+    with pytest.raises(leantune.methods.ConfigError, match="base_method 'ia3'"):
+        leantune.make_config("light_peft", {"base_method": "ia3"})
+
+
+def test_generic_merged_export_takes_a_uniform_pruned_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from leantune.export import save_merged as generic_save_merged
+
+    model, _ = pruned_llama(uniform=True)
+    ids = ids_for(model)
+    expected = logits(model, ids)
+    generic_save_merged(model, None, tmp_path / "merged")  # merge_and_unload: config adjusted in place
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(logits(hf, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+class _Crash:
+    """Stops a run at the start of a given step (after the checkpoint before it was written)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_begin(self, ctx): ...
+    def extra_loss(self, ctx): return None
+    def on_step_end(self, ctx): ...
+    def on_train_end(self, ctx): ...
+    def state_dict(self): return {}
+    def load_state_dict(self, state): ...
+
+    def on_step_begin(self, ctx):
+        if ctx.step == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_in_the_middle_of_estimation_gives_the_same_plan(tmp_path):
+    data = None
+
+    def run(out, crash_at):
+        nonlocal data
+        model, tok = load_model("builtin:tiny-llama")
+        torch.manual_seed(0)  # the same LoRA init in every run
+        method = leantune.apply(model, "light_peft", estimation_steps=20)
+        data = data or _arith(tok, 64)
+        cfg = TrainConfig(max_steps=23, batch_size=4, lr=3e-3, progress=False, output_dir=out, save_every=15)
+        try:
+            return method, train(model, data, cfg, pad_id=tok.pad_token_id, hooks=[_Crash(crash_at)])
+        except KeyboardInterrupt:
+            return method, None
+
+    straight, straight_run = run(None, -1)
+    run(str(tmp_path), 15)  # stopped inside the second half of estimation: masks and importance sums half done
+    resumed, resumed_run = run(str(tmp_path), -1)
+    assert resumed_run.history[0]["step"] == 16
+    assert resumed.plan.to_dict() == straight.plan.to_dict()
+    assert [r["loss"] for r in resumed_run.history] == [r["loss"] for r in straight_run.history[15:]]
