@@ -89,3 +89,15 @@ def test_encoder_with_generative_task_is_refused(tmp_path):
     proc = run("train", "--model", "builtin:tiny-bert", "--method", "lora", "--task", "builtin:arith",
                "--max-steps", "1", "--output-dir", str(tmp_path / "b"), check=False)
     assert proc.returncode == 2 and "encoder" in proc.stderr
+
+
+@pytest.mark.parametrize(("method", "options", "kind"), [("lora", [], "huggingface"),
+                                                        ("light_peft", ["-o", "uniform=false"], "leantune")])
+def test_train_save_merged_says_which_folder(tmp_path, method, options, kind):
+    out = tmp_path / method
+    proc = run("train", "--model", "builtin:tiny-llama", "--method", method, *options, "--task", "builtin:arith",
+               "--max-steps", "21", "--batch-size", "4", "--output-dir", str(out), "--eval-samples", "2",
+               "--save-merged")
+    merged = json.loads(proc.stdout)["merged"]
+    assert merged["kind"] == kind and merged["reason"]
+    assert (out / "merged").is_dir() and (out / "leantune.json").exists()

@@ -40,15 +40,20 @@ def _empty_output(directory: Path) -> None:
         raise ValueError(f"output folder {str(directory)!r} exists and is not empty; choose a new or empty folder")
 
 
-def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> Path:
+def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> dict:
     """Fold the fine-tune that ``model`` carries into its weights, take the method off and save a plain Hugging
-    Face model folder (and ``tokenizer`` when given). ``model`` is the plain merged model afterwards, also when the
-    architecture check refuses it (then nothing is written: reload the base and the adapter)."""
+    Face model folder (and ``tokenizer`` when given); returns ``{"output_dir", "kind", "reason"}``. ``model`` is
+    the plain merged model afterwards, also when the architecture check refuses it (then nothing is written:
+    reload the base and the adapter). A method that changes the architecture writes its own folder
+    (``Method.save_merged``; Light-PEFT), which says whether ``transformers`` loads it alone, and why."""
     method = getattr(model, "leantune_method", None)
     if method is None:
         raise ValueError("this model carries no leantune method: load or apply one first")
     directory = Path(directory)
     _empty_output(directory)
+    own = method.save_merged(directory, tokenizer)
+    if own is not None:
+        return {"output_dir": str(directory), **own}
     try:
         plain = method.merge_and_unload()
     except NotImplementedError as e:
@@ -58,7 +63,8 @@ def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> Pa
     plain.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    return directory
+    return {"output_dir": str(directory), "kind": "huggingface",
+            "reason": "the merged weights fit the model's own config: transformers loads the folder by itself"}
 
 
 def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None) -> dict:
@@ -78,8 +84,9 @@ def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_
 
         export_peft(model, out)
     else:
-        save_merged(model, tokenizer, out)
+        merged = save_merged(model, tokenizer, out)
     return {
+        **({"kind": merged["kind"], "reason": merged["reason"]} if fmt == "merged" else {}),
         "format": fmt,
         "method": name,
         "adapter": str(adapter),

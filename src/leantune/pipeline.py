@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from . import io
 from .api import apply
@@ -37,7 +38,8 @@ def load_training_data(tokenizer, task: str | None, data_path: str | None, max_l
 
 def run_training(*, model_name: str, method_name: str | None, method_options: dict, task: str | None,
                  data_path: str | None, max_length: int, train_config: TrainConfig, eval_samples: int = 64,
-                 adapter: str | None = None, val_fraction: float = 0.1, packing: bool = False) -> dict:
+                 adapter: str | None = None, val_fraction: float = 0.1, packing: bool = False,
+                 save_merged: bool = False) -> dict:
     seed_everything(train_config.seed)  # the method's initial weights (LoRA's A) come from this seed
     model, tokenizer = load_model(model_name)
     if adapter:
@@ -71,14 +73,22 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
     result = train(model, data, train_config, pad_id=tokenizer.pad_token_id, eval_fn=eval_fn)
     losses = [r["loss"] for r in result.history if "loss" in r]
     final_eval = next((r for r in reversed(result.history) if "eval_accuracy" in r), {})
+    summary_counts = (method.num_trainable(), method.num_changed())
+    merged = None
+    if save_merged:
+        if not result.output_dir:
+            raise ValueError("--save-merged needs --output-dir (the merged model goes to OUTPUT_DIR/merged)")
+        from .export import save_merged as _save_merged
+
+        merged = _save_merged(model, tokenizer, Path(result.output_dir) / "merged")
     return {
         "method": method.name,
         "model": model_name,
         "data": source,
         "output_dir": result.output_dir,
         "steps": result.steps,
-        "trainable_params": method.num_trainable(),
-        "changed_params": method.num_changed(),
+        "trainable_params": summary_counts[0],
+        "changed_params": summary_counts[1],
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "eval_accuracy": final_eval.get("eval_accuracy"),
@@ -88,6 +98,7 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
         "skipped_too_long": report["too_long"],
         "packed_rows": len(data) if packing else None,
         "seconds": round(time.perf_counter() - t0, 2),
+        **({"merged": merged} if merged else {}),
     }
 
 

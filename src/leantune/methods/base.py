@@ -285,6 +285,12 @@ class Method:
         and return the model. Mergeable methods override it (``merge_and_unload`` calls it)."""
         raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
 
+    def save_merged(self, directory, tokenizer=None) -> dict | None:
+        """Write the merged model yourself, for a method that changes the architecture (Light-PEFT's pruned
+        shapes): return ``{"kind": ..., "reason": ...}``. None (the default): the generic merged export applies
+        (``merge_and_unload`` + ``save_pretrained``)."""
+        return None
+
     def lora_factors(self) -> dict | None:
         """The fine-tune as exact LoRA factors, for a PEFT export (``interop.peft.save_peft_lora(dir, **factors)``),
         or None when it has none: ``{"modules": {qualified module name: (A (r x in), B (out x r))}, "alpha": float,
