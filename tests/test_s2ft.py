@@ -385,6 +385,22 @@ def test_uncalibrated_data_selection_refuses_to_train():
         method.schedule().on_train_begin(type("Ctx", (), {"method": method})())
 
 
+def test_training_loop_calibrates_on_its_first_batches():
+    from leantune.data import collate, encode_examples, get_task
+    from leantune.train import TrainConfig, train
+    from leantune.train.loop import BatchStream
+
+    model, tok = leantune.load_model("builtin:tiny-llama")
+    data = encode_examples(tok, get_task("builtin:arith").split("train")[:32], 64)
+    cfg = dict(budget="count", heads=1, channels=4, selection="activation", calibration_batches=3)
+    method = leantune.apply(model, "s2ft", **cfg)
+    train(model, data, TrainConfig(max_steps=1, batch_size=4, progress=False), pad_id=tok.pad_token_id)
+    stream = BatchStream(data, 4, 0)
+    reference = leantune.apply(base(), "s2ft", **cfg)
+    reference.calibrate([collate(stream.batch(i), tok.pad_token_id) for i in range(3)])
+    assert method.selected_units() == reference.selected_units()
+
+
 def test_calibrate_after_training_is_refused():
     method = leantune.apply(base(), "s2ft", budget="count", heads=1, channels=4, selection="activation")
     method.calibrate([batch()])

@@ -53,6 +53,7 @@ class S2FTConfig(MethodConfig):
     selection: str = "random"  # random | activation | weight | gradient (activation, gradient need calibrate())
     order: str = "smallest"  # activation/weight/gradient: pick the smallest or the largest norms
     seed: int = 0
+    calibration_batches: int = 8  # activation/gradient: training micro-batches used when calibrate() was not called
 
     def validate(self):
         def bad(msg):
@@ -81,6 +82,8 @@ class S2FTConfig(MethodConfig):
             bad(f"heads and channels must be >= 0, got heads={self.heads}, channels={self.channels}")
         if self.budget == "count" and self.heads == 0 and self.channels == 0:
             bad("budget='count' needs heads > 0 or channels > 0 (per layer)")
+        if self.calibration_batches < 1:
+            bad(f"calibration_batches must be >= 1, got {self.calibration_batches}")
 
     @property
     def roles(self) -> list[str]:
@@ -538,12 +541,17 @@ class S2FT(Method):
 
 
 class _SelectionGuard:
-    """Stops training from starting on a data-driven selection that was never calibrated."""
+    """A data-driven selection that was never calibrated calibrates on the first training batches (the loop
+    offers them); without them, training does not start."""
 
     def on_train_begin(self, ctx):
-        if not all(m.s2ft.selected for m in ctx.method.layers.values()):
-            raise RuntimeError(f"s2ft: selection={ctx.method.config.selection!r} needs calibration data: call "
+        method = ctx.method
+        if all(m.s2ft.selected for m in method.layers.values()):
+            return
+        if getattr(ctx, "_batches", None) is None:
+            raise RuntimeError(f"s2ft: selection={method.config.selection!r} needs calibration data: call "
                                "method.calibrate(batches) before training")
+        method.calibrate(ctx.training_batches(method.config.calibration_batches))
 
     def on_step_begin(self, ctx): ...
 

@@ -45,6 +45,12 @@ class TrainContext:
     optimizer: torch.optim.Optimizer | None = None
     logs: dict = field(default_factory=dict)  # extra values for this step's metrics line
     _rebuild: Any = None
+    _batches: Any = None
+
+    def training_batches(self, n: int) -> list[dict]:
+        """The first ``n`` training micro-batches as tensors on the model's device (e.g. calibration data for a
+        method that selects what to train from activations or gradients)."""
+        return self._batches(n)
 
     def rebuild_optimizer(self) -> torch.optim.Optimizer:
         """Rebuild the optimizer over the parameters that train now. State of parameters that stay is kept;

@@ -206,6 +206,9 @@ def train(
         return opt
 
     ctx._rebuild = build_optimizer
+    stream = BatchStream(train_data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
+    ctx._batches = lambda n: [{k: v.to(acc.device) for k, v in collate(stream.batch(i), pad_id).items()}
+                              for i in range(n)]
     start_step, resumed_from = 0, None
     if out is not None and cfg.resume:
         last = ckpt.latest(out)
@@ -221,7 +224,6 @@ def train(
     if resumed_from is not None:
         ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer)
 
-    stream = BatchStream(train_data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
     metrics = _MetricsWriter(out, start_step, cfg.tensorboard) if acc.is_main_process else None
     progress = _progress(cfg, start_step, method.name) if acc.is_main_process else None
     history: list[dict] = []
