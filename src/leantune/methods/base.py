@@ -302,6 +302,15 @@ class Method:
         """A hook object for the training loop (see leantune.train.hooks), or None."""
         return None
 
+    def _release(self) -> nn.Module:
+        """The common end of remove()/unload(): the model trainable again and free of this method."""
+        model = self._model()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.__dict__.pop("leantune_method", None)
+        self.model = None
+        return model
+
     def _model(self) -> nn.Module:
         if self.model is None:
             raise RuntimeError(f"method {self.name!r} is not applied to a model yet: call apply(model) first")

@@ -210,7 +210,7 @@ class Lisa(Method):
 
     def remove(self) -> nn.Module:
         """Take the method off: the base model back, bitwise (needs ``keep_base=true``)."""
-        model = self._model()
+        self._model()  # raises unless applied
         if self.snapshot is None:
             raise RuntimeError("method 'lisa' kept no copy of the base weights (keep_base=false); reload the base "
                                "model, or apply lisa with keep_base=true")
@@ -225,21 +225,13 @@ class Lisa(Method):
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(self.snapshot[n])
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
     def unload(self) -> nn.Module:
         """Nothing to fold (the tuned values are the weights): drop the method and its copy of the base."""
-        model = self._model()
+        self._model()  # raises unless applied
         self.snapshot = None
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
     def _snapshot(self, params: dict[str, nn.Parameter]) -> None:
         if self.snapshot is not None:

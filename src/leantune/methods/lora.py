@@ -184,16 +184,12 @@ class Lora(Method):
 
     def unload(self) -> nn.Module:
         """Take the LoRA modules and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
-        model = self._model()
+        self._model()  # raises unless applied
         for h in self._hooks:
             h.remove()
         for mod in self.layers.values():
             del mod.lora
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
     def lora_factors(self) -> dict:
         cfg = self.config

@@ -497,16 +497,12 @@ class S2FT(Method):
 
     def unload(self) -> nn.Module:
         """Take the slices and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
-        model = self._model()
+        self._model()  # raises unless applied
         for h in self._hooks:
             h.remove()
         for mod in self.layers.values():
             del mod.s2ft
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
     # -- LoRA / PEFT export --------------------------------------------------------------------------------
     def to_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -66,7 +66,7 @@ class SelectiveMethod(Method):
 
     def remove(self) -> nn.Module:
         """Take the method off: the base model back, bitwise."""
-        model = self._model()
+        self._model()  # raises unless applied
         if self.snapshot is None:
             raise RuntimeError(
                 f"method {self.name!r} kept no copy of the base weights (keep_base=false); reload the base model"
@@ -77,21 +77,13 @@ class SelectiveMethod(Method):
         for module, attr in self.added:
             delattr(module, attr)
             module.register_parameter(attr, None)
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
     def unload(self) -> nn.Module:
         """Nothing to fold (the tuned values are the weights): drop the method and its snapshot of the base."""
-        model = self._model()
+        self._model()  # raises unless applied
         self.snapshot = None
-        for p in model.parameters():
-            p.requires_grad_(True)
-        model.__dict__.pop("leantune_method", None)
-        self.model = None
-        return model
+        return self._release()
 
 
 @dataclass
