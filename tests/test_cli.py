@@ -101,3 +101,8 @@ def test_train_save_merged_says_which_folder(tmp_path, method, options, kind):
     merged = json.loads(proc.stdout)["merged"]
     assert merged["kind"] == kind and merged["reason"]
     assert (out / "merged").is_dir() and (out / "leantune.json").exists()
+
+
+def test_base_info_names_the_shipped_recipe():
+    info = json.loads(run("base", "info").stdout)
+    assert info["name"] == "builtin:base" and len(info["recipe_hash"]) == 16

@@ -83,6 +83,16 @@ def register_builtin_model(name: str, build, description: str) -> None:
     BUILTIN_MODELS[name] = BuiltinModel(build, description)
 
 
+def _pretrained_base(_vocab: int):
+    from .base import load_base  # ships its own fp16 weights and BPE tokenizer (leantune/assets/base)
+
+    return load_base()
+
+
+register_builtin_model("base", _pretrained_base, "pretrained 4-layer LLaMA (GQA 8q/2kv, ~3.3M params) on leantune's "
+                       "synthetic corpus; shipped weights, rebuild with `leantune base build`")
+
+
 def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None):
     """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id."""
     if isinstance(dtype, str):
@@ -106,6 +116,9 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | 
         model, tokenizer = _load_hf(name, dtype)
     if dtype is not None:
         model = model.to(dtype)
+    elif model.dtype == torch.float16 and not torch.cuda.is_available():
+        # an fp16 checkpoint loads as fp16 (transformers 5): too slow and unstable to train on a CPU
+        model = model.float()
     if device is not None:
         model = model.to(device)
     model.eval()
