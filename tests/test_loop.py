@@ -174,3 +174,13 @@ def test_gradient_checkpointing_gives_same_update():
 def test_bad_train_config_is_a_clear_error():
     with pytest.raises(ValueError, match="grad_accum must be >= 1"):
         TrainConfig(grad_accum=0)
+
+
+def test_tensorboard_logs_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run("lora", max_steps=3, output_dir=str(tmp_path), tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
