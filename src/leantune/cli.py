@@ -248,6 +248,41 @@ def tasks():
         typer.echo(f"{name}\t{get_task(name).description}")
 
 
+@app.command()
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="the demo: 1 seed, short budget (about 10 min on 2 CPU cores)"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model for quality (default builtin:base)"),
+    task: Optional[str] = typer.Option(None, "--task", help="built-in task (default builtin:world)"),
+    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per quality run"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per method (quick: 1, default: 3)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    eval_samples: Optional[int] = typer.Option(None, "--eval-samples", help="test examples per split"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where results.json/.md and plots go"),
+    sweep: bool = typer.Option(False, "--sweep", help="a small LR sweep per method (picked on held-back train data)"),
+    efficiency_model: Optional[str] = typer.Option(None, "--efficiency-model", help="e.g. hidden=512,layers=8"),
+    timing_rounds: Optional[int] = typer.Option(None, "--timing-rounds", help="interleaved timing rounds"),
+    keep_adapters: bool = typer.Option(False, "--keep-adapters", help="keep the trained adapters under work/"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each job"),
+    default_lrs: bool = typer.Option(False, "--default-lrs", help="each method's own default LR, also on builtin:base"),
+):
+    """Methods head to head on one base, task and budget: quality, memory, FLOPs, time, inference overhead."""
+    from .measure.bench import JobFailed, config_from_options, run_bench
+
+    try:
+        cfg = config_from_options(
+            quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
+            batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,
+            sweep=sweep, efficiency_model=efficiency_model, timing_rounds=timing_rounds,
+            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs,
+        )
+        _, failed = run_bench(cfg)
+    except (ValueError, KeyError, JobFailed) as e:
+        _fail(e.args[0] if e.args else str(e))
+    if failed:
+        raise typer.Exit(1)
+
+
 base_app = typer.Typer(no_args_is_help=True, help="The built-in pretrained base model (builtin:base).")
 app.add_typer(base_app, name="base")
 

@@ -76,9 +76,14 @@ def _lora_hook(module: nn.Module, args, output):
     if not lora.active or lora.merged:
         return output
     x = args[0]
-    h = F.linear(F.linear(lora.dropout(x), lora.A), lora.B) * lora.scale
     if lora.magnitude is None:
-        return output + h.to(output.dtype)
+        # output + scale·(x Aᵀ) Bᵀ in one addmm: no full-width multiply and add of its own (docs/bench.md: ~4% faster
+        # training steps than the `output + B(A(x)) * scale` form PEFT uses)
+        a = F.linear(lora.dropout(x), lora.A).to(output.dtype)
+        out = torch.addmm(output.reshape(-1, output.shape[-1]), a.reshape(-1, a.shape[-1]),
+                          lora.B.t().to(output.dtype), alpha=lora.scale)
+        return out.view(output.shape)
+    h = F.linear(F.linear(lora.dropout(x), lora.A), lora.B) * lora.scale
     weight = weight_2d(module)
     factor = (lora.magnitude / lora.dora_norm(weight)).to(output.dtype)
     bias = module.bias

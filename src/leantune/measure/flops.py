@@ -1,0 +1,51 @@
+"""FLOPs of a training step, counted with ``torch.utils.flop_counter.FlopCounterMode``.
+
+The counter knows matrix products and attention kernels (a multiply-add counts 2); elementwise work (norms,
+activations, the optimizer update) is not counted. PyTorch 2.x has no formula for the CPU flash-attention kernel
+that ``scaled_dot_product_attention`` picks on the CPU, so it is registered here with the same formula as the GPU
+flash kernel: without it, attention would silently count zero on the CPU and differently on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+_aten = torch.ops.aten
+
+
+def _register_cpu_attention() -> None:
+    pairs = [
+        ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention"),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward"),
+    ]
+    for cpu_name, gpu_name in pairs:
+        if hasattr(_aten, cpu_name) and hasattr(_aten, gpu_name):
+            cpu_op, gpu_op = getattr(_aten, cpu_name), getattr(_aten, gpu_name)
+            if cpu_op not in flop_registry and gpu_op in flop_registry:
+                flop_registry[cpu_op] = flop_registry[gpu_op]
+
+
+_register_cpu_attention()
+
+
+class FlopCount:
+    """``with FlopCount() as fc: ...`` then ``fc.total`` and ``fc.by_op`` (op name -> FLOPs)."""
+
+    def __init__(self):
+        self._mode = FlopCounterMode(display=False)
+
+    def __enter__(self) -> FlopCount:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return int(self._mode.get_total_flops())
+
+    @property
+    def by_op(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self._mode.get_flop_counts().get("Global", {}).items()}

@@ -1,0 +1,247 @@
+"""results.md (tables in the survey's style, with ratios to full fine-tuning and to LoRA) and the plots."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+LORA_KEY = ("lora", "leantune")
+PEFT_KEY = ("lora", "peft")
+FULL_KEY = ("full", "leantune")
+
+
+def aggregate(results: dict) -> dict[tuple[str, str], dict]:
+    """Runs grouped by (method, impl), in first-seen order: the efficiency figures (the same for every seed),
+    the quality figures as lists over seeds."""
+    groups: dict[tuple[str, str], dict] = {}
+    for r in results["runs"]:
+        g = groups.setdefault((r["method"], r["impl"]), {**r, "seeds": [], "acc": [], "shift": [], "forget": [],
+                                                           "lrs": []})
+        g["seeds"].append(r["seed"])
+        g["acc"].append(r["quality"]["accuracy"])
+        g["shift"].append(r["quality"]["accuracy_shifted"])
+        if r["quality"]["forgetting"] is not None:
+            g["forget"].append(r["quality"]["forgetting"])
+        g["lrs"].append(r["lr"])
+    return groups
+
+
+def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _ms(xs, fmt="{:.3f}", signed=False) -> str:
+    m, s = mean_std(xs)
+    if m is None:
+        return "–"
+    f = ("{:+" + fmt[2:]) if signed else fmt
+    return f.format(m) + (f" ± {fmt.format(s)}" if s is not None else "")
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _ratio(x, ref) -> str:
+    return f"{x / ref:.2f}×" if (x is not None and ref) else "–"
+
+
+def _flops(n) -> str:
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+
+
+def flops_per_s(g: dict) -> float | None:
+    return g["train_flops_per_step"] / g["step_time_s"] if g.get("step_time_s") else None
+
+
+def checks(groups: dict) -> list[str]:
+    """The issue's done-when figures, where the runs to compute them are present."""
+    out = []
+    lora, peft, full = groups.get(LORA_KEY), groups.get(PEFT_KEY), groups.get(FULL_KEY)
+    if lora and peft and lora.get("step_time_s") and peft.get("step_time_s"):
+        r = lora["step_time_s"] / peft["step_time_s"]
+        out.append(f"leantune LoRA step time / PEFT LoRA step time (interleaved medians): **{r:.3f}** "
+                   f"(target ≤ 1.02: {'met' if r <= 1.02 else 'NOT met'})")
+    if lora and full and flops_per_s(lora) and flops_per_s(full):
+        r = flops_per_s(lora) / flops_per_s(full)
+        out.append(f"leantune LoRA achieved FLOP/s / full FT's: **{r:.3f}** "
+                   f"({flops_per_s(lora) / 1e9:.1f} vs {flops_per_s(full) / 1e9:.1f} GFLOP/s; target ≥ 0.9: "
+                   f"{'met' if r >= 0.9 else 'NOT met'})")
+    if lora and peft:
+        out.append(f"accuracy, leantune LoRA vs PEFT LoRA: {_ms(lora['acc'])} vs {_ms(peft['acc'])}")
+    return out
+
+
+def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[str] = (), failed: dict | None = None,
+                 wall_s: float | None = None) -> Path:
+    groups = aggregate(results)
+    b, e = results["budget"], results["efficiency_model"]
+    full, lora = groups.get(FULL_KEY), groups.get(LORA_KEY)
+    lines = [f"# leantune bench: {results['task']} on {results['base']['name']}", ""]
+    lr_note = ("learning rates " + b["lrs"] if b.get("lrs") and b["lrs"] != "method defaults"
+               else "each method's default learning rate")
+    if b.get("sweep"):
+        lr_note += ", swept over ×" + ", ×".join(f"{f:.2g}" for f in b["sweep"]) + " (picked on held-back training examples)"
+    lines += [
+        f"Budget: {b['max_steps']} steps × batch {b['batch_size']} (examples up to {b['max_length']} tokens), "
+        f"{lr_note}, seeds {b['seeds']}. Untuned base accuracy: **{results['base']['accuracy']:.3f}** "
+        f"({_count(results['base']['params'])} parameters).",
+        f"Efficiency model: `{e['name']}` (random init, {_count(e['params'])} parameters, "
+        f"{_count(e['block_params'])} in the blocks), batch {e['batch_size']} × {e['seq_len']} tokens, "
+        f"on {e.get('measured_on', '?')}" + (f" with {e['threads']} threads" if e.get("threads") else "")
+        + f". Machine: {results['machine'].get('processor')}, {results['machine'].get('cpu_count')} cores; "
+        f"torch {results['versions'].get('torch')}, commit `{results.get('git_commit')}`"
+        + (f"; the bench took {wall_s / 60:.1f} min" if wall_s else "") + ".",
+        "",
+        "## Quality (pretrained base)",
+        "",
+        "| method | impl | accuracy | shifted | forgetting | lr | trainable | changed | storage |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    total = e["params"]
+    for (m, impl), g in groups.items():
+        lines.append(
+            f"| {m} | {impl} | {_ms(g['acc'])} | {_ms(g['shift'])} | {_ms(g['forget'], signed=True)} | "
+            f"{g['lrs'][0]:.2g} | {_count(g['trainable_params'])} ({100 * g['trainable_params'] / total:.2f}%) | "
+            f"{_count(g['changed_params'])} ({100 * g['changed_params'] / total:.2f}%) | {_bytes(g['adapter_bytes'])} |")
+    lines += [
+        "",
+        "Accuracy: exact match on the test split (shifted: new templates or longer inputs), mean ± std over seeds. "
+        "Forgetting: loss on held-out pretraining text after fine-tuning minus before. Trainable, changed and "
+        "storage (the saved adapter folder) are counted on the efficiency model.",
+        "",
+        "## Cost (efficiency model), with ratios to full FT and to LoRA",
+        "",
+        "| method | impl | peak memory | ×full | ×LoRA | train FLOPs/step | ×full | ×LoRA | step time | ×full | ×LoRA "
+        "| FLOP/s ×full | tokens/s | inference ×base | merged ×base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base_m = e.get("base_latency_merged_s")
+    for (m, impl), g in groups.items():
+        ref = {k: (x["memory"]["peak"], x["train_flops_per_step"], x["step_time_s"], flops_per_s(x)) if x else
+               (None,) * 4 for k, x in (("full", full), ("lora", lora))}
+        peak, fl, st, fps = g["memory"]["peak"], g["train_flops_per_step"], g["step_time_s"], flops_per_s(g)
+        lat = g["infer"]
+        merged = _ratio(lat["latency_merged_s"], base_m) if lat["latency_merged_s"] is not None else "cannot merge"
+        step_s = f"{st:.3f} s" if st else "–"
+        tok_s = f"{g['tokens_per_s']:.0f}" if g["tokens_per_s"] else "–"
+        overhead = f"{lat['overhead']:.2f}×" if lat["overhead"] else "–"
+        lines.append(
+            f"| {m} | {impl} | {_bytes(peak)} | {_ratio(peak, ref['full'][0])} | {_ratio(peak, ref['lora'][0])} | "
+            f"{_flops(fl)} | {_ratio(fl, ref['full'][1])} | {_ratio(fl, ref['lora'][1])} | "
+            f"{step_s} | {_ratio(st, ref['full'][2])} | {_ratio(st, ref['lora'][2])} | "
+            f"{_ratio(fps, ref['full'][3])} | {tok_s} | {overhead} | {merged} |")
+    lines += [
+        "",
+        "## Memory breakdown (efficiency model, one training step)",
+        "",
+        "| method | impl | weights | grads | optimizer | activations | peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (m, impl), g in groups.items():
+        mem = g["memory"]
+        lines.append(f"| {m} | {impl} | {_bytes(mem['weights'])} | {_bytes(mem['grads'])} | "
+                     f"{_bytes(mem['optimizer'])} | {_bytes(mem['activations'])} | {_bytes(mem['peak'])} |")
+    peak_what = ("CUDA max allocated" if str(e.get("measured_on", "")).startswith("cuda") else
+                 "peak RSS of a process that only measures that method (Python, torch and the libraries included)")
+    lines += [
+        "",
+        f"Weights: all parameters, frozen included. Grads: gradients after backward. Optimizer: AdamW state after a "
+        f"step. Activations: bytes autograd saved for backward, each storage once, weights excluded. Peak: {peak_what}. "
+        "FLOPs: FlopCounterMode (matmuls and attention; a multiply-add is 2). Step time: median of interleaved "
+        "steps (all methods alternate in one process). Inference: seconds per generated token at batch 1 over the "
+        "base model's, measured interleaved with the base.",
+    ]
+    settle = e.get("settle_steps") or {}
+    if settle:
+        lines.append("Measured after the method's schedule finished: " + ", ".join(
+            f"{k} ({v} steps on a 64-token batch)" for k, v in settle.items())
+            + "; its peak is the pruned model's steps plus the unpruned weights it started from (a real run's "
+            "estimation phase, at the full batch, peaks higher).")
+    found = checks(groups)
+    if found:
+        lines += ["", "## Checks", ""] + [f"- {c}" for c in found]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    if notes or failed:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+        for key, err in (failed or {}).items():
+            lines.append(f"- **{key} failed**: " + err.splitlines()[0])
+            lines += ["", "```", *err.splitlines()[1:], "```", ""]
+    path = out / "results.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_plots(results: dict, out: Path) -> list[str]:
+    """accuracy_vs_peak_memory.png, accuracy_vs_step_time.png, memory_breakdown.png (file names returned);
+    nothing when matplotlib is missing (``pip install 'leantune[plots]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    groups = aggregate(results)
+    if not groups:
+        return []
+    names = [f"{m}" if impl == "leantune" else f"{m} ({impl})" for m, impl in groups]
+    made = []
+
+    def scatter(xkey, xlabel, fname, xfmt):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for i, (name, g) in enumerate(zip(names, groups.values(), strict=True)):
+            x = xfmt(g)
+            if x is None:
+                continue
+            m, s = mean_std(g["acc"])
+            ax.errorbar(x, m, yerr=s or 0, fmt="o", capsize=3)
+            # labels alternate above and below their point: neighbours with equal accuracy stay readable
+            ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=9)
+        ax.axhline(results["base"]["accuracy"], color="grey", ls="--", lw=1, label="untuned base")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"accuracy ({results['task']})")
+        ax.set_title(xkey)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+        made.append(fname)
+
+    scatter("accuracy vs peak memory", "peak memory (MiB)", "accuracy_vs_peak_memory.png",
+            lambda g: g["memory"]["peak"] / 2**20)
+    scatter("accuracy vs step time", "training step time (s, efficiency model)", "accuracy_vs_step_time.png",
+            lambda g: g["step_time_s"])
+
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.0 * len(names) + 2), 4.4))
+    bottom = [0.0] * len(names)
+    for part in ("weights", "grads", "optimizer", "activations"):
+        vals = [g["memory"][part] / 2**20 for g in groups.values()]
+        ax.bar(names, vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.scatter(names, [g["memory"]["peak"] / 2**20 for g in groups.values()], marker="_", s=400, color="black",
+               label="peak", zorder=3)
+    ax.set_ylabel("MiB (efficiency model, one step)")
+    ax.set_title("memory breakdown")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(out / "memory_breakdown.png", dpi=120)
+    plt.close(fig)
+    made.append("memory_breakdown.png")
+    return made
