@@ -204,7 +204,7 @@ def build_base(output_dir: str | os.PathLike, seed: int = 0, progress: bool = Tr
         "tokens_seen": t["steps"] * t["batch_size"] * t["seq_len"],
         "final_train_loss": round(sum(recent) / len(recent), 4),  # mean of the last 100 steps
         "heldout_loss": text_loss(model, tokenizer, heldout),
-        "seconds": round(train_seconds, 1),
+        "seconds": round(train_seconds, 4),
         "torch": torch.__version__,
         "history": history,
     }
