@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import leantune
-from leantune.anatomy import anatomy, is_conv1d, weight_2d
+from leantune.anatomy import anatomy, in_out_features, is_conv1d, weight_2d
+from leantune.methods import fused
 from leantune.methods.base import ConfigError
 from leantune.methods.s2ft import S2FT, S2FTConfig, fuse, switch
 
@@ -64,8 +65,11 @@ def merged_reference(base_model, method):
 # -- partial backprop ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["fused", "layer-then-term"])
 @pytest.mark.parametrize("name", MODELS)
-def test_delta_grad_is_slice_of_full_weight_grad(name):
+def test_delta_grad_is_slice_of_full_weight_grad(name, path, monkeypatch):
+    if path == "layer-then-term":  # the path autocast and other libraries' forwards take (methods/fused.py)
+        monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
     model = base(name, torch.float64)
     reference_base = copy.deepcopy(model)
     method = leantune.apply(model, "s2ft", targets="o,down,v,up", budget="count", heads=1, channels=5)
@@ -74,6 +78,9 @@ def test_delta_grad_is_slice_of_full_weight_grad(name):
     loss_of(model, b).backward()
     ref, mods = merged_reference(reference_base, method)
     loss_of(ref, b).backward()
+    for m in method.layers.values():  # which path ran
+        probe = m(torch.randn(1, 2, in_out_features(m)[0], dtype=torch.float64, requires_grad=True))
+        assert ("_SliceLinear" in type(probe.grad_fn).__name__) == (path == "fused")
     for lname, mod in method.layers.items():
         s = mod.s2ft
         g = mods[lname].weight.grad
@@ -115,8 +122,8 @@ def test_saved_for_backward_is_the_k_columns_not_the_input():
     kept = [t for ptr, t in saved.items() if ptr not in params]
     k = len(o.s2ft.indices)
     assert k == 24
-    assert [tuple(t.shape) for t in kept] == [(3, 5, k)]
-    assert torch.equal(kept[0], x.detach()[..., o.s2ft.indices])
+    assert [t.numel() for t in kept] == [3 * 5 * k]  # the k columns of every token (kept as a token-major block)
+    assert torch.equal(kept[0].reshape(3, 5, k), x.detach()[..., o.s2ft.indices])
     # plain autograd on the full weight would keep the whole input
     full = torch.nn.Linear(96, 64)
     _, saved_full = saved_bytes(lambda: full(x))

@@ -3,7 +3,9 @@
 The counter knows matrix products and attention kernels (a multiply-add counts 2); elementwise work (norms,
 activations, the optimizer update) is not counted. PyTorch 2.x has no formula for the CPU flash-attention kernel
 that ``scaled_dot_product_attention`` picks on the CPU, so it is registered here with the same formula as the GPU
-flash kernel: without it, attention would silently count zero on the CPU and differently on a GPU.
+flash kernel: without it, attention would silently count zero on the CPU and differently on a GPU. The in-place
+``addmm_`` (LoRA's forward adds its product into the base output with it) has no formula either and gets
+``addmm``'s: the same products, counted the same wherever they are written.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def _register_cpu_attention() -> None:
 
 
 _register_cpu_attention()
+
+
+def _register_inplace_addmm() -> None:
+    if _aten.addmm_ not in flop_registry and _aten.addmm in flop_registry:
+        flop_registry[_aten.addmm_] = flop_registry[_aten.addmm]
+
+
+_register_inplace_addmm()
 
 
 class FlopCount:

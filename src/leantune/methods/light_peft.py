@@ -104,7 +104,8 @@ class LoraPruner:
         def delta(mod):
             return lambda x: F.linear(F.linear(x, mod.lora.A), mod.lora.B) * mod.lora.scale
 
-        return {n: imp.AdapterUnit(m, m.lora.A, m.lora.B, delta(m)) for n, m in self.layers.items()}
+        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·x
+        return {n: imp.AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True) for n, m in self.layers.items()}
 
     def ranks(self) -> dict[str, int]:
         return {n: m.lora.A.shape[0] for n, m in self.layers.items()}

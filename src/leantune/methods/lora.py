@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021), with the rsLoRA scaling (Kalajdzievski 2023) and DoRA (Liu et al. 2024).
 
 A target layer keeps its own weight and gains a child module ``lora`` (A: r x in, B: out x r, B = 0 at init);
-a forward hook adds ``scale * B A x``. Module names of the base are untouched, so a merged model is the plain base
-architecture again. GPT-2's fused ``c_attn`` is one target for the q, k and v roles (as in PEFT).
+its forward adds ``scale * B A x``, computed with the layer's own product in one autograd function where it can be
+(``methods/fused.py``). Module names of the base are untouched, so a merged model is the plain base architecture
+again. GPT-2's fused ``c_attn`` is one target for the q, k and v roles (as in PEFT).
 
 DoRA: ``W' = m * (W + s B A) / ||W + s B A||`` row-wise (the norm is treated as a constant in backward, as in the
 paper and PEFT). Unmerge subtracts what merge added: equal to the base within float rounding (about 1e-6 relative
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
+from . import fused
 from .base import Capabilities, ConfigError, Method, MethodConfig, register
 
 
@@ -71,17 +73,18 @@ class LoraAdapter(nn.Module):
         return w.norm(dim=1).detach()
 
 
-def _lora_hook(module: nn.Module, args, output):
+def _lora_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The layer's output plus the LoRA (or DoRA) term, given the layer's own output."""
     lora: LoraAdapter = module.lora
-    if not lora.active or lora.merged:
-        return output
-    x = args[0]
     if lora.magnitude is None:
-        # output + scale·(x Aᵀ) Bᵀ in one addmm: no full-width multiply and add of its own (docs/bench.md: ~4% faster
-        # training steps than the `output + B(A(x)) * scale` form PEFT uses)
+        # output += scale·(x Aᵀ) Bᵀ as one in-place addmm: no full-width product, sum or copy of its own (the base
+        # linear saves its input and weight for backward, never its output, so writing into it is safe)
         a = F.linear(lora.dropout(x), lora.A).to(output.dtype)
-        out = torch.addmm(output.reshape(-1, output.shape[-1]), a.reshape(-1, a.shape[-1]),
-                          lora.B.t().to(output.dtype), alpha=lora.scale)
+        a2d, b_t = a.reshape(-1, a.shape[-1]), lora.B.t().to(output.dtype)
+        if output.is_contiguous():
+            output.view(-1, output.shape[-1]).addmm_(a2d, b_t, alpha=lora.scale)
+            return output
+        out = torch.addmm(output.reshape(-1, output.shape[-1]), a2d, b_t, alpha=lora.scale)
         return out.view(output.shape)
     h = F.linear(F.linear(lora.dropout(x), lora.A), lora.B) * lora.scale
     weight = weight_2d(module)
@@ -89,6 +92,18 @@ def _lora_hook(module: nn.Module, args, output):
     bias = module.bias
     base = output - bias if bias is not None else output
     return output + (factor - 1) * base + factor * h.to(output.dtype)
+
+
+def _lora_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kwargs):
+    """The forward of a layer that carries LoRA: fused with the layer where it can be (``methods/fused.py``,
+    benchmarks/lora_step_time.py measures the difference), else the layer's own forward plus the term."""
+    lora: LoraAdapter = module.lora
+    if not lora.active or lora.merged:
+        return base_forward(x, *args, **kwargs)
+    if (fusable and lora.magnitude is None and (not lora.training or isinstance(lora.dropout, nn.Identity))
+            and fused.can_fuse(module, x, lora.A, lora.B)):
+        return fused.lora_linear(module, x, lora.A, lora.B, lora.scale)
+    return _lora_term(module, x, base_forward(x, *args, **kwargs))
 
 
 def _add_stored(mod: nn.Module, delta_2d: torch.Tensor) -> None:
@@ -129,7 +144,7 @@ class Lora(Method):
         for name, _role, _i, mod in targets:
             in_f, out_f = in_out_features(mod)
             mod.add_module("lora", LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora))
-            self._hooks.append(mod.register_forward_hook(_lora_hook))
+            self._hooks.append(fused.override_forward(mod, _lora_forward))
             self.layers[name] = mod
 
     def trainable_parameters(self):

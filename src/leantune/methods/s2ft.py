@@ -5,10 +5,11 @@ FFN channels of ``down`` (input columns) train; optionally whole KV heads of ``v
 rows). Everything works in the original coordinates (no co-permutation of heads), so GQA, explicit ``head_dim``,
 GPT-2's Conv1D and BERT need no special case beyond the anatomy.
 
-A target layer gains a child module ``s2ft`` (``indices`` + a dense block ``delta``, zero at init) and a forward hook:
+A target layer gains a child module ``s2ft`` (``indices`` + a dense block ``delta``, zero at init) and a forward
+that computes the layer and the block in one autograd function (``methods/fused.py``) where it can:
   input slice   ``y = x Wᵀ + x[..., idx] Dᵀ``     D: (out, k); only the k-column copy ``x[..., idx]`` is saved
   output slice  ``y[..., idx] += x Dᵀ``           D: (k, in); saves x, like LoRA does
-The base weight never gets a gradient. Merge adds D into the selected columns (saving the originals, so unmerge
+The base weight never gets a gradient, and the block's input gradient is added into the base's in place. Merge adds D into the selected columns (saving the originals, so unmerge
 is bitwise); switching adapters restores k columns and ``index_add_``s the next adapter's (cost independent of
 the layer's width); ``fuse`` sums adapters; ``to_lora`` / ``save_peft`` export a rank-k LoRA that ``peft`` loads.
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
+from . import fused
 from .base import Capabilities, ConfigError, Method, MethodConfig, register
 
 S2FT_ROLES = ("o", "down", "v", "up")
@@ -167,22 +169,31 @@ class S2FTSlice(nn.Module):
         self.merged = False
 
 
-def _s2ft_hook(module: nn.Module, args, output):
+def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """The layer's output plus the slice's term, given the layer's own output (autocast and other unfused cases)."""
     s: S2FTSlice = module.s2ft
-    if s.merged or not s.active:
-        return output
-    if not s.selected:
-        raise RuntimeError(
-            "s2ft: no indices selected yet. selection='activation'/'gradient' needs calibration data: call "
-            "method.calibrate(batches) before training, or build S2FT(config, calibration=batches)"
-        )
-    x = args[0]
     if s.side == "in":
         delta = s.delta if s.delta.dtype == output.dtype else s.delta.to(output.dtype)  # autocast: compute dtype
         with torch.autocast(x.device.type, enabled=False):
             return output + _InputSliceDelta.apply(x, delta, s.indices)
     h = F.linear(x, s.delta)
     return output.index_add(-1, s.indices, h.to(output.dtype))
+
+
+def _s2ft_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kwargs):
+    """The forward of a layer that carries a slice: the layer and the slice in one autograd function where it can
+    be (``methods/fused.py``: the slice's input gradient lands in the base's in place), else the layer plus the term."""
+    s: S2FTSlice = module.s2ft
+    if s.merged or not s.active:
+        return base_forward(x, *args, **kwargs)
+    if not s.selected:
+        raise RuntimeError(
+            "s2ft: no indices selected yet. selection='activation'/'gradient' needs calibration data: call "
+            "method.calibrate(batches) before training, or build S2FT(config, calibration=batches)"
+        )
+    if fusable and fused.can_fuse(module, x, s.delta):
+        return fused.slice_linear(module, x, s.delta, s.indices, s.side)
+    return _s2ft_term(module, x, base_forward(x, *args, **kwargs))
 
 
 # -- the method ---------------------------------------------------------------------------------------------
@@ -225,7 +236,7 @@ class S2FT(Method):
                 mod = t["module"]
                 mod.add_module("s2ft", S2FTSlice(t["side"], counts[t["name"]], t["unit"], t["n_units"], t["offset"],
                                                  weight_2d(mod)))
-                self._hooks.append(mod.register_forward_hook(_s2ft_hook))
+                self._hooks.append(fused.override_forward(mod, _s2ft_forward))
                 self.layers[t["name"]] = mod
         if not self.layers:
             raise ValueError(f"s2ft: the budget selects nothing on this {anat.model_type} model ({cfg}); "

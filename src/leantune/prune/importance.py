@@ -22,6 +22,7 @@ class AdapterUnit:
     down: nn.Parameter  # (r, in)
     up: nn.Parameter  # (out, r)
     delta: Callable[[torch.Tensor], torch.Tensor]  # x -> ΔW·x (no dropout)
+    output_has_delta: bool = False  # the layer's output (what forward hooks see) already includes ΔW·x
 
 
 class AdapterImportance:
@@ -36,7 +37,8 @@ class AdapterImportance:
         self._reset_step()
         self._hooks = [model.register_forward_pre_hook(self._remember_mask, with_kwargs=True)]
         for i, (name, u) in enumerate(units.items()):
-            # prepend: run before the adapter's own hook, so the output is still W·x + b
+            # prepend: before an adapter that adds its term in a hook of its own, the output is still W·x + b; an
+            # adapter that adds it in the layer's forward says so (output_has_delta) and it is taken off here
             self._hooks.append(u.layer.register_forward_hook(self._module_hook(i, u), prepend=True))
             self._hooks.append(u.down.register_hook(self._grad_hook(name, u.down, dim=1, down=True)))
             self._hooks.append(u.up.register_hook(self._grad_hook(name, u.up, dim=0, down=False)))
@@ -57,10 +59,13 @@ class AdapterImportance:
                 return None
             with torch.no_grad():
                 x = args[0]
+                delta = u.delta(x).float()
                 base = output.float()
+                if u.output_has_delta:
+                    base = base - delta
                 if getattr(module, "bias", None) is not None:
                     base = base - module.bias.float()
-                ratio = u.delta(x).float().norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
+                ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 mask = self._token_mask
                 if mask is not None and mask.shape == ratio.shape:
                     keep = mask.to(ratio.device).bool()

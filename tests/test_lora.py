@@ -1,0 +1,112 @@
+"""LoRA's forward and gradients against the slow, obvious reference: the same model with W + scale·B·A as weight."""
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import leantune
+from leantune.anatomy import is_conv1d
+from leantune.methods import fused
+
+
+def _tuned(model_name, **options):
+    torch.manual_seed(0)
+    model, _ = leantune.load_model(model_name)
+    model.float()
+    method = leantune.apply(model, "lora", r=4, **options)
+    with torch.no_grad():  # B starts at zero; give it values so the branch takes part in the gradients
+        for mod in method.layers.values():
+            mod.lora.B.normal_(0, 0.1)
+    return model, method
+
+
+def _reference_loss(model, method, ids, embeds):
+    """Loss of the model with every adapter folded into its layer's weight inside autograd, adapters switched off."""
+    leaves = {name: (mod.lora.A.detach().clone().requires_grad_(), mod.lora.B.detach().clone().requires_grad_())
+              for name, mod in method.layers.items()}
+    params = {}
+    for name, mod in method.layers.items():
+        a, b = leaves[name]
+        delta = (b @ a) * mod.lora.scale
+        params[f"{name}.weight"] = mod.weight.detach() + (delta.t() if is_conv1d(mod) else delta)
+        mod.lora.active = False
+    try:
+        out = functional_call(model, params, kwargs={"inputs_embeds": embeds, "labels": ids}, strict=False)
+    finally:
+        for mod in method.layers.values():
+            mod.lora.active = True
+    return out.loss, leaves
+
+
+@pytest.mark.parametrize("path", ["fused", "layer-then-term"])
+@pytest.mark.parametrize("model_name", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
+def test_gradients_match_the_folded_weight_reference(model_name, path, monkeypatch):
+    if path == "layer-then-term":  # what autocast, dropout or another library's forward fall back to
+        monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
+    model, method = _tuned(model_name, targets="all-linear")
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(1))
+    embeds = model.get_input_embeddings()(ids).detach()
+
+    x_ref = embeds.clone().requires_grad_()
+    ref_loss, leaves = _reference_loss(model, method, ids, x_ref)
+    ref_loss.backward()
+
+    x = embeds.clone().requires_grad_()
+    loss = model(inputs_embeds=x, labels=ids).loss
+    loss.backward()
+
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    node = type(next(iter(method.layers.values()))(x).grad_fn).__name__
+    assert ("_LoraLinear" in node) == (path == "fused")
+    # the input gradient flows through the base weight and the adapter's branch, summed
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-6)
+    for name, mod in method.layers.items():
+        a_ref, b_ref = leaves[name]
+        torch.testing.assert_close(mod.lora.A.grad, a_ref.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(mod.lora.B.grad, b_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_inference_mode_and_no_grad_forwards_equal_the_training_forward():
+    model, _ = _tuned("builtin:tiny-llama")
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(2))
+    model.eval()
+    train_logits = model(input_ids=ids).logits.detach()
+    with torch.no_grad():
+        no_grad = model(input_ids=ids).logits
+    with torch.inference_mode():
+        inference = model(input_ids=ids).logits.clone()
+    torch.testing.assert_close(no_grad, train_logits, rtol=0, atol=0)
+    torch.testing.assert_close(inference, train_logits, rtol=0, atol=0)
+
+
+def test_remove_gives_the_layers_their_own_forward_back():
+    model, method = _tuned("builtin:tiny-llama")
+    layers = list(method.layers.values())
+    assert all("forward" in m.__dict__ for m in layers)
+    method.remove()
+    assert not any("forward" in m.__dict__ or hasattr(m, "lora") for m in layers)
+
+
+def test_a_forward_another_library_installed_still_runs():
+    # e.g. accelerate's device hooks replace module.forward; LoRA must call it, not the class's forward
+    torch.manual_seed(0)
+    model, _ = leantune.load_model("builtin:tiny-llama")
+    q = model.model.layers[0].self_attn.q_proj
+    calls = []
+    own = q.forward
+
+    def wrapper(x):
+        calls.append(1)
+        return own(x)
+
+    q.forward = wrapper
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(4))
+    plain = model(input_ids=ids).logits
+    method = leantune.apply(model, "lora", r=4)
+    with torch.no_grad():
+        q.lora.B.normal_(0, 0.1)
+    calls.clear()
+    tuned = model(input_ids=ids).logits
+    assert calls == [1] and not torch.allclose(tuned, plain)
+    method.remove()
+    assert q.forward is wrapper
