@@ -155,6 +155,24 @@ def test_flops_skip_the_first_layers_input_gradient_when_the_input_is_data():
     assert (6 * n_w * tokens - (fwd + bwd)) * (3 * 4) == 6 * n_w * tokens  # short of 6NT by exactly 1/(3*layers)
 
 
+def test_lora_flops_count_its_inplace_product_like_the_explicit_form():
+    # LoRA adds x·Aᵀ·Bᵀ into the base output with an in-place addmm_, which torch has no formula for. The forward
+    # must count exactly the base model's FLOPs plus the explicit products, 2·r·(in + out) per token and layer.
+    from leantune.anatomy import in_out_features
+
+    base, _ = leantune.load_model("builtin:tiny-llama")
+    tuned, _ = leantune.load_model("builtin:tiny-llama")
+    method = leantune.apply(tuned, "lora", r=4)
+    ids = torch.randint(3, 200, (2, 7))
+    counts = []
+    for model in (base, tuned):
+        with FlopCount() as fc:
+            model(input_ids=ids)
+        counts.append(fc.total)
+    extra = sum(2 * ids.numel() * 4 * sum(in_out_features(m)) for m in method.layers.values())
+    assert extra > 0 and counts[1] - counts[0] == extra
+
+
 def test_cpu_attention_counts_like_explicit_matmuls():
     # CPU SDPA has no formula in torch; leantune registers the flash formula: equal to eager attention's bmm.
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -269,16 +287,22 @@ def test_peft_anchor_merges_to_the_same_logits():
 # -- plan and report ----------------------------------------------------------------------------------------
 
 
-def test_rotations_put_every_method_in_every_position_equally_often():
-    from leantune.measure.timing import rotations
+@pytest.mark.parametrize("n", [2, 3, 7])
+def test_round_orders_balance_positions_and_predecessors(n):
+    from leantune.measure.timing import round_orders
 
-    names = ["a", "b", "c"]
-    seen = {n: [0, 0, 0] for n in names}
-    for _, order in rotations(names, 6):
+    names = [f"m{i}" for i in range(n)]
+    cycle = 2 * n if n % 2 else n
+    positions, follows = {}, {}
+    for _, order in round_orders(names, cycle):
         assert sorted(order) == names
-        for pos, n in enumerate(order):
-            seen[n][pos] += 1
-    assert all(counts == [2, 2, 2] for counts in seen.values())
+        for pos, name in enumerate(order):
+            positions[(name, pos)] = positions.get((name, pos), 0) + 1
+        for a, b in zip(order, order[1:], strict=False):
+            follows[(a, b)] = follows.get((a, b), 0) + 1
+    # over one cycle: every method in every position, and right after every other method, equally often
+    assert len(positions) == n * n and len(set(positions.values())) == 1
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
 
 
 def test_unknown_methods_are_refused_with_the_list():

@@ -58,7 +58,7 @@ class Budget:
 
 @dataclass
 class TimingPlan:
-    warmup_rounds: int = 2
+    warmup_rounds: int = 1
     rounds: int = 8
     infer_warmup_rounds: int = 1
     infer_rounds: int = 5
@@ -87,7 +87,7 @@ class BenchConfig:
 def quick_config(**overrides) -> BenchConfig:
     """The README demo: one seed, a short budget, fewer timing rounds; about 10 minutes on 2 CPU cores."""
     cfg = BenchConfig(budget=Budget(max_steps=150, seeds=1, eval_samples=200),
-                      timing=TimingPlan(warmup_rounds=1, rounds=4, infer_warmup_rounds=1, infer_rounds=5), quick=True)
+                      timing=TimingPlan(warmup_rounds=0, rounds=4, infer_warmup_rounds=0, infer_rounds=5), quick=True)
     return replace(cfg, **overrides)
 
 
@@ -296,7 +296,8 @@ def _estimates(cfg: BenchConfig, runs: list[dict]) -> list[tuple[str, float]]:
     for run in runs:
         jobs.append(("efficiency", 15.0 + (40.0 if run["settle"] else 0.0)))
     t = cfg.timing
-    jobs.append(("timing", 10.0 + len(runs) * (2.0 * (t.warmup_rounds + t.rounds) + 1.5 * (t.infer_warmup_rounds + t.infer_rounds))))
+    turns, infer_turns = t.warmup_rounds + t.rounds, t.infer_warmup_rounds + t.infer_rounds
+    jobs.append(("timing", 10.0 + len(runs) * (2 * 1.3 * turns + 2 * 0.8 * infer_turns)))  # two runs per turn
     for _run in runs:
         for _ in range(b.seeds - 1 + n_lr):
             jobs.append(("quality", 15.0 + 0.12 * b.max_steps))
