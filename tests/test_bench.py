@@ -305,6 +305,18 @@ def test_round_orders_balance_positions_and_predecessors(n):
     assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
 
 
+def test_methods_whose_schedule_ends_are_measured_after_it_by_capability():
+    # the bench reads the capability, never the name: a pruned Light-PEFT (its plan set) has nothing left to settle
+    from leantune.measure.bench import _schedule_ends, resolve_runs
+    from leantune.methods.light_peft import LightPeft, LightPeftConfig
+
+    runs, _ = resolve_runs(["full", "lora", "lisa", "light_peft"])
+    assert {r["key"]: r["settle"] for r in runs} == {"full@leantune": False, "lora@leantune": False,
+                                                      "lisa@leantune": False, "light_peft@leantune": True}
+    assert not LightPeft(LightPeftConfig(plan={"layers": []})).capabilities.schedule_ends
+    assert _schedule_ends("light_peft", {}) and not _schedule_ends("lisa", {})
+
+
 def test_unknown_methods_are_refused_with_the_list():
     from leantune.measure.bench import resolve_runs
 

@@ -26,10 +26,10 @@ from .timing import median
 BENCH_VERSION = 1
 
 # The bench's own settings per method, on top of each method's documented defaults. Options go to the method's
-# config; "settle": measure efficiency after the method's schedule has finished (estimate, then prune).
+# config. A method whose capabilities say ``schedule_ends`` (Light-PEFT: estimate, then prune) is measured after
+# its schedule has finished: the cost of the rest of the run.
 BENCH_SETTINGS: dict[str, dict] = {
     "lora": {"options": {"r": 16, "alpha": 32.0, "targets": "all-linear"}},
-    "light_peft": {"settle": True},
 }
 # The default line-up: full FT, LoRA from leantune and from PEFT, BitFit, then the methods leantune adds
 # (each only once it is registered).
@@ -84,6 +84,14 @@ class BenchConfig:
     quick: bool = False
 
 
+def _schedule_ends(method: str, options: dict) -> bool:
+    """Whether the method, so configured, has a schedule that finishes partway (its capabilities say so)."""
+    from ..methods import get_method
+
+    cls = get_method(method)
+    return bool(cls(cls.config_cls.from_dict(options, method=method)).capabilities.schedule_ends)
+
+
 def quick_config(**overrides) -> BenchConfig:
     """The README demo: one seed, a short budget, fewer timing rounds; about 10 minutes on 2 CPU cores."""
     cfg = BenchConfig(budget=Budget(max_steps=150, seeds=1, eval_samples=200),
@@ -124,8 +132,9 @@ def resolve_runs(names: list[str], strict: bool = True, lrs: dict[str, float] | 
                 notes.append(f"{method} skipped: not registered in this install")
                 continue
         settings = BENCH_SETTINGS.get(method, {})
+        options = dict(settings.get("options", {}))
         runs.append({"key": f"{method}@{impl}", "method": method, "impl": impl, "lr": (lrs or {}).get(method),
-                     "options": dict(settings.get("options", {})), "settle": bool(settings.get("settle"))})
+                     "options": options, "settle": impl == "leantune" and _schedule_ends(method, options)})
     keys = [r["key"] for r in runs]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:

@@ -128,10 +128,10 @@ def job_efficiency(spec: dict) -> dict:
     batch = eff.batch(device)
     stepper = Stepper(model, lr=run.get("lr"), max_steps=spec["max_steps"], batch=batch)
     settle = 0
-    if spec.get("settle"):  # a schedule with an end (estimate, then prune): measure the state after it
+    if method.capabilities.schedule_ends:  # a schedule with an end (estimate, then prune): measure the state after it
         # Those steps are not measured and only the shape they leave matters: a small batch does it cheaply.
         small = {k: v[:1, :64] for k, v in batch.items()}
-        while method.capabilities.needs_schedule:
+        while method.capabilities.schedule_ends:
             if settle >= spec["max_steps"]:
                 raise RuntimeError(f"{run['method']}: its schedule did not finish within {settle} steps")
             loss = stepper.step(small)

@@ -37,6 +37,7 @@ class Capabilities:
     mixed_batch: bool = False  # several adapters can serve one batch side by side
     prunable: bool = False  # Light-PEFT can prune it
     needs_schedule: bool = False  # the training loop must call its schedule hook
+    schedule_ends: bool = False  # the schedule finishes partway (estimate, then prune); its steady state is after
     inference_overhead: str = "none"  # before merge: none / extra_ffn / extra_input / gating
 
     def to_dict(self) -> dict:

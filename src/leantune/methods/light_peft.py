@@ -183,6 +183,7 @@ class LightPeft(Method):
             mixed_batch=False,  # the base itself is pruned: it cannot be shared with other adapters
             prunable=False,
             needs_schedule=self.config.plan is None,
+            schedule_ends=self.config.plan is None,
             inference_overhead="extra_ffn",
         )
 
