@@ -1,10 +1,11 @@
-"""leantune's LoRA against PEFT's LoRA and full fine-tuning: training step time and achieved FLOP/s.
+"""leantune's LoRA against PEFT's LoRA and full fine-tuning: bytes allocated per step, step time, achieved FLOP/s.
 
 Five models of the bench's efficiency model in one process, timed with the bench's own interleaving (lead-in
 step per turn, Williams order): full FT; leantune's LoRA (the layer and the term in one autograd function,
 ``methods/fused.py``); leantune's LoRA unfused, the layer's forward then the term added in place (the path autocast
 takes); the same with the term in the form PEFT uses (``output + B(A(x)) * scale``); and PEFT's LoRA. r=16,
-alpha=32, all linear layers.
+alpha=32, all linear layers. The bytes the allocator hands out in one step (profiler memory events) are
+deterministic; the times are medians of a noisy machine.
 
     python benchmarks/lora_step_time.py [--rounds 8] [--threads 2]
 
@@ -80,6 +81,16 @@ def variant_stepper(stepper: Stepper, name: str):
     return Swapped()
 
 
+def allocated_bytes(stepper, batch: dict) -> int:
+    """Bytes the allocator hands out during one training step (every allocation, freed or not), from the
+    profiler's memory events: deterministic, unlike time, and what the fused forward saves."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stepper.step(batch)
+    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+
+
 def train_flops(stepper: Stepper, batch: dict) -> int:
     stepper.begin()
     with FlopCount() as fc:
@@ -100,14 +111,16 @@ def main():
     names = list(VARIANTS)
     steppers = {n: variant_stepper(Stepper(build(spec, n), batch=batch), n) for n in names}
     flops = {n: train_flops(s, batch) for n, s in steppers.items()}
+    allocated = {n: allocated_bytes(s, batch) for n, s in steppers.items()}
     times = interleaved_step_times(steppers, batch, warmup_rounds=1, rounds=args.rounds)
     med = {n: statistics.median(t) for n, t in times.items()}
     fps = {n: flops[n] / med[n] for n in names}
     print(f"efficiency model {spec.name}, batch {spec.batch_size} x {spec.seq_len}, {torch.get_num_threads()} "
           f"threads, {args.rounds} timed rounds")
-    print(f"{'':34s} {'GFLOP':>7s} {'step s':>8s} {'x PEFT':>7s} {'FLOP/s x full':>14s}")
+    print(f"{'':34s} {'GFLOP':>7s} {'alloc MiB':>10s} {'step s':>8s} {'x PEFT':>7s} {'FLOP/s x full':>14s}")
     for n in names:
-        print(f"{n:34s} {flops[n] / 1e9:7.1f} {med[n]:8.3f} {med[n] / med['peft LoRA']:7.3f} "
+        print(f"{n:34s} {flops[n] / 1e9:7.1f} {allocated[n] / 2**20:10.1f} {med[n]:8.3f} "
+              f"{med[n] / med['peft LoRA']:7.3f} "
               f"{fps[n] / fps['full']:14.3f}")
 
 

@@ -110,3 +110,33 @@ def test_a_forward_another_library_installed_still_runs():
     assert calls == [1] and not torch.allclose(tuned, plain)
     method.remove()
     assert q.forward is wrapper
+
+
+def _allocations(fn) -> list[int]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 16)  # no scalars
+
+
+def test_fused_layer_allocates_no_full_width_temporary(monkeypatch):
+    # Forward and backward of one adapted layer allocate exactly: the output (tokens x out), x·Aᵀ and its gradient
+    # (tokens x r each), x's gradient (tokens x in), and A's and B's gradients. The layer-then-term path needs more:
+    # autograd sums x's two gradients (through W and through B·A) into a new full-width tensor.
+    torch.manual_seed(0)
+    model, _ = leantune.load_model("builtin:tiny-llama")
+    r = 4
+    leantune.apply(model, "lora", r=r)
+    q = model.model.layers[0].self_attn.q_proj
+    tokens, d_in, d_out = 2 * 7, q.in_features, q.out_features
+    x = torch.randn(2, 7, d_in, requires_grad=True)
+    g = torch.randn(2, 7, d_out)
+    fused_allocs = _allocations(lambda: q(x).backward(g))
+    expected = sorted(4 * n for n in (tokens * d_out, tokens * r, tokens * r, tokens * d_in, r * d_in, d_out * r))
+    assert fused_allocs == expected
+    x.grad = None
+    q.lora.A.grad = q.lora.B.grad = None
+    monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
+    unfused = _allocations(lambda: q(x).backward(g))
+    assert sum(unfused) - sum(fused_allocs) >= 4 * tokens * d_in

@@ -601,3 +601,29 @@ def test_training_loop_changes_only_the_selected_columns():
         diff = (weight_2d(mod) != w0[name + ".weight"]).any(dim=0)
         assert set(torch.nonzero(diff).flatten().tolist()) <= set(mod.s2ft.indices.tolist())
         assert bool(diff.any())
+
+
+def test_fused_input_slice_allocates_no_full_width_temporary(monkeypatch):
+    # One adapted o_proj, forward and backward: the output (tokens x out), the k-column copy of x and the gradient
+    # at it (tokens x k each), x's gradient (tokens x in) and D's (out x k). Nothing else: the unfused path also
+    # allocates a full-width zero tensor to scatter k columns into, then sums it with the base's input gradient.
+    from torch.profiler import ProfilerActivity, profile
+
+    def allocations(fn):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 16)
+
+    model = base()
+    method = leantune.apply(model, "s2ft", budget="count", heads=1, channels=4)
+    o = next(m for n, m in method.layers.items() if n.endswith("o_proj"))
+    d_in, d_out = in_out_features(o)
+    k, tokens = len(o.s2ft.indices), 3 * 5
+    x = torch.randn(3, 5, d_in, requires_grad=True)
+    g = torch.randn(3, 5, d_out)
+    fused_allocs = allocations(lambda: o(x).backward(g))
+    assert fused_allocs == sorted(4 * n for n in (tokens * d_out, tokens * k, tokens * k, tokens * d_in, d_out * k))
+    x.grad = o.s2ft.delta.grad = None
+    monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
+    unfused = allocations(lambda: o(x).backward(g))
+    assert sum(unfused) - sum(fused_allocs) >= 2 * 4 * tokens * d_in
