@@ -2,8 +2,8 @@
 
 Five models of the bench's efficiency model in one process, timed with the bench's own interleaving (lead-in
 step per turn, Williams order): full FT; leantune's LoRA (the layer and the term in one autograd function,
-``methods/fused.py``); leantune's LoRA unfused, the layer's forward then the term added in place (the path autocast
-takes); the same with the term in the form PEFT uses (``output + B(A(x)) * scale``); and PEFT's LoRA. r=16,
+``methods/fused.py``); leantune's LoRA unfused, the layer's forward then the term added in place (the path
+dropout and DoRA take); the same with the term in the form PEFT uses (``output + B(A(x)) * scale``); and PEFT's LoRA. r=16,
 alpha=32, all linear layers. The bytes the allocator hands out in one step (profiler memory events) are
 deterministic; the times are medians of a noisy machine.
 

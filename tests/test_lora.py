@@ -140,3 +140,31 @@ def test_fused_layer_allocates_no_full_width_temporary(monkeypatch):
     monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
     unfused = _allocations(lambda: q(x).backward(g))
     assert sum(unfused) - sum(fused_allocs) >= 4 * tokens * d_in
+
+
+def test_bf16_autocast_runs_fused_and_stays_as_close_to_fp32_as_plain_autocast(monkeypatch):
+    # Under autocast the fused function computes in bf16 like the layer's own F.linear would. Its loss and
+    # gradients must stay as close to the fp32 run as the unfused path's (plain autocast) are, and A and B get
+    # their gradients in their own dtype (fp32).
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(5))
+
+    def run(mode):
+        model, method = _tuned("builtin:tiny-llama", targets="all-linear")
+        if mode == "unfused":
+            monkeypatch.setattr(fused, "can_fuse", lambda *a: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
+            loss = model(input_ids=ids, labels=ids).loss
+            node = type(next(iter(method.layers.values()))(torch.randn(1, 2, 64)).grad_fn).__name__
+        loss.backward()
+        monkeypatch.undo()
+        grads = torch.cat([p.grad.flatten() for _, p in method.trainable_parameters()])
+        assert all(p.grad.dtype == torch.float32 for _, p in method.trainable_parameters())
+        return loss.item(), grads, node
+
+    exact_loss, exact, _ = run("fp32")
+    f_loss, f_grads, f_node = run("fused")
+    u_loss, u_grads, u_node = run("unfused")
+    assert "_LoraLinear" in f_node and "_LoraLinear" not in u_node
+    f_err, u_err = (f_grads - exact).norm() / exact.norm(), (u_grads - exact).norm() / exact.norm()
+    assert f_err <= 1.25 * u_err and f_err < 0.05
+    assert abs(f_loss - exact_loss) <= 1.25 * abs(u_loss - exact_loss) + 1e-3

@@ -11,12 +11,15 @@ either direction. Only what the term's weight gradient needs is saved beside wha
 :func:`override_forward` installs a method's forward on one layer (the module's class and name stay; removing the
 handle restores the forward it had). The method's forward calls :func:`lora_linear` / :func:`slice_linear` when
 :func:`can_fuse` says the fused path computes exactly what the layer would, and otherwise the layer's own forward
-plus the term (autocast, a trainable base weight, dropout on the term's input, DoRA, mixed dtypes, a forward some
-other library installed first).
+plus the term (a trainable base weight, dropout on the term's input, DoRA, mixed dtypes outside autocast, a
+forward some other library installed first). Under autocast the fused functions run in the autocast dtype, as
+the layer's own ``F.linear`` would: inputs and weights are cast to it, and the term's parameters get their
+gradients back in their own dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -62,13 +65,31 @@ def override_forward(module: nn.Module, forward: Callable) -> ForwardHandle:
 
 def can_fuse(module: nn.Module, x: torch.Tensor, *params: torch.Tensor) -> bool:
     """The fused functions compute exactly the layer plus the term: a plain frozen ``nn.Linear`` or GPT-2
-    ``Conv1D``, no autocast, and one dtype and device for the input, the weights and the term's parameters."""
+    ``Conv1D``, one device, and one dtype for the input, the weights and the term's parameters (under autocast,
+    floating-point ones: autocast casts them all to its dtype)."""
     w, b = module.weight, module.bias
     if w.requires_grad or (b is not None and b.requires_grad):
         return False
-    if torch.is_autocast_enabled(x.device.type):
+    tensors = (w, *params)
+    if any(t.device != x.device for t in tensors):
         return False
-    return all(t.dtype == x.dtype and t.device == x.device for t in (w, *params))
+    if _autocast_dtype(x) is not None:
+        return all(t.is_floating_point() for t in (x, *tensors))
+    return all(t.dtype == x.dtype for t in tensors)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _in_compute_dtype(x: torch.Tensor, *tensors):
+    """Under autocast: everything cast to autocast's dtype (what F.linear does), and autocast off for the call."""
+    dt = _autocast_dtype(x)
+    if dt is None:
+        return contextlib.nullcontext(), (x, *tensors)
+    cast = tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+    return torch.autocast(x.device.type, enabled=False), cast
 
 
 def _base_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,7 +133,9 @@ class _LoraLinear(torch.autograd.Function):
 def lora_linear(module: nn.Module, x: torch.Tensor, a_w: torch.Tensor, b_w: torch.Tensor, scale: float):
     """``module(x) + scale·(x Aᵀ) Bᵀ``, fused (check :func:`can_fuse` first)."""
     wt, bias = _base_parts(module)
-    return _LoraLinear.apply(x, wt, bias, a_w, b_w, scale)
+    ctx, (x, wt, bias, a_w, b_w) = _in_compute_dtype(x, wt, bias, a_w, b_w)
+    with ctx:
+        return _LoraLinear.apply(x, wt, bias, a_w, b_w, scale)
 
 
 class _SliceLinear(torch.autograd.Function):
@@ -153,4 +176,6 @@ class _SliceLinear(torch.autograd.Function):
 def slice_linear(module: nn.Module, x: torch.Tensor, delta: torch.Tensor, idx: torch.Tensor, side: str):
     """``module(x)`` plus S²FT's block: ``x[..., idx] Dᵀ`` (side "in") or ``x Dᵀ`` into rows ``idx`` ("out")."""
     wt, bias = _base_parts(module)
-    return _SliceLinear.apply(x, wt, bias, delta, idx, side)
+    ctx, (x, wt, bias, delta) = _in_compute_dtype(x, wt, bias, delta)
+    with ctx:
+        return _SliceLinear.apply(x, wt, bias, delta, idx, side)

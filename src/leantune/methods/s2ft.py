@@ -170,7 +170,7 @@ class S2FTSlice(nn.Module):
 
 
 def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """The layer's output plus the slice's term, given the layer's own output (autocast and other unfused cases)."""
+    """The layer's output plus the slice's term, given the layer's own output (when the layer cannot be fused)."""
     s: S2FTSlice = module.s2ft
     if s.side == "in":
         delta = s.delta if s.delta.dtype == output.dtype else s.delta.to(output.dtype)  # autocast: compute dtype
