@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..train.hooks import TrainContext
-from ..train.loop import TrainConfig, token_loss_sum
+from ..train.loop import TrainConfig, build_adamw, token_loss_sum
 
 
 class Stepper:
@@ -43,20 +43,7 @@ class Stepper:
         return self.ctx.optimizer
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        params = [p for _, p in self.method.trainable_parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"method {self.method.name!r} has no trainable parameters right now")
-        old = self.ctx.optimizer
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.config.betas, weight_decay=self.config.weight_decay)
-        if old is not None:
-            keep = {id(p) for p in params}
-            for group in old.param_groups:
-                for p in group["params"]:
-                    if id(p) in keep and p in old.state:
-                        opt.state[p] = old.state[p]
-                    elif id(p) not in keep:
-                        p.grad = None
-        return opt
+        return build_adamw(self.method, self.lr, self.config, self.ctx.optimizer)
 
     def begin(self) -> None:
         self.ctx.logs = {}

@@ -152,6 +152,24 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+
+def build_adamw(method, lr: float, cfg: TrainConfig, old: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
+    """AdamW over the parameters that train now. Rebuilding (a schedule changed what trains): parameters that stay
+    keep their state, and those that left lose their gradients (and, with the old optimizer, their state)."""
+    params = [p for _, p in method.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method {method.name!r} has no trainable parameters right now")
+    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if old is not None:
+        keep = {id(p) for p in params}
+        for group in old.param_groups:
+            for p in group["params"]:
+                if id(p) in keep and p in old.state:
+                    opt.state[p] = old.state[p]
+                elif id(p) not in keep:
+                    p.grad = None
+    return opt
+
 def train(
     model: nn.Module,
     train_data: list[dict],
@@ -190,20 +208,7 @@ def train(
     ctx = TrainContext(model=model, method=method, config=cfg)
 
     def build_optimizer():
-        params = [p for _, p in method.trainable_parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"method {method.name!r} has no trainable parameters right now")
-        old = ctx.optimizer
-        opt = torch.optim.AdamW(params, lr=base_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        if old is not None:
-            keep = {id(p) for p in params}
-            for group in old.param_groups:
-                for p in group["params"]:
-                    if id(p) in keep and p in old.state:
-                        opt.state[p] = old.state[p]
-                    elif id(p) not in keep:
-                        p.grad = None
-        return opt
+        return build_adamw(method, base_lr, cfg, ctx.optimizer)
 
     ctx._rebuild = build_optimizer
     stream = BatchStream(train_data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
