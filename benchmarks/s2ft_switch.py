@@ -5,7 +5,8 @@
 Switch: serving adapter B after adapter A on one merged base. S²FT restores A's k saved columns and
 ``index_add_``s B's (O(out*k) work); LoRA subtracts B_A·A_A and adds B_B·A_B (two full out*in matrices).
 Both are timed on a 4096x4096 layer, nn.Linear and GPT-2's Conv1D (S²FT k = 32 scattered columns = the
-parameters of LoRA r=16), and on the whole built-in tiny LLaMA; figures are medians of ``--runs`` runs after
+parameters of LoRA r=16), and on two whole built-in models: the tiny LLaMA (at LoRA r=4) and the bench's base
+``builtin:base`` (at the bench's LoRA, r=16 on all linear layers); figures are medians of ``--runs`` runs after
 a warm-up, compared as ratios within this run.
 
 Saved for backward: one training forward of a small LLaMA-style model (4 layers, hidden 256, GQA) under
@@ -79,13 +80,13 @@ def wide_layer(runs: int, width: int = 4096, r: int = 16, conv1d: bool = False) 
             "s2ft_switch_s": t_s2ft, "lora_switch_s": t_lora, "lora_over_s2ft": t_lora / t_s2ft}
 
 
-def tiny_model(runs: int, r: int = 4) -> dict:
-    """Whole-model switch on builtin:tiny-llama at LoRA r's parameter count."""
-    model, _ = leantune.load_model("builtin:tiny-llama")
+def whole_model(runs: int, name: str, r: int) -> dict:
+    """Whole-model switch on a built-in model, S²FT at the parameter count of LoRA r on all linear layers."""
+    model, _ = leantune.load_model(name, dtype="float32")
     s2 = leantune.apply(model, "s2ft", lora_r=r)
     states = []
     for seed in (1, 2):
-        donor, _ = leantune.load_model("builtin:tiny-llama")
+        donor, _ = leantune.load_model(name, dtype="float32")
         m = leantune.apply(donor, "s2ft", lora_r=r, seed=seed)
         with torch.no_grad():
             for _, p in m.trainable_parameters():
@@ -99,7 +100,7 @@ def tiny_model(runs: int, r: int = 4) -> dict:
         flip["i"] ^= 1
         s2.load_state(states[flip["i"]])  # merged: restore k columns, index_add_ the next adapter's
 
-    lmodel, _ = leantune.load_model("builtin:tiny-llama")
+    lmodel, _ = leantune.load_model(name, dtype="float32")
     lora = leantune.apply(lmodel, "lora", r=r)
     lstates = []
     for seed in (1, 2):
@@ -115,7 +116,7 @@ def tiny_model(runs: int, r: int = 4) -> dict:
         lora.merge()
 
     t_s2ft, t_lora = median_time(s2ft_switch, runs), median_time(lora_switch, runs)
-    return {"model": "builtin:tiny-llama", "lora_r": r, "s2ft_params": s2.num_trainable(),
+    return {"model": name, "lora_r": r, "s2ft_params": s2.num_trainable(),
             "lora_params": lora.num_trainable(), "s2ft_switch_s": t_s2ft, "lora_switch_s": t_lora,
             "lora_over_s2ft": t_lora / t_s2ft}
 
@@ -169,15 +170,18 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)  # one thread: steady medians on a shared machine
     res = {"wide_layers": [wide_layer(args.runs), wide_layer(args.runs, conv1d=True)],
-           "tiny_model": tiny_model(args.runs), "saved": activations()}
-    t, s = res["tiny_model"], res["saved"]
+           "whole_models": [whole_model(args.runs, "builtin:tiny-llama", 4),
+                            whole_model(args.runs, "builtin:base", 16)],  # the bench's base at the bench's LoRA
+           "saved": activations()}
+    s = res["saved"]
     for w in res["wide_layers"]:
         print(f"switch, {w['width']}x{w['width']} {w['layer']} (S²FT k={w['s2ft_k']} vs LoRA r={w['lora_r']}): "
               f"S²FT {w['s2ft_switch_s'] * 1e3:.3f} ms, LoRA {w['lora_switch_s'] * 1e3:.3f} ms -> LoRA/S²FT "
               f"{w['lora_over_s2ft']:.1f}x")
-    print(f"switch, {t['model']} ({t['s2ft_params']} vs {t['lora_params']} params): S²FT "
-          f"{t['s2ft_switch_s'] * 1e3:.3f} ms, LoRA {t['lora_switch_s'] * 1e3:.3f} ms -> LoRA/S²FT "
-          f"{t['lora_over_s2ft']:.1f}x")
+    for t in res["whole_models"]:
+        print(f"switch, {t['model']} ({t['s2ft_params']} vs {t['lora_params']} params, LoRA r={t['lora_r']}): "
+              f"S²FT {t['s2ft_switch_s'] * 1e3:.3f} ms, LoRA {t['lora_switch_s'] * 1e3:.3f} ms -> LoRA/S²FT "
+              f"{t['lora_over_s2ft']:.1f}x")
     print("saved for backward, small LLaMA (4x256, seq 128, batch 4):")
     for name in ("s2ft", "lora", "full"):
         print(f"  {name:5s} {s[name]['trainable_params']:>9d} trainable  {s[name]['saved_bytes'] / 2**20:8.2f} MiB")
