@@ -168,3 +168,23 @@ def test_bf16_autocast_runs_fused_and_stays_as_close_to_fp32_as_plain_autocast(m
     f_err, u_err = (f_grads - exact).norm() / exact.norm(), (u_grads - exact).norm() / exact.norm()
     assert f_err <= 1.25 * u_err and f_err < 0.05
     assert abs(f_loss - exact_loss) <= 1.25 * abs(u_loss - exact_loss) + 1e-3
+
+
+def test_a_deep_copy_computes_with_its_own_adapter():
+    # e.g. a frozen reference model made with copy.deepcopy (TRL does this): the copy's layers must use the copy's
+    # LoRA weights, not the original's
+    import copy
+
+    model, method = _tuned("builtin:tiny-llama")
+    twin = copy.deepcopy(model)
+    ids = torch.randint(3, 200, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for mod in twin.leantune_method.layers.values():
+            mod.lora.B.zero_()  # the copy's adapter is now the identity
+        plain = twin(input_ids=ids).logits
+        for mod in method.layers.values():
+            mod.lora.active = False
+        base = model(input_ids=ids).logits
+    assert not torch.allclose(before, plain)
+    torch.testing.assert_close(plain, base)  # the copy ran its own (identity) adapter, not the original's

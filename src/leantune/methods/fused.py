@@ -20,6 +20,7 @@ gradients back in their own dtype.
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Callable
 
 import torch
@@ -27,40 +28,49 @@ from torch import nn
 
 from ..anatomy import is_conv1d
 
-_OWN = "_leantune_forward"  # set on a module while a leantune forward is installed
+_FN = "_leantune_forward"  # on a module while a leantune forward is installed: the method's forward function
+_PREVIOUS = "_leantune_previous_forward"  # an instance-level forward that was there before (another library's)
 
 
 class ForwardHandle:
     """Undo :func:`override_forward` (same interface as a hook's handle)."""
 
-    def __init__(self, module: nn.Module, previous: Callable | None):
-        self.module, self.previous = module, previous  # previous: an instance-level forward that was there before
+    def __init__(self, module: nn.Module):
+        self.module = module
 
     def remove(self) -> None:
         mod = self.module
-        if getattr(mod, _OWN, False):
-            if self.previous is not None:
-                mod.forward = self.previous
+        if _FN in mod.__dict__:
+            previous = mod.__dict__.pop(_PREVIOUS, None)
+            if previous is not None:
+                mod.forward = previous
             else:
                 del mod.forward
-            delattr(mod, _OWN)
+            del mod.__dict__[_FN]
+
+
+def _dispatch(self: nn.Module, x, *args, **kwargs):
+    """The installed forward, bound to the module: a copy of the module (``copy.deepcopy``) gets a forward bound to
+    the copy, so it computes with the copy's own weights."""
+    previous = self.__dict__.get(_PREVIOUS)
+    base_forward = previous if previous is not None else type(self).forward.__get__(self)
+    fusable = previous is None and not args and not kwargs and (type(self) is nn.Linear or is_conv1d(self))
+    return self.__dict__[_FN](self, base_forward, fusable, x, *args, **kwargs)
 
 
 def override_forward(module: nn.Module, forward: Callable) -> ForwardHandle:
-    """Make ``module(x)`` call ``forward(module, base_forward, x, *args, **kwargs)``; ``base_forward`` is the
-    forward the module had (its class's, or one another library installed)."""
-    if getattr(module, _OWN, False):
+    """Make ``module(x)`` call ``forward(module, base_forward, fusable, x, *args, **kwargs)``: ``base_forward`` is
+    the forward the module had (its class's, or one another library installed), ``fusable`` whether the fused
+    functions may stand in for it (a plain ``nn.Linear`` or ``Conv1D`` with its class's forward, one input).
+    ``forward`` should be a module-level function, so that copies and pickles of the model refer to it."""
+    if _FN in module.__dict__:
         raise RuntimeError(f"{type(module).__name__} already carries a leantune method's forward")
-    base_forward = module.forward
     previous = module.__dict__.get("forward")
-    fusable = previous is None and (type(module) is nn.Linear or is_conv1d(module))
-
-    def wrapped(x, *args, **kwargs):
-        return forward(module, base_forward, fusable and not args and not kwargs, x, *args, **kwargs)
-
-    module.forward = wrapped
-    setattr(module, _OWN, True)
-    return ForwardHandle(module, previous)
+    module.__dict__[_FN] = forward
+    if previous is not None:
+        module.__dict__[_PREVIOUS] = previous
+    module.forward = types.MethodType(_dispatch, module)
+    return ForwardHandle(module)
 
 
 def can_fuse(module: nn.Module, x: torch.Tensor, *params: torch.Tensor) -> bool:
