@@ -95,7 +95,7 @@ def _schedule_ends(method: str, options: dict) -> bool:
 def quick_config(**overrides) -> BenchConfig:
     """The README demo: one seed, a short budget, fewer timing rounds; about 10 minutes on 2 CPU cores."""
     cfg = BenchConfig(budget=Budget(max_steps=150, seeds=1, eval_samples=200),
-                      timing=TimingPlan(warmup_rounds=0, rounds=4, infer_warmup_rounds=0, infer_rounds=5), quick=True)
+                      timing=TimingPlan(warmup_rounds=1, rounds=5, infer_warmup_rounds=1, infer_rounds=5), quick=True)
     return replace(cfg, **overrides)
 
 
@@ -352,7 +352,7 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
     for run in runs:
         key = run["key"]
         progress.start("efficiency", f"efficiency {_label(run)}")
-        spec = {**common, "run": run, "efficiency_model": eff_spec, "max_steps": b.max_steps, "settle": run["settle"],
+        spec = {**common, "run": run, "efficiency_model": eff_spec, "max_steps": b.max_steps,
                 "adapter_dir": str(work / "efficiency" / key)}
         res = attempt(key, lambda spec=spec, key=key: run_job("efficiency", spec, work, f"efficiency-{key}", progress))
         if res is not None:
