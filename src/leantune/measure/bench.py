@@ -95,7 +95,7 @@ def _schedule_ends(method: str, options: dict) -> bool:
 def quick_config(**overrides) -> BenchConfig:
     """The README demo: one seed, a short budget, fewer timing rounds; about 10 minutes on 2 CPU cores."""
     cfg = BenchConfig(budget=Budget(max_steps=150, seeds=1, eval_samples=200),
-                      timing=TimingPlan(warmup_rounds=1, rounds=5, infer_warmup_rounds=1, infer_rounds=5), quick=True)
+                      timing=TimingPlan(warmup_rounds=1, rounds=7, infer_warmup_rounds=1, infer_rounds=3), quick=True)
     return replace(cfg, **overrides)
 
 
