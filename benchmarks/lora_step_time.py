@@ -26,6 +26,7 @@ import leantune.methods.fused as fused_module
 import leantune.methods.lora as lora_module
 from leantune.measure.effmodel import EfficiencyModel
 from leantune.measure.flops import FlopCount
+from leantune.measure.memory import allocations
 from leantune.measure.peft_anchor import apply_peft_lora
 from leantune.measure.step import Stepper
 from leantune.measure.timing import interleaved_step_times
@@ -84,11 +85,7 @@ def variant_stepper(stepper: Stepper, name: str):
 def allocated_bytes(stepper, batch: dict) -> int:
     """Bytes the allocator hands out during one training step (every allocation, freed or not), from the
     profiler's memory events: deterministic, unlike time, and what the fused forward saves."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stepper.step(batch)
-    return sum(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0)
+    return sum(allocations(lambda: stepper.step(batch)))
 
 
 def train_flops(stepper: Stepper, batch: dict) -> int:

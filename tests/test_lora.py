@@ -113,11 +113,9 @@ def test_a_forward_another_library_installed_still_runs():
 
 
 def _allocations(fn) -> list[int]:
-    from torch.profiler import ProfilerActivity, profile
+    from leantune.measure.memory import allocations
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 16)  # no scalars
+    return allocations(fn, min_bytes=17)  # no scalars
 
 
 def test_fused_layer_allocates_no_full_width_temporary(monkeypatch):

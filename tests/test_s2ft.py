@@ -614,12 +614,10 @@ def test_fused_input_slice_allocates_no_full_width_temporary(monkeypatch):
     # One adapted o_proj, forward and backward: the output (tokens x out), the k-column copy of x and the gradient
     # at it (tokens x k each), x's gradient (tokens x in) and D's (out x k). Nothing else: the unfused path also
     # allocates a full-width zero tensor to scatter k columns into, then sums it with the base's input gradient.
-    from torch.profiler import ProfilerActivity, profile
+    from leantune.measure.memory import allocations as all_allocations
 
     def allocations(fn):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 16)
+        return all_allocations(fn, min_bytes=17)  # no scalars
 
     model = base()
     method = leantune.apply(model, "s2ft", budget="count", heads=1, channels=4)

@@ -102,6 +102,16 @@ class SavedTensorMeter:
         return total
 
 
+def allocations(fn, min_bytes: int = 1) -> list[int]:
+    """Sizes of the CPU allocations ``fn()`` makes (each one, whether freed later or not), sorted, from the
+    profiler's memory events: deterministic, unlike time. ``min_bytes`` leaves out smaller ones (e.g. scalars)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= min_bytes)
+
+
 def peak_bytes(device: torch.device | str = "cpu") -> int:
     """CUDA: the allocator's peak since the last reset. CPU: this process's peak resident set size."""
     device = torch.device(device)
