@@ -239,6 +239,12 @@ class Method:
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters())
 
+    def optimizer_options(self) -> dict[str, dict[str, float]]:
+        """Per-parameter optimizer settings that differ from the run's, by the names ``trainable_parameters``
+        yields: ``{"lr_scale": x}`` multiplies the scheduled learning rate, ``{"weight_decay": y}`` replaces the
+        run's. Parameters not named here use the run's settings (the default: none are named)."""
+        return {}
+
     def num_changed(self) -> int:
         """Entries of the base model that differ after training and merge (the survey's 'changed')."""
         raise NotImplementedError

@@ -152,14 +152,36 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def param_groups(method, named: list[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """One optimizer group per distinct (lr_scale, weight_decay) the method asks for (``optimizer_options``), the
+    run's own settings first; groups come in a fixed order so that a saved optimizer state loads back."""
+    options = method.optimizer_options()  # names that do not train right now are simply not used
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in named:
+        o = options.get(name, {})
+        key = (float(o.get("lr_scale", 1.0)), float(o.get("weight_decay", weight_decay)))
+        groups.setdefault(key, []).append(p)
+    default = (1.0, float(weight_decay))
+    order = sorted(groups, key=lambda k: (k != default, k))
+    return [{"params": groups[k], "lr_scale": k[0], "weight_decay": k[1]} for k in order]
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled learning rate, times each group's ``lr_scale``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
 
 def build_adamw(method, lr: float, cfg: TrainConfig, old: torch.optim.Optimizer | None = None) -> torch.optim.Optimizer:
     """AdamW over the parameters that train now. Rebuilding (a schedule changed what trains): parameters that stay
     keep their state, and those that left lose their gradients (and, with the old optimizer, their state)."""
-    params = [p for _, p in method.trainable_parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
+    if not named:
         raise ValueError(f"method {method.name!r} has no trainable parameters right now")
-    opt = torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(param_groups(method, named, cfg.weight_decay), lr=lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
+    set_lr(opt, lr)
     if old is not None:
         keep = {id(p) for p in params}
         for group in old.param_groups:
@@ -246,8 +268,7 @@ def train(
                 h.on_step_begin(ctx)
             opt = ctx.optimizer
             lr = base_lr * lr_factor(step, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
+            set_lr(opt, lr)
             t0 = time.perf_counter()
             micro = [collate(stream.batch(step * cfg.grad_accum + j), pad_id) for j in range(cfg.grad_accum)]
             n_target = sum(int((m["labels"][:, 1:] if causal else m["labels"]).ne(IGNORE).sum()) for m in micro)
