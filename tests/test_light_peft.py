@@ -430,6 +430,8 @@ def test_bad_options_name_the_value():
         leantune.make_config("light_peft", {"head_ratio": "1.5"})
     with pytest.raises(leantune.methods.ConfigError, match="base_method 'ia3'"):
         leantune.make_config("light_peft", {"base_method": "ia3"})
+    with pytest.raises(leantune.methods.ConfigError, match="ffn_mask_lr_scale .* got -1"):
+        leantune.make_config("light_peft", {"ffn_mask_lr_scale": "-1"})
 
 
 def test_generic_merged_export_takes_a_uniform_pruned_model(tmp_path):
@@ -484,3 +486,28 @@ def test_resume_in_the_middle_of_estimation_gives_the_same_plan(tmp_path):
     assert resumed_run.history[0]["step"] == 16
     assert resumed.plan.to_dict() == straight.plan.to_dict()
     assert [r["loss"] for r in resumed_run.history] == [r["loss"] for r in straight_run.history[15:]]
+
+
+def test_masks_train_at_their_own_multiple_of_the_learning_rate():
+    """The reference trains head masks at 100x and FFN masks at 50x the run's LR. AdamW's first step moves every
+    parameter with a nonzero gradient by exactly its group's LR (m/sqrt(v) = ±1), so the moves show each group's LR."""
+    from leantune.train.loop import build_adamw
+
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", head_mask_lr_scale=40.0, ffn_mask_lr_scale=7.0)
+    lr = 1e-4
+    opt = build_adamw(method, lr, TrainConfig(weight_decay=0.0))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([lr, 7 * lr, 40 * lr])
+    before = {n: p.detach().clone() for n, p in method.trainable_parameters()}
+    ids = ids_for(model, batch=4, length=16)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs() for n, p in method.trainable_parameters()}
+    for name, expected in (("head_mask", 40 * lr), ("ffn_mask", 7 * lr), ("lora.B", lr)):
+        deltas = torch.cat([d.flatten() for n, d in moved.items() if n.endswith(name)])
+        assert deltas.numel() > 0
+        assert deltas.max().item() == pytest.approx(expected, rel=1e-3)
+    # after pruning the masks are gone: one group at the run's LR
+    method.prune()
+    opt = build_adamw(method, lr, TrainConfig(weight_decay=0.0))
+    assert [g["lr"] for g in opt.param_groups] == [lr]

@@ -42,6 +42,9 @@ class LightPeftConfig(MethodConfig):
     estimation_steps: int = 0
     estimation_fraction: float = 0.04
     mask_l1: float = 1e-4  # λ of the L1 penalty on the foundation masks
+    # the masks' learning rate as a multiple of the run's (the reference trains head masks at 100x, FFN masks at 50x)
+    head_mask_lr_scale: float = 100.0
+    ffn_mask_lr_scale: float = 50.0
     # what goes: fractions of heads and FFN channels removed; fractions of adapter modules and ranks kept
     head_ratio: float = 0.4
     ffn_ratio: float = 0.4
@@ -67,6 +70,9 @@ class LightPeftConfig(MethodConfig):
             raise ConfigError(f"light_peft: estimation_fraction must be in (0, 1), got {self.estimation_fraction}")
         if self.estimation_steps < 0:
             raise ConfigError(f"light_peft: estimation_steps must be >= 0 (0: use the fraction), got {self.estimation_steps}")
+        for name in ("head_mask_lr_scale", "ffn_mask_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"light_peft: {name} multiplies the learning rate and must be > 0, got {getattr(self, name)}")
         if self.mask_l1 < 0:
             raise ConfigError(f"light_peft: mask_l1 must be >= 0, got {self.mask_l1}")
         PEFT_PRUNERS[self.base_method].validate(self)
@@ -208,6 +214,12 @@ class LightPeft(Method):
         yield from self.peft.method.trainable_parameters()
         if self.masks is not None:
             yield from self.masks.named.items()
+
+    def optimizer_options(self) -> dict[str, dict[str, float]]:
+        if self.masks is None:
+            return {}
+        scale = {"head_mask": self.config.head_mask_lr_scale, "ffn_mask": self.config.ffn_mask_lr_scale}
+        return {n: {"lr_scale": scale[n.rsplit(".", 1)[1]]} for n in self.masks.named}
 
     def num_changed(self) -> int:
         return self.peft.method.num_changed()
