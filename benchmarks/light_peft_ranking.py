@@ -1,0 +1,156 @@
+"""Does the ranking decide what Light-PEFT's cut costs? One cut, several ways to choose what goes, on builtin:base.
+
+Light-PEFT ranks heads and FFN channels by their learned mask and adapter modules by ``‖ΔW·x‖ / ‖W·x‖``. This
+benchmark keeps the amount cut fixed and swaps only the scores the prune plan reads, so the accuracy differences
+are the ranking's alone:
+
+- ``--part foundation`` (default: 40 % of heads and FFN channels, every LoRA module and rank kept):
+  ``mask`` (the method's own), ``reversed`` (the mask ranking upside down: 2 − m), ``random`` (seeded),
+  ``taylor`` (Σ over estimation of |m·∂L/∂m|, the head-importance score of Michel et al. 2019), ``activation``
+  (Σ over estimation of mean |input column| × ‖weight column‖ of ``o`` / ``down``, a Wanda-style score).
+- ``--part modules`` (no foundation cut, 25 % of the LoRA modules kept, every rank kept): ``importance`` (the
+  method's own), ``reversed``, ``random``.
+
+Each cell is the bench's quality job (300 steps × 16 on ``builtin:world`` at lr 3e-3, test and shifted accuracy,
+held-out pretraining loss). About 40 s per cell on one core.
+
+    python benchmarks/light_peft_ranking.py --seeds 3 --jobs 2
+    python benchmarks/light_peft_ranking.py --part modules --seeds 3 --jobs 2 --json modules.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+PARTS = {
+    "foundation": ({"module_keep": 1, "rank_keep": 1}, ["mask", "reversed", "random", "taylor", "activation"]),
+    "modules": ({"head_ratio": 0, "ffn_ratio": 0, "rank_keep": 1}, ["importance", "reversed", "random"]),
+}
+
+
+def _install(criterion: str, seed: int) -> None:
+    """Replace the scores Light-PEFT's plan reads (in this worker process only)."""
+    import torch
+
+    from leantune.prune import importance as imp
+    from leantune.prune import masks as M
+
+    if criterion in ("mask", "importance"):
+        return
+    if criterion == "reversed":
+        M.FoundationMasks.head_scores = lambda self: [2 - m.mask.detach().float().cpu() for m in self.head_masks]
+        M.FoundationMasks.ffn_scores = lambda self: [2 - m.mask.detach().float().cpu() for m in self.ffn_masks]
+        own = imp.AdapterImportance.module_scores
+        imp.AdapterImportance.module_scores = lambda self: {k: -v for k, v in own(self).items()}
+        return
+    if criterion == "random":
+        g = torch.Generator().manual_seed(1000 + seed)
+        M.FoundationMasks.head_scores = lambda self: [torch.rand(m.mask.numel(), generator=g) for m in self.head_masks]
+        M.FoundationMasks.ffn_scores = lambda self: [torch.rand(m.mask.numel(), generator=g) for m in self.ffn_masks]
+        rnd = random.Random(1000 + seed)
+        own = imp.AdapterImportance.module_scores
+        imp.AdapterImportance.module_scores = lambda self: {k: rnd.random() for k in own(self)}
+        return
+    # taylor / activation: accumulate a score beside every mask during estimation
+    attach = M.FoundationMasks._attach
+
+    def _attach(self, layer, block):
+        mask = attach(self, layer, block)
+        mask.score = torch.zeros(mask.mask.numel())
+        if criterion == "taylor":
+            def grad_hook(grad, mask=mask):
+                mask.score.add_((grad.detach() * mask.mask.detach()).abs().float().cpu())
+            mask.mask.register_hook(grad_hook)
+        else:
+            weight = layer.weight
+
+            def pre_hook(module, args, mask=mask, block=block):
+                x = args[0].detach().float()
+                if getattr(module, M.MASK_ATTR, None) is not mask or x.shape[-1] != weight.shape[1]:
+                    return  # pruned: the masks are gone
+                col = x.abs().flatten(0, -2).mean(0) * weight.detach().float().norm(dim=0)
+                mask.score.add_((col.view(-1, block).sum(1) if block > 1 else col).cpu())
+            layer.register_forward_pre_hook(pre_hook)
+        return mask
+
+    M.FoundationMasks._attach = _attach
+    M.FoundationMasks.head_scores = lambda self: [m.score.clone() for m in self.head_masks]
+    M.FoundationMasks.ffn_scores = lambda self: [m.score.clone() for m in self.ffn_masks]
+
+
+def cell(job: dict) -> dict:
+    import contextlib
+    import io
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(job["threads"])
+    hf_logging.disable_progress_bar()
+    _install(job["criterion"], job["seed"])
+    from leantune.measure.run import job_quality
+
+    spec = {"run": {"method": "light_peft", "impl": "leantune", "options": job["options"]}, "seed": job["seed"],
+            "lr": job["lr"], "budget": {"max_steps": job["steps"], "batch_size": 16, "max_length": 128},
+            "base": "builtin:base", "task": job["task"], "train_dir": tempfile.mkdtemp(prefix="leantune-rank-"),
+            "eval_samples": job["eval_samples"]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = job_quality(spec)
+    return {"criterion": job["criterion"], "seed": job["seed"], "accuracy": res["accuracy"],
+            "accuracy_shifted": res["accuracy_shifted"], "heldout_loss": res["heldout_loss"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=sorted(PARTS), default="foundation")
+    ap.add_argument("--criteria", help="comma list (default: every criterion of the part)")
+    ap.add_argument("--task", default="builtin:world")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--eval-samples", type=int, default=200)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    options, criteria = PARTS[args.part]
+    if args.criteria:
+        unknown = sorted(set(args.criteria.split(",")) - set(criteria))
+        if unknown:
+            ap.error(f"--criteria {','.join(unknown)}: the {args.part} part knows {', '.join(criteria)}")
+        criteria = args.criteria.split(",")
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    jobs = [{"criterion": c, "seed": s, "options": options, "lr": args.lr, "steps": args.steps, "task": args.task,
+             "eval_samples": args.eval_samples, "threads": threads} for c in criteria for s in range(args.seeds)]
+    cells = []
+    # one process per cell: a criterion patches the scores in its process, and a reused worker would stack patches
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        for res in pool.map(cell, jobs):
+            cells.append(res)
+            print(f"  {res['criterion']:12s} seed {res['seed']}  accuracy {res['accuracy']:.3f}  shifted "
+                  f"{res['accuracy_shifted']:.3f}  held-out loss {res['heldout_loss']:.3f}", flush=True)
+
+    def ms(xs):
+        return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+    print(f"\n{args.part} cut {options} on {args.task}, lr {args.lr}, {args.steps} steps x 16, seeds 0-{args.seeds - 1}\n")
+    print("| ranking | accuracy | shifted | held-out pretraining loss |\n|---|---|---|---|")
+    for c in criteria:
+        mine = [x for x in cells if x["criterion"] == c]
+        print(f"| {c} | {ms([x['accuracy'] for x in mine])} | {ms([x['accuracy_shifted'] for x in mine])} | "
+              f"{ms([x['heldout_loss'] for x in mine])} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"part": args.part, "options": options, "task": args.task, "lr": args.lr, "cells": cells}, f,
+                      indent=1)
+
+
+if __name__ == "__main__":
+    main()
