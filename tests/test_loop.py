@@ -184,3 +184,22 @@ def test_tensorboard_logs_scalars(tmp_path):
     events.Reload()
     assert {"loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+
+
+def test_optimizer_options_make_their_own_groups_and_the_schedule_scales_them():
+    from leantune.train.loop import build_adamw, set_lr
+
+    model, _ = tiny()
+    method = leantune.apply(model, "lora", r=2)
+    names = [n for n, _ in method.trainable_parameters()]
+    special = names[3]
+    method.optimizer_options = lambda: {special: {"lr_scale": 2.0, "weight_decay": 0.5}, "not.a.parameter": {}}
+    opt = build_adamw(method, 1e-3, TrainConfig(weight_decay=0.01))
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups] == [
+        (1e-3, 0.01, len(names) - 1), (2e-3, 0.5, 1)]
+    assert opt.param_groups[1]["params"][0] is dict(method.trainable_parameters())[special]
+    set_lr(opt, 4e-4)  # what the loop does every step with the scheduled LR
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([4e-4, 8e-4])
+    again = build_adamw(method, 1e-3, TrainConfig(weight_decay=0.01))
+    assert [len(g["params"]) for g in again.param_groups] == [len(names) - 1, 1]  # same order: a saved state loads
+    again.load_state_dict(opt.state_dict())
