@@ -233,6 +233,72 @@ def test_importance_scores_match_a_slow_reference():
     assert all(v > 0 for v in got_modules.values())
 
 
+def test_taylor_mask_scores_match_a_slow_reference():
+    """foundation_score="taylor": mean over active steps of |m ⊙ g|, g the step's task-loss gradient (two
+    micro-batches, the L1 term added as the loop adds it and taken out again)."""
+    lam = 0.05  # large, so that leaving the L1 gradient in would show
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", foundation_score="taylor", mask_l1=lam)
+    randomize_adapter(method)
+    masks = method.masks
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in masks.parameters():  # away from 1.0, some negative: the sign of m matters in m·g and in the L1
+            m.copy_(torch.randn(m.shape, generator=g))
+    steps = [[(ids_for(model, seed=10 * s + j, batch=2, length=9), None) for j in range(2)] for s in range(2)]
+    for micro in steps:
+        masks.active = True
+        for ids, _ in micro:
+            mask = torch.ones_like(ids)
+            (_lm_loss(model, ids, mask) + lam * masks.l1() / len(micro)).backward()
+        masks.end_step(l1=lam)
+    masks.active = False
+
+    names = list(masks.named)
+    ref = {n: torch.zeros(masks.named[n].numel(), dtype=torch.float64) for n in names}
+    for micro in steps:
+        total = [0.0] * len(names)
+        for ids, _ in micro:
+            grads = torch.autograd.grad(_lm_loss(model, ids, torch.ones_like(ids)), [masks.named[n] for n in names])
+            total = [t + gr.double() for t, gr in zip(total, grads, strict=True)]
+        for n, gr in zip(names, total, strict=True):
+            ref[n] += (masks.named[n].detach().double() * gr).abs() / len(steps)
+    for kind in ("head_mask", "ffn_mask"):
+        got = masks.taylor_scores(kind)
+        want = [ref[n].float() for n in names if n.endswith(kind)]
+        assert len(got) == len(want) == len(method.anatomy.blocks)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+
+
+def test_taylor_options_rank_by_taylor_scores():
+    """module_score="taylor" keeps the modules with the largest summed rank scores; foundation_score="taylor" keeps
+    the channels with the largest Taylor scores, whatever the mask values say."""
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", foundation_score="taylor", module_score="taylor", head_ratio=0.0,
+                            ffn_ratio=0.5, module_keep=0.25, rank_keep=1.0)
+    imp, masks = method.importance, method.masks
+    names = imp.names
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i, n in enumerate(names):  # summed rank scores rise with i; the paper's ratio falls with i
+            imp.rank_sum[n] = torch.rand(imp.rank_sum[n].shape, generator=g, dtype=torch.float64) + i
+            imp.module_sum[i] = float(len(names) - i)
+        imp.steps += 1
+        for t in masks.taylor_sum.values():
+            t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64))
+        masks.taylor_steps += 1
+        for m in masks.parameters():  # mask values ranking the other way round
+            m.copy_(1.0 - masks.taylor_sum[next(k for k, v in masks.named.items() if v is m)].float())
+    plan = method.make_plan()
+    assert plan.modules == names[-kept_count(0.25, len(names)):]
+    flat = torch.cat([t for t in masks.taylor_sum.values()])
+    keep = kept_count(0.5, flat.numel(), minimum=len(masks.taylor_sum))
+    threshold = torch.sort(flat, descending=True).values[keep - 1]
+    for kept, scores in zip(plan.ffn, masks.taylor_scores("ffn_mask"), strict=True):
+        assert all(scores[c] >= threshold.float() for c in kept)
+
+
 # -- explicit counts from ratios ----------------------------------------------------------------------------
 
 
@@ -430,6 +496,8 @@ def test_bad_options_name_the_value():
         leantune.make_config("light_peft", {"head_ratio": "1.5"})
     with pytest.raises(leantune.methods.ConfigError, match="base_method 'ia3'"):
         leantune.make_config("light_peft", {"base_method": "ia3"})
+    with pytest.raises(leantune.methods.ConfigError, match="module_score is 'output_ratio' or 'taylor', got 'grad'"):
+        leantune.make_config("light_peft", {"module_score": "grad"})
     with pytest.raises(leantune.methods.ConfigError, match="ffn_mask_lr_scale .* got -1"):
         leantune.make_config("light_peft", {"ffn_mask_lr_scale": "-1"})
 
@@ -465,14 +533,15 @@ class _Crash:
             raise KeyboardInterrupt
 
 
-def test_resume_in_the_middle_of_estimation_gives_the_same_plan(tmp_path):
+@pytest.mark.parametrize("scores", [{}, {"foundation_score": "taylor", "module_score": "taylor"}])
+def test_resume_in_the_middle_of_estimation_gives_the_same_plan(tmp_path, scores):
     data = None
 
     def run(out, crash_at):
         nonlocal data
         model, tok = load_model("builtin:tiny-llama")
         torch.manual_seed(0)  # the same LoRA init in every run
-        method = leantune.apply(model, "light_peft", estimation_steps=20)
+        method = leantune.apply(model, "light_peft", estimation_steps=20, **scores)
         data = data or _arith(tok, 64)
         cfg = TrainConfig(max_steps=23, batch_size=4, lr=3e-3, progress=False, output_dir=out, save_every=15)
         try:

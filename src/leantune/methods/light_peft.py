@@ -51,6 +51,9 @@ class LightPeftConfig(MethodConfig):
     module_keep: float = 0.25
     rank_keep: float = 0.5
     uniform: bool = False  # the same shape in every layer (a merged model that fits the model's own config)
+    # how heads/channels and adapter modules are ranked: the paper's scores, or first-order Taylor scores
+    foundation_score: str = "mask"  # "mask": the learned mask values; "taylor": mean |m ⊙ ∂L/∂m|
+    module_score: str = "output_ratio"  # "output_ratio": ‖ΔW·x‖ / ‖W·x‖; "taylor": Σ of the module's rank scores
     plan: dict | None = None  # filled in by pruning; set, the method rebuilds the pruned model at apply
 
     def validate(self):
@@ -73,6 +76,10 @@ class LightPeftConfig(MethodConfig):
         for name in ("head_mask_lr_scale", "ffn_mask_lr_scale"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"light_peft: {name} multiplies the learning rate and must be > 0, got {getattr(self, name)}")
+        if self.foundation_score not in ("mask", "taylor"):
+            raise ConfigError(f"light_peft: foundation_score is 'mask' or 'taylor', got {self.foundation_score!r}")
+        if self.module_score not in ("output_ratio", "taylor"):
+            raise ConfigError(f"light_peft: module_score is 'output_ratio' or 'taylor', got {self.module_score!r}")
         if self.mask_l1 < 0:
             raise ConfigError(f"light_peft: mask_l1 must be >= 0, got {self.mask_l1}")
         PEFT_PRUNERS[self.base_method].validate(self)
@@ -206,7 +213,8 @@ class LightPeft(Method):
         if cfg.plan is not None:
             self.apply_plan(PrunePlan.from_dict(cfg.plan))
             return
-        self.masks = FoundationMasks(anat, heads=cfg.head_ratio > 0, ffn=cfg.ffn_ratio > 0)
+        self.masks = FoundationMasks(anat, heads=cfg.head_ratio > 0, ffn=cfg.ffn_ratio > 0,
+                                     taylor=cfg.foundation_score == "taylor")
         self.importance = imp.AdapterImportance(model, self.peft.units())
 
     # -- what trains --------------------------------------------------------------------------------------
@@ -229,6 +237,7 @@ class LightPeft(Method):
         if not self.pruned:  # in the middle of estimation (a checkpoint): masks and importance sums too
             out.update(self.masks.named)
             out.update(self.importance.state("light_peft.importance"))
+            out.update(self.masks.state("light_peft.masks"))
         return out
 
     def schedule(self):
@@ -240,15 +249,21 @@ class LightPeft(Method):
         cfg, anat = self.config, self.anatomy
         plan = PrunePlan(len(anat.blocks), anat.n_heads, anat.n_kv_heads, anat.head_dim, anat.intermediate)
         n_layers = len(anat.blocks)
+        taylor = cfg.foundation_score == "taylor"
         if self.masks is not None and self.masks.head_masks:
+            scores = self.masks.taylor_scores("head_mask") if taylor else self.masks.head_scores()
             plan.heads, plan.kv_heads = select_heads(
-                self.masks.head_scores(), anat.n_kv_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden
+                scores, anat.n_kv_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden
             )
         if self.masks is not None and self.masks.ffn_masks:
-            plan.ffn = select_channels(self.masks.ffn_scores(), cfg.ffn_ratio, cfg.uniform)
-        module_scores = self.importance.module_scores()
-        plan.modules = select_modules(module_scores, cfg.module_keep)
+            scores = self.masks.taylor_scores("ffn_mask") if taylor else self.masks.ffn_scores()
+            plan.ffn = select_channels(scores, cfg.ffn_ratio, cfg.uniform)
         rank_scores = self.importance.rank_scores()
+        if cfg.module_score == "taylor":
+            module_scores = {n: float(rank_scores[n].sum()) for n in self.importance.names}
+        else:
+            module_scores = self.importance.module_scores()
+        plan.modules = select_modules(module_scores, cfg.module_keep)
         plan.ranks = select_ranks({n: rank_scores[n] for n in plan.modules}, cfg.rank_keep)
         ranks = self.peft.ranks()
         heads = [len(h) for h in plan.heads] if plan.heads else [anat.n_heads] * n_layers

@@ -4,6 +4,10 @@ A head mask scales the head's output before the output projection: a forward pre
 head's block of ``head_dim`` input columns (equivalent to scaling its attention probabilities, and it leaves
 fused attention kernels alone). An FFN mask scales the intermediate activation: a pre-hook on ``down``. The mask
 lives as a child module ``light_peft_mask`` of the layer it scales, so it moves with the model to any device.
+
+Besides the mask values themselves (the paper's ranking), the masks can collect a first-order Taylor score,
+``|m ⊙ ∂L/∂m|`` with the step's whole task-loss gradient (all micro-batches, the L1 term taken out), averaged over
+the steps during which ``active`` is set: the head-importance score of Michel et al. (2019), for every channel.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def _pre_hook(module: nn.Module, args):
 class FoundationMasks:
     """Head masks on every block's ``o`` and FFN masks on every block's ``down``; ``detach()`` drops them all."""
 
-    def __init__(self, anat: Anatomy, heads: bool = True, ffn: bool = True):
+    def __init__(self, anat: Anatomy, heads: bool = True, ffn: bool = True, taylor: bool = False):
         self.head_masks: list[InputMask] = []
         self.ffn_masks: list[InputMask] = []
         self._owners: list[nn.Module] = []
@@ -53,6 +57,15 @@ class FoundationMasks:
                 down = block.linear("down")
                 self.ffn_masks.append(self._attach(down, 1))
                 self.named[f"{anat.name_of(down)}.ffn_mask"] = self.ffn_masks[-1].mask
+        # first-order Taylor scores, collected only when asked for (foundation_score="taylor")
+        self.active = False
+        self.taylor_sum: dict[str, torch.Tensor] = {}
+        self.taylor_steps = torch.zeros((), dtype=torch.float64)
+        self._grad: dict[str, torch.Tensor] = {}
+        if taylor:
+            for name, mask in self.named.items():
+                self.taylor_sum[name] = torch.zeros(mask.numel(), dtype=torch.float64)
+                self._hooks.append(mask.register_hook(self._grad_hook(name)))
 
     def _attach(self, layer: nn.Module, block: int) -> InputMask:
         in_f, _ = in_out_features(layer)
@@ -63,6 +76,38 @@ class FoundationMasks:
         self._owners.append(layer)
         self._hooks.append(layer.register_forward_pre_hook(_pre_hook))
         return mask
+
+    def _grad_hook(self, name: str):
+        def hook(grad):
+            if self.active:  # summed over the step's micro-batches (the mask does not change within a step)
+                self._grad[name] = self._grad.get(name, 0) + grad.detach().double()
+            return None
+
+        return hook
+
+    def end_step(self, l1: float = 0.0) -> None:
+        """Fold the finished step's ``|m ⊙ g|`` into the Taylor sums (an active step only); ``l1`` is the penalty's
+        λ, whose gradient ``λ·sign(m)`` is taken out so the score reads the task loss alone."""
+        if self.active and self.taylor_sum and len(self._grad) == len(self.taylor_sum):
+            for name, g in self._grad.items():
+                m = self.named[name].detach().double()
+                self.taylor_sum[name] += (m * (g - l1 * torch.sign(m))).abs().cpu()
+            self.taylor_steps += 1
+        self._grad = {}
+
+    def taylor_scores(self, kind: str) -> list[torch.Tensor]:
+        """Mean ``|m ⊙ ∂L/∂m|`` per head (``kind="head_mask"``) or FFN channel (``"ffn_mask"``), one tensor per
+        layer."""
+        n = max(1.0, float(self.taylor_steps))
+        return [(t / n).float() for name, t in self.taylor_sum.items() if name.endswith(kind)]
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The Taylor sums as tensors (for checkpoints in the middle of estimation); empty when not collected."""
+        if not self.taylor_sum:
+            return {}
+        out = {f"{prefix}.taylor_sum.{n}": t for n, t in self.taylor_sum.items()}
+        out[f"{prefix}.taylor_steps"] = self.taylor_steps
+        return out
 
     def parameters(self) -> list[nn.Parameter]:
         return [m.mask for m in self.head_masks + self.ffn_masks]
@@ -84,3 +129,4 @@ class FoundationMasks:
         for layer in self._owners:
             delattr(layer, MASK_ATTR)
         self._hooks, self._owners, self.head_masks, self.ffn_masks, self.named = [], [], [], [], {}
+        self.taylor_sum, self._grad, self.active = {}, {}, False

@@ -1,7 +1,8 @@
 """Light-PEFT's estimate-then-prune schedule, as a training-loop hook (the loop's TrainHook protocol).
 
 Steps ``[0, E)`` are the estimation phase: masks and adapters train, the L1 penalty ``λ·Σ|m|`` is added to the
-loss, and the adapter importance is collected during the second half ``[E // 2, E)``. After optimizer step E
+loss, and the adapter importance is collected during the second half ``[E // 2, E)`` (with
+``foundation_score="taylor"``, the masks' Taylor scores over the whole phase). After optimizer step E
 the method prunes itself in flight, then the optimizer is rebuilt fresh (no state carried over) and training
 goes on. The plan is the hook's checkpoint state, so a resumed run rebuilds the pruned shapes before the
 adapter tensors are loaded.
@@ -58,6 +59,8 @@ class EarlyPruneSchedule:
         if not self.method.pruned:
             E = self.estimation_steps
             self.method.importance.active = E // 2 <= ctx.step < E
+            if self.method.masks is not None:  # the masks' Taylor scores: the whole phase (more steps, and the
+                self.method.masks.active = ctx.step < E  # early ones see the masks near 1, Michel et al.'s point)
 
     def extra_loss(self, ctx):
         masks = self.method.masks
@@ -70,6 +73,10 @@ class EarlyPruneSchedule:
             return
         self.method.importance.end_step()
         self.method.importance.active = False
+        masks = self.method.masks
+        if masks is not None:
+            masks.end_step(l1=self.method.config.mask_l1 if masks.parameters() else 0.0)
+            masks.active = False
         if ctx.step == self.estimation_steps:
             plan = self.method.prune()
             ctx.logs.update({f"prune_{k}": v for k, v in plan.counts.items() if isinstance(v, (int, float))})
