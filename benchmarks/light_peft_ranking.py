@@ -6,10 +6,13 @@ are the ranking's alone:
 
 - ``--part foundation`` (default: 40 % of heads and FFN channels, every LoRA module and rank kept):
   ``mask`` (the method's own), ``reversed`` (the mask ranking upside down: 2 − m), ``random`` (seeded),
-  ``taylor`` (Σ over estimation of |m·∂L/∂m|, the head-importance score of Michel et al. 2019), ``activation``
-  (Σ over estimation of mean |input column| × ‖weight column‖ of ``o`` / ``down``, a Wanda-style score).
+  ``taylor`` (the method's ``foundation_score="taylor"``: mean |m·∂L/∂m| over the estimation phase, the
+  head-importance score of Michel et al. 2019), ``activation`` (Σ over estimation of mean |input column| ×
+  ‖weight column‖ of ``o`` / ``down``, a Wanda-style score installed by this script).
 - ``--part modules`` (no foundation cut, 25 % of the LoRA modules kept, every rank kept): ``importance`` (the
-  method's own), ``reversed``, ``random``.
+  method's own), ``reversed``, ``random``, ``taylor`` (the method's ``module_score="taylor"``: the sum of the
+  module's rank-level Taylor scores).
+- ``--part defaults`` (every default amount): ``mask`` (the paper's scores) against ``taylor`` (both options).
 
 Each cell is the bench's quality job (300 steps × 16 on ``builtin:world`` at lr 3e-3, test and shifted accuracy,
 held-out pretraining loss). About 40 s per cell on one core.
@@ -31,7 +34,8 @@ from multiprocessing import get_context
 
 PARTS = {
     "foundation": ({"module_keep": 1, "rank_keep": 1}, ["mask", "reversed", "random", "taylor", "activation"]),
-    "modules": ({"head_ratio": 0, "ffn_ratio": 0, "rank_keep": 1}, ["importance", "reversed", "random"]),
+    "modules": ({"head_ratio": 0, "ffn_ratio": 0, "rank_keep": 1}, ["importance", "reversed", "random", "taylor"]),
+    "defaults": ({}, ["mask", "taylor"]),
 }
 
 
@@ -58,26 +62,23 @@ def _install(criterion: str, seed: int) -> None:
         own = imp.AdapterImportance.module_scores
         imp.AdapterImportance.module_scores = lambda self: {k: rnd.random() for k in own(self)}
         return
-    # taylor / activation: accumulate a score beside every mask during estimation
+    if criterion == "taylor":
+        return  # the method's own options: foundation_score="taylor", module_score="taylor"
+    # activation: accumulate a score beside every mask during estimation
     attach = M.FoundationMasks._attach
 
     def _attach(self, layer, block):
         mask = attach(self, layer, block)
         mask.score = torch.zeros(mask.mask.numel())
-        if criterion == "taylor":
-            def grad_hook(grad, mask=mask):
-                mask.score.add_((grad.detach() * mask.mask.detach()).abs().float().cpu())
-            mask.mask.register_hook(grad_hook)
-        else:
-            weight = layer.weight
+        weight = layer.weight
 
-            def pre_hook(module, args, mask=mask, block=block):
-                x = args[0].detach().float()
-                if getattr(module, M.MASK_ATTR, None) is not mask or x.shape[-1] != weight.shape[1]:
-                    return  # pruned: the masks are gone
-                col = x.abs().flatten(0, -2).mean(0) * weight.detach().float().norm(dim=0)
-                mask.score.add_((col.view(-1, block).sum(1) if block > 1 else col).cpu())
-            layer.register_forward_pre_hook(pre_hook)
+        def pre_hook(module, args, mask=mask, block=block):
+            x = args[0].detach().float()
+            if getattr(module, M.MASK_ATTR, None) is not mask or x.shape[-1] != weight.shape[1]:
+                return  # pruned: the masks are gone
+            col = x.abs().flatten(0, -2).mean(0) * weight.detach().float().norm(dim=0)
+            mask.score.add_((col.view(-1, block).sum(1) if block > 1 else col).cpu())
+        layer.register_forward_pre_hook(pre_hook)
         return mask
 
     M.FoundationMasks._attach = _attach
@@ -97,7 +98,10 @@ def cell(job: dict) -> dict:
     _install(job["criterion"], job["seed"])
     from leantune.measure.run import job_quality
 
-    spec = {"run": {"method": "light_peft", "impl": "leantune", "options": job["options"]}, "seed": job["seed"],
+    options = dict(job["options"])
+    if job["criterion"] == "taylor":
+        options.update(foundation_score="taylor", module_score="taylor")
+    spec = {"run": {"method": "light_peft", "impl": "leantune", "options": options}, "seed": job["seed"],
             "lr": job["lr"], "budget": {"max_steps": job["steps"], "batch_size": 16, "max_length": 128},
             "base": "builtin:base", "task": job["task"], "train_dir": tempfile.mkdtemp(prefix="leantune-rank-"),
             "eval_samples": job["eval_samples"]}
