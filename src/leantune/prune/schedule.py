@@ -59,8 +59,10 @@ class EarlyPruneSchedule:
         if not self.method.pruned:
             E = self.estimation_steps
             self.method.importance.active = E // 2 <= ctx.step < E
-            if self.method.masks is not None:  # the masks' Taylor scores: the whole phase (more steps, and the
-                self.method.masks.active = ctx.step < E  # early ones see the masks near 1, Michel et al.'s point)
+            if self.method.masks is not None:
+                # the masks' Taylor scores read the whole phase: twice the steps, and the early ones see the masks
+                # near 1.0, where |m ⊙ g| is Michel et al.'s head importance
+                self.method.masks.active = ctx.step < E
 
     def extra_loss(self, ctx):
         masks = self.method.masks
@@ -75,7 +77,7 @@ class EarlyPruneSchedule:
         self.method.importance.active = False
         masks = self.method.masks
         if masks is not None:
-            masks.end_step(l1=self.method.config.mask_l1 if masks.parameters() else 0.0)
+            masks.end_step(l1=self.method.config.mask_l1)
             masks.active = False
         if ctx.step == self.estimation_steps:
             plan = self.method.prune()
