@@ -28,7 +28,6 @@ import json
 import os
 import random
 import statistics
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
@@ -87,26 +86,14 @@ def _install(criterion: str, seed: int) -> None:
 
 
 def cell(job: dict) -> dict:
-    import contextlib
-    import io
+    from quality_suite import fine_tune  # beside this script
 
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(job["threads"])
-    hf_logging.disable_progress_bar()
     _install(job["criterion"], job["seed"])
-    from leantune.measure.run import job_quality
-
     options = dict(job["options"])
     if job["criterion"] == "taylor":
         options.update(foundation_score="taylor", module_score="taylor")
-    spec = {"run": {"method": "light_peft", "impl": "leantune", "options": options}, "seed": job["seed"],
-            "lr": job["lr"], "budget": {"max_steps": job["steps"], "batch_size": 16, "max_length": 128},
-            "base": "builtin:base", "task": job["task"], "train_dir": tempfile.mkdtemp(prefix="leantune-rank-"),
-            "eval_samples": job["eval_samples"]}
-    with contextlib.redirect_stdout(io.StringIO()):
-        res = job_quality(spec)
+    res = fine_tune("light_peft", options, job["lr"], job["seed"], job["steps"], job["task"], job["eval_samples"],
+                    job["threads"])
     return {"criterion": job["criterion"], "seed": job["seed"], "accuracy": res["accuracy"],
             "accuracy_shifted": res["accuracy_shifted"], "heldout_loss": res["heldout_loss"]}
 

@@ -55,24 +55,31 @@ def bench_lr(method: str, base: str) -> float:
     return TUNED_LRS.get(base, {}).get(method) or get_method(method).default_lr
 
 
-def cell(job: dict) -> dict:
+def fine_tune(method: str, options: dict, lr: float, seed: int, steps: int, task: str, eval_samples: int,
+              threads: int, base: str = "builtin:base") -> dict:
+    """One fine-tune through the bench's quality job (leantune's loop, then the one evaluator); its result dict.
+    Also used by the other quality benchmarks (light_peft_ranking.py)."""
     import contextlib
     import io
 
     import torch
     from transformers.utils import logging as hf_logging
 
-    torch.set_num_threads(job["threads"])
+    torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     from leantune.measure.run import job_quality
 
-    spec = {"run": {"method": job["method"], "impl": "leantune", "options": job["options"]}, "seed": job["seed"],
-            "lr": job["lr"], "budget": {"max_steps": job["steps"], "batch_size": 16, "max_length": 128},
-            "base": job["base"], "task": job["task"], "train_dir": tempfile.mkdtemp(prefix="leantune-suite-"),
-            "eval_samples": job["eval_samples"]}
-    t0 = time.perf_counter()
+    spec = {"run": {"method": method, "impl": "leantune", "options": options}, "seed": seed, "lr": lr,
+            "budget": {"max_steps": steps, "batch_size": 16, "max_length": 128}, "base": base, "task": task,
+            "train_dir": tempfile.mkdtemp(prefix="leantune-suite-"), "eval_samples": eval_samples}
     with contextlib.redirect_stdout(io.StringIO()):  # the job's progress events are for the bench's own display
-        res = job_quality(spec)
+        return job_quality(spec)
+
+
+def cell(job: dict) -> dict:
+    t0 = time.perf_counter()
+    res = fine_tune(job["method"], job["options"], job["lr"], job["seed"], job["steps"], job["task"],
+                    job["eval_samples"], job["threads"], job["base"])
     return {**{k: job[k] for k in ("label", "task", "seed", "lr")}, "accuracy": res["accuracy"],
             "accuracy_shifted": res["accuracy_shifted"], "forgetting": res["heldout_loss"] - job["base_loss"],
             "final_loss": res["final_loss"], "seconds": round(time.perf_counter() - t0, 1)}
