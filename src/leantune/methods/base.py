@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..anatomy import Anatomy, anatomy
+from ..precision import MasterWeights
 
 FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
 OVERHEADS = ("none", "extra_ffn", "extra_input", "gating")
@@ -203,6 +204,7 @@ class Method:
         self.anatomy: Anatomy | None = None
         self.merged = False
         self.base_fingerprint: dict | None = None
+        self.masters = MasterWeights()  # float32 copies of low-precision base tensors trained in place (precision.py)
 
     # -- capabilities ---------------------------------------------------------------------------------------
     @property

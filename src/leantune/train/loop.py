@@ -178,6 +178,8 @@ def build_adamw(method, lr: float, cfg: TrainConfig, old: torch.optim.Optimizer 
     named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"method {method.name!r} has no trainable parameters right now")
+    method.masters.enable()  # whoever builds an optimizer trains: low-precision base tensors get float32 masters
+    named = method.masters.optimizer_params(named)
     params = [p for _, p in named]
     opt = torch.optim.AdamW(param_groups(method, named, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             weight_decay=cfg.weight_decay)
@@ -237,6 +239,7 @@ def train(
     ctx._batches = lambda n: [{k: v.to(acc.device) for k, v in collate(stream.batch(i), pad_id).items()}
                               for i in range(n)]
     start_step, resumed_from = 0, None
+    method.masters.enable()  # before a resume loads the checkpoint: its float32 values go to the masters whole
     if out is not None and cfg.resume:
         last = ckpt.latest(out)
         if last is not None:
@@ -286,6 +289,7 @@ def train(
                     raise NonFiniteLossError(_nan_message(total, step, j, out))
                 acc.backward(total)
                 step_loss += float(loss.detach())
+            method.masters.grads_to_masters()
             params = [p for g in opt.param_groups for p in g["params"]]
             if acc.scaler is not None:
                 acc.scaler.unscale_(opt)
@@ -297,6 +301,7 @@ def train(
                 acc.scaler.update()
             else:
                 opt.step()
+            method.masters.write_back()
             opt.zero_grad(set_to_none=True)
             ctx.step = step + 1
             for h in all_hooks:
