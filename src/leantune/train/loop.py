@@ -252,7 +252,7 @@ def train(
     if ctx.optimizer is None:
         ctx.optimizer = build_optimizer()
     if resumed_from is not None:
-        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer)
+        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer, acc.scaler)
 
     metrics = _MetricsWriter(out, start_step, cfg.tensorboard) if acc.is_main_process else None
     progress = _progress(cfg, start_step, method.name) if acc.is_main_process else None
@@ -320,7 +320,7 @@ def train(
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
-                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints)
+                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints, acc.scaler)
         final_eval = _run_eval(eval_fn, model) if eval_fn is not None else {}
         if final_eval:
             history.append({"step": cfg.max_steps, **final_eval})
