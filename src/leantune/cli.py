@@ -75,6 +75,8 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed"),
     max_length: Optional[int] = typer.Option(None, "--max-length", help="tokens per example"),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="no | bf16 | fp16"),
+    distributed: Optional[str] = typer.Option(None, "--distributed", help="auto (ddp with several processes) | no | "
+                                              "ddp | fsdp; launch with torchrun -m leantune.cli or accelerate launch"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every"),
     eval_samples: int = typer.Option(64, "--eval-samples", help="test examples per periodic evaluation"),
@@ -100,7 +102,7 @@ def train(
         flags = {
             "max_steps": max_steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
             "warmup_steps": warmup_steps, "lr_schedule": lr_schedule, "weight_decay": weight_decay,
-            "max_grad_norm": max_grad_norm, "seed": seed, "mixed_precision": mixed_precision,
+            "max_grad_norm": max_grad_norm, "seed": seed, "mixed_precision": mixed_precision, "distributed": distributed,
             "gradient_checkpointing": gradient_checkpointing, "eval_every": eval_every, "save_every": save_every,
             "resume": resume, "tensorboard": tensorboard,
         }
@@ -137,7 +139,10 @@ def train(
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
-    typer.echo(json.dumps(summary, indent=2))
+    from .dist import rank
+
+    if rank() == 0:  # one summary for a distributed run
+        typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command()

@@ -158,15 +158,18 @@ def check_fingerprint(expected: dict, model: nn.Module, source: str, base_name: 
 # -- save / load --------------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-    """Write the fine-tune carried by ``model`` (see ``leantune.apply``) to ``directory``."""
+def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None,
+         state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the fine-tune carried by ``model`` (see ``leantune.apply``) to ``directory``. ``state``: the method's
+    tensors when already gathered (sharded training), else ``method.state()``."""
     method = getattr(model, "leantune_method", None)
     if method is None:
         raise ValueError("this model carries no leantune method: call leantune.apply(model, ...) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / WEIGHTS_NAME
-    atomic_save_tensors(method.state(), weights, metadata={"format": "pt", "leantune_method": method.name})
+    tensors = method.state() if state is None else state
+    atomic_save_tensors(tensors, weights, metadata={"format": "pt", "leantune_method": method.name})
     from .models import model_name
 
     meta = {

@@ -110,6 +110,14 @@ class MasterWeights:
             del self._masters[key]
         return out
 
+    def rebind(self, mapping: dict[int, nn.Parameter]) -> None:
+        """Parameters were replaced by new objects (``id(old) -> new``): their masters follow them."""
+        moved = {}
+        for key, (p, master) in self._masters.items():
+            new = mapping.get(key, p)
+            moved[id(new)] = (new, master)
+        self._masters = moved
+
     def value(self, p: torch.Tensor) -> torch.Tensor:
         """What the parameter really holds: its master when it has one (what an adapter file stores)."""
         entry = self._masters.get(id(p))

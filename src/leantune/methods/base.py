@@ -41,6 +41,9 @@ class Capabilities:
     needs_schedule: bool = False  # the training loop must call its schedule hook
     schedule_ends: bool = False  # the schedule finishes partway (estimate, then prune); its steady state is after
     inference_overhead: str = "none"  # before merge: none / extra_ffn / extra_input / gating
+    changes_trainable: bool = False  # what trains changes during the run (data parallelism cannot fix it at wrap)
+    fsdp: bool = True  # trains under FSDP2 (train/parallel.py); when not, fsdp_refusal says why
+    fsdp_refusal: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -281,6 +284,12 @@ class Method:
 
     def num_trainable(self) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters())
+
+    def rebind_parameters(self, mapping: dict[int, nn.Parameter]) -> None:
+        """The model's parameters were replaced (FSDP's sharding puts new parameter objects in): ``mapping`` takes
+        ``id(old)`` to the new one. A method that keeps references to parameters updates them here; the masters
+        follow. Methods that reach their tensors through modules (LoRA, S²FT) need nothing."""
+        self.masters.rebind(mapping)
 
     def optimizer_options(self) -> dict[str, dict[str, float]]:
         """Per-parameter optimizer settings that differ from the run's, by the names ``trainable_parameters``

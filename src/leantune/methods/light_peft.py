@@ -202,6 +202,9 @@ class LightPeft(Method):
             needs_schedule=self.config.plan is None,
             schedule_ends=self.config.plan is None,
             inference_overhead="extra_ffn",
+            changes_trainable=self.config.plan is None,
+            fsdp=False,
+            fsdp_refusal="Light-PEFT slices parameters to new shapes in flight, which FSDP's shards cannot follow",
         )
 
     @property

@@ -162,13 +162,19 @@ class Lisa(Method):
                 out.append(p)
         return out
 
+    def rebind_parameters(self, mapping):
+        super().rebind_parameters(mapping)
+        self.always_on = {n: mapping.get(id(p), p) for n, p in self.always_on.items()}
+        self.block_params = [{n: mapping.get(id(p), p) for n, p in b.items()} for b in self.block_params]
+
     def schedule(self) -> LisaSchedule:
         return LisaSchedule(self)
 
     # -- the contract ---------------------------------------------------------------------------------------
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=self.config.keep_base, needs_schedule=True)
+        return Capabilities(mergeable=True, restores_base=self.config.keep_base, needs_schedule=True,
+                            changes_trainable=True)
 
     def trainable_parameters(self):
         """The always-on parts and the active blocks, always in the same order (optimizer state maps by order)."""
@@ -256,13 +262,6 @@ class LisaSchedule(TrainHook):
         self._resumed: dict | None = None
 
     def on_train_begin(self, ctx: TrainContext) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            raise NotImplementedError(
-                "lisa: data-parallel training is not supported yet (DDP fixes the trainable set when it wraps the "
-                "model, and LISA changes it every period); train on one process"
-            )
         m, done = self.method, ctx.step
         self.period = m.period_of(done - 1) if done > 0 else 0
         blocks = m.draw(self.period)

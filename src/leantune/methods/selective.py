@@ -54,6 +54,10 @@ class SelectiveMethod(Method):
                 seen.add(id(p))
                 yield n, p
 
+    def rebind_parameters(self, mapping):
+        super().rebind_parameters(mapping)
+        self.selected = {n: mapping.get(id(p), p) for n, p in self.selected.items()}
+
     def num_changed(self) -> int:
         return sum(p.numel() for p in unique_parameters(self.selected.values()))
 

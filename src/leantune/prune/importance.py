@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import dist
 from ..anatomy import weight_2d
 
 
@@ -96,8 +97,31 @@ class AdapterImportance:
 
         return hook
 
+    def _gather_ranks(self) -> None:
+        """Data parallel: every rank saw its own tokens and its own gradient share. Token ratios and counts are
+        summed over ranks; the Taylor terms, linear in the gradient, are averaged (the averaged gradient is the
+        step's gradient), so every rank folds in what a single process would and plans the same cut."""
+        if dist.world_size() == 1:
+            return
+        n = len(self.names)
+        dev = self.module_sum.device
+        ratios = torch.stack([torch.as_tensor(self._ratio_sum.get(i, 0.0), dtype=torch.float64).to(dev)
+                              for i in range(n)])
+        tokens = torch.tensor([float(self._tokens.get(i, 0)) for i in range(n)], dtype=torch.float64)
+        ratios, tokens = dist.sum_over_ranks(ratios), dist.sum_over_ranks(tokens)
+        self._ratio_sum = {i: ratios[i] for i in range(n)}
+        self._tokens = {i: int(tokens[i]) for i in range(n)}
+        for acc, part in ((self._down, "down"), (self._up, "up")):
+            for name in self.names:
+                r = getattr(self.units[name], part).shape[0 if part == "down" else 1]
+                local = acc.get(name)
+                local = torch.zeros(r, dtype=torch.float64) if local is None else local.double().cpu()
+                acc[name] = dist.mean_over_ranks(local)
+
     def end_step(self) -> None:
         """Fold the finished step into the running sums (only if it was an active step)."""
+        if self.active:
+            self._gather_ranks()
         if self.active and all(self._tokens.get(i, 0) > 0 for i in range(len(self.names))):
             for i in range(len(self.names)):
                 self.module_sum[i] += float(self._ratio_sum[i]) / self._tokens[i]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import dist
 from ..anatomy import Anatomy, in_out_features
 
 MASK_ATTR = "light_peft_mask"
@@ -88,6 +89,10 @@ class FoundationMasks:
     def end_step(self, l1: float = 0.0) -> None:
         """Fold the finished step's ``|m ⊙ g|`` into the Taylor sums (an active step only); ``l1`` is the penalty's
         λ, whose gradient ``λ·sign(m)`` is taken out so the score reads the task loss alone."""
+        if self.active and self.taylor_sum and dist.world_size() > 1:  # the step's gradient: the ranks' mean
+            self._grad = {n: dist.mean_over_ranks(torch.as_tensor(self._grad.get(n, torch.zeros(m.numel())))
+                                                  .double().to(m.device))
+                          for n, m in self.named.items()}
         if self.active and self.taylor_sum and len(self._grad) == len(self.taylor_sum):
             for name, g in self._grad.items():
                 m = self.named[name].detach().double()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 log = logging.getLogger("leantune")
 
 MIN_ESTIMATION_STEPS = 20
@@ -48,11 +46,6 @@ class EarlyPruneSchedule:
             raise ValueError(
                 f"light_peft: resuming at step {ctx.step}, past the end of estimation ({E}), but the checkpoint "
                 "holds no prune plan; it was written by another method or config"
-            )
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise ValueError(
-                "light_peft prunes the model in flight, which changes parameter shapes under DistributedDataParallel; "
-                "run the estimation phase on one process (then continue from the saved adapter on several)"
             )
         self.estimation_steps = E
 

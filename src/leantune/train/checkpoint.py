@@ -47,15 +47,22 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int, scaler=None) -> Path:
-    """``scaler``: fp16's gradient scaler, whose scale and growth counter a resumed run must continue from."""
+def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int, scaler=None, par=None) -> Path | None:
+    """``scaler``: fp16's gradient scaler, whose scale and growth counter a resumed run must continue from.
+    ``par`` (train/parallel.py): with several processes every rank calls this, the method's tensors and the
+    optimizer state are gathered whole, and rank 0 alone writes."""
+    state = par.full_state(model.leantune_method) if par is not None else None
+    opt_state = par.optimizer_state(optimizer) if par is not None else optimizer.state_dict()
+    if par is not None and not par.is_main:
+        par.barrier()
+        return None
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:08d}-"))
     try:
-        io.save(model, tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        io.save(model, tmp, state=state)
+        torch.save(opt_state, tmp / "optimizer.pt")
         rng = _rng_state()
         torch.save({"torch": rng["torch"], **({"cuda": rng["cuda"]} if "cuda" in rng else {})}, tmp / "rng.pt")
         py = rng["python"]
@@ -77,6 +84,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int, sc
     done = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).exists())
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    if par is not None:
+        par.barrier()  # the others wait until the checkpoint is whole
     return final
 
 
@@ -98,8 +107,11 @@ def load_checkpoint(path: Path, method, hooks) -> int:
     return int(state["step"])
 
 
-def load_optimizer_and_rng(path: Path, optimizer, scaler=None) -> None:
+def load_optimizer_and_rng(path: Path, optimizer, scaler=None, shard=None) -> None:
+    """``shard``: called after loading the whole-tensor optimizer state, to give each rank its shards (FSDP)."""
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if shard is not None:
+        shard(optimizer)
     state = json.loads((path / STATE_NAME).read_text())
     if scaler is not None and state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..data.encode import IGNORE, collate
 from . import checkpoint as ckpt
+from . import parallel
 from .hooks import TrainContext, TrainHook
 
 
@@ -44,6 +45,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     mixed_precision: str = "no"  # no | bf16 | fp16
+    distributed: str = "auto"  # auto (ddp with several processes) | no | ddp | fsdp (see train/parallel.py)
     gradient_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps between evaluations (0: only at the end, if an eval_fn is given)
     save_every: int = 0  # optimizer steps between checkpoints (0: none)
@@ -62,6 +64,7 @@ class TrainConfig:
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (self.lr_schedule in ("linear", "cosine", "constant"), "lr_schedule must be linear, cosine or constant"),
             (self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision must be no, bf16 or fp16"),
+            (self.distributed in ("auto", "no", "ddp", "fsdp"), "distributed must be auto, no, ddp or fsdp"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
         ]
         for ok, msg in checks:
@@ -107,9 +110,17 @@ class BatchStream:
         return self._perms[epoch]
 
     def batch(self, i: int) -> list[dict]:
+        """This rank's shard of global micro-batch ``i`` (the global one holds ``batch_size x world`` examples)."""
+        return self._examples((i * self.world + self.rank) * self.bs, self.bs)
+
+    def global_batch(self, i: int) -> list[dict]:
+        """Every rank's shard of micro-batch ``i``, in rank order: what a single process with the global batch
+        size reads (calibration data that must be the same on every rank)."""
+        return self._examples(i * self.world * self.bs, self.world * self.bs)
+
+    def _examples(self, start: int, count: int) -> list[dict]:
         n = len(self.data)
-        start = (i * self.world + self.rank) * self.bs
-        return [self.data[self._perm(pos // n)[pos % n]] for pos in range(start, start + self.bs)]
+        return [self.data[self._perm(pos // n)[pos % n]] for pos in range(start, start + count)]
 
 
 def token_loss_sum(model: nn.Module, batch: dict, causal: bool) -> tuple[torch.Tensor, int]:
@@ -133,7 +144,8 @@ def _accelerator(mixed_precision: str):
     if PartialState._shared_state and PartialState().num_processes == 1:
         AcceleratorState._reset_state(True)  # one process: let each train() call pick its own precision
         GradientState._reset_state()
-    acc = Accelerator(mixed_precision="fp16" if mixed_precision == "fp16" else "no")
+    # cpu=True without a GPU: accelerate then sets up gloo for several processes (it ignores torchrun otherwise)
+    acc = Accelerator(mixed_precision="fp16" if mixed_precision == "fp16" else "no", cpu=not torch.cuda.is_available())
     if mixed_precision == "fp16" and acc.device.type != "cuda":
         raise ValueError("mixed_precision='fp16' needs a CUDA device; use 'bf16' or 'no' on this machine")
     if mixed_precision == "bf16" and acc.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -225,9 +237,7 @@ def train(
             raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch")
     if hasattr(model, "config"):
         model.config.use_cache = False
-    wrapped = acc.prepare_model(model)
-    model.train()
-
+    par = parallel.make(cfg.distributed, acc)
     all_hooks = [h for h in [method.schedule(), *hooks] if h is not None]
     ctx = TrainContext(model=model, method=method, config=cfg)
 
@@ -235,15 +245,17 @@ def train(
         return build_adamw(method, base_lr, cfg, ctx.optimizer)
 
     ctx._rebuild = build_optimizer
-    stream = BatchStream(train_data, cfg.batch_size, cfg.seed, acc.process_index, acc.num_processes)
-    ctx._batches = lambda n: [{k: v.to(acc.device) for k, v in collate(stream.batch(i), pad_id).items()}
+    stream = BatchStream(train_data, cfg.batch_size, cfg.seed, par.rank, par.world)
+    ctx._batches = lambda n: [{k: v.to(acc.device) for k, v in collate(stream.global_batch(i), pad_id).items()}
                               for i in range(n)]
     start_step, resumed_from = 0, None
     method.masters.enable()  # before a resume loads the checkpoint: its float32 values go to the masters whole
-    if out is not None and cfg.resume:
+    if out is not None and cfg.resume:  # before wrapping: the tensors (and a pruned shape) go in unsharded
         last = ckpt.latest(out)
         if last is not None:
             start_step, resumed_from = ckpt.load_checkpoint(last, method, all_hooks), last
+    wrapped = par.wrap(model, method)
+    model.train()
     ctx.step = start_step
     if resumed_from is None:
         seed_everything(cfg.seed)
@@ -252,10 +264,10 @@ def train(
     if ctx.optimizer is None:
         ctx.optimizer = build_optimizer()
     if resumed_from is not None:
-        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer, acc.scaler)
+        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer, acc.scaler, par.shard_optimizer_state)
 
-    metrics = _MetricsWriter(out, start_step, cfg.tensorboard) if acc.is_main_process else None
-    progress = _progress(cfg, start_step, method.name) if acc.is_main_process else None
+    metrics = _MetricsWriter(out, start_step, cfg.tensorboard) if par.is_main else None
+    progress = _progress(cfg, start_step, method.name) if par.is_main else None
     history: list[dict] = []
     loss_value = float("nan")
     t_start = time.perf_counter()
@@ -274,26 +286,32 @@ def train(
             set_lr(opt, lr)
             t0 = time.perf_counter()
             micro = [collate(stream.batch(step * cfg.grad_accum + j), pad_id) for j in range(cfg.grad_accum)]
-            n_target = sum(int((m["labels"][:, 1:] if causal else m["labels"]).ne(IGNORE).sum()) for m in micro)
-            n_tokens = sum(int(m["attention_mask"].sum()) for m in micro)
-            step_loss = 0.0
+            # the step's loss is the sum of token losses over the whole global batch over its target count; ranks
+            # average their gradients, so each rank's share is scaled by the number of ranks
+            n_target = par.sum(sum(int((m["labels"][:, 1:] if causal else m["labels"]).ne(IGNORE).sum())
+                                   for m in micro))
+            n_tokens = int(par.sum(sum(int(m["attention_mask"].sum()) for m in micro)))
+            step_loss_sum = 0.0
             for j, mb in enumerate(micro):
                 mb = {k: v.to(acc.device) for k, v in mb.items()}
-                sync = j == len(micro) - 1
-                with (_null() if sync else acc.no_sync(wrapped)), autocast:
+                with par.no_sync(wrapped, last=j == len(micro) - 1), autocast:
                     loss_sum, _ = token_loss_sum(wrapped, mb, causal)
-                    loss = loss_sum / max(1, n_target)
+                    loss = loss_sum * par.world / max(1, n_target)
                     extra = [e for h in all_hooks if (e := h.extra_loss(ctx)) is not None]
                     total = loss + sum(extra) / len(micro) if extra else loss
                 if not torch.isfinite(total):
                     raise NonFiniteLossError(_nan_message(total, step, j, out))
                 acc.backward(total)
-                step_loss += float(loss.detach())
+                step_loss_sum += float(loss_sum.detach())
+            step_loss = par.sum(step_loss_sum) / max(1, n_target)
+            par.sync_grads([p for _, p in method.trainable_parameters() if p.requires_grad])
             method.masters.grads_to_masters()
             params = [p for g in opt.param_groups for p in g["params"]]
             if acc.scaler is not None:
                 acc.scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
             if not torch.isfinite(grad_norm) and acc.scaler is None:
                 raise NonFiniteLossError(_nan_message(grad_norm, step, None, out, what="gradient norm"))
             if acc.scaler is not None:
@@ -309,7 +327,7 @@ def train(
             dt = time.perf_counter() - t0
             loss_value = step_loss
             row = {"step": step + 1, "loss": round(loss_value, 6), "lr": lr, "grad_norm": round(float(grad_norm), 6),
-                   "tokens": n_tokens, "tokens_per_s": round(n_tokens * acc.num_processes / dt, 1),
+                   "tokens": n_tokens, "tokens_per_s": round(n_tokens / dt, 1),
                    "step_time_s": round(dt, 5), **ctx.logs}
             if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
                 row.update(_run_eval(eval_fn, model))
@@ -319,8 +337,9 @@ def train(
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
-                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints, acc.scaler)
+            if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0:
+                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints, acc.scaler,
+                                     par)
         final_eval = _run_eval(eval_fn, model) if eval_fn is not None else {}
         if final_eval:
             history.append({"step": cfg.max_steps, **final_eval})
@@ -334,11 +353,14 @@ def train(
         if metrics is not None:
             metrics.close()
     model.eval()
-    if out is not None and acc.is_main_process:
+    if out is not None:
         from .. import io
 
-        io.save(model, out, {"train": {**asdict(cfg), "lr": base_lr, "steps": cfg.max_steps,
-                                       "train_seconds": round(time.perf_counter() - t_start, 3)}})
+        state = par.full_state(method)  # every rank takes part in gathering (FSDP); rank 0 writes
+        if par.is_main:
+            io.save(model, out, {"train": {**asdict(cfg), "lr": base_lr, "steps": cfg.max_steps, "world_size": par.world,
+                                           "train_seconds": round(time.perf_counter() - t_start, 3)}}, state=state)
+        par.barrier()
     return TrainResult(steps=cfg.max_steps, final_loss=loss_value, history=history,
                        output_dir=str(out) if out else None)
 
