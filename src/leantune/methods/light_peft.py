@@ -206,6 +206,13 @@ class LightPeft(Method):
 
     def _apply(self, model, anat):
         cfg = self.config
+        heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
+        if heads and anat.qk_norm_kind() == "whole":
+            raise ConfigError(
+                f"light_peft: this {anat.model_type} model normalizes its queries and keys over all heads at once "
+                "(whole-projection q/k norms), so removing a head changes the others' normalization and the pruned "
+                "model would not be the masked model it was estimated on; prune FFN channels only with head_ratio=0"
+            )
         self.peft = PEFT_PRUNERS[cfg.base_method](model, anat, cfg)
         self.masks: FoundationMasks | None = None
         self.importance: imp.AdapterImportance | None = None
