@@ -217,14 +217,20 @@ class Method:
             )
         from ..io import fingerprint
 
+        anat = anat or anatomy(model)
+        self.check_model(anat)  # a refusal leaves the model as it was
         self.base_fingerprint = fingerprint(model)
         self.model = model
-        self.anatomy = anat or anatomy(model)
+        self.anatomy = anat
         for p in model.parameters():
             p.requires_grad_(False)
         self._apply(model, self.anatomy)
         model.__dict__["leantune_method"] = self  # plain attribute: not a submodule, not in state_dict
         return self
+
+    def check_model(self, anat: Anatomy) -> None:
+        """Refuse, before anything changes, a model whose family or layout this method (with this config) cannot
+        handle: raise ``ConfigError`` naming what is missing. The default takes every model."""
 
     def _apply(self, model: nn.Module, anat: Anatomy) -> None:
         raise NotImplementedError

@@ -204,7 +204,7 @@ class LightPeft(Method):
     def pruned(self) -> bool:
         return self.plan is not None
 
-    def _apply(self, model, anat):
+    def check_model(self, anat):
         cfg = self.config
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
         if heads and anat.qk_norm_kind() == "whole":
@@ -213,6 +213,9 @@ class LightPeft(Method):
                 "(whole-projection q/k norms), so removing a head changes the others' normalization and the pruned "
                 "model would not be the masked model it was estimated on; prune FFN channels only with head_ratio=0"
             )
+
+    def _apply(self, model, anat):
+        cfg = self.config
         self.peft = PEFT_PRUNERS[cfg.base_method](model, anat, cfg)
         self.masks: FoundationMasks | None = None
         self.importance: imp.AdapterImportance | None = None

@@ -14,9 +14,8 @@ the layer can follow.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
