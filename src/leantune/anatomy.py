@@ -216,6 +216,103 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+# -- families from outside: a YAML file (--family-spec) or an installed package's entry point -----------------
+
+ENTRY_POINT_GROUP = "leantune.families"
+SPEC_ENV = "LEANTUNE_FAMILY_SPECS"  # family-spec files (os.pathsep-separated), read by this process and its children
+_TUPLE_FIELDS = ("norms", "extra_embeds", "head_names", "n_heads_attr", "n_kv_heads_attr", "hidden_attr",
+                 "intermediate_attr")
+_loaded_outside = False
+
+
+def spec_from_dict(d: dict, where: str = "family spec") -> tuple[str, FamilySpec]:
+    """``{"model_type": ..., <FamilySpec fields>}`` -> (model_type, spec); unknown or missing keys are refused."""
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise UnsupportedModelError(f"{where}: a family is a mapping with model_type, blocks, embed, roles, norms")
+    d = dict(d)
+    model_type = d.pop("model_type")
+    known = set(FamilySpec.__dataclass_fields__)
+    unknown, missing = sorted(set(d) - known), sorted({"blocks", "embed", "roles", "norms"} - set(d))
+    if unknown or missing:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): unknown key(s) {unknown}, missing {missing}; "
+                                    f"known keys: model_type, {', '.join(sorted(known))}")
+    if not isinstance(d["roles"], dict) or not all(isinstance(v, str) for v in d["roles"].values()):
+        raise UnsupportedModelError(f"{where} ({model_type!r}): roles must map role names to module paths")
+    bad = sorted(set(d["roles"]) - set(LINEAR_ROLES) - set(FUSED_ROLES))
+    if bad:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): unknown role(s) {bad}; roles are "
+                                    f"{', '.join((*LINEAR_ROLES, *FUSED_ROLES))}")
+    if d.get("qkv_layout", "blocked") not in QKV_LAYOUTS:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): qkv_layout {d['qkv_layout']!r} is not one of "
+                                    f"{', '.join(QKV_LAYOUTS)}")
+    for k in _TUPLE_FIELDS:
+        if k in d:
+            d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
+    return model_type, FamilySpec(**d)
+
+
+def load_family_specs(path) -> list[str]:
+    """Register the families a YAML file describes (one mapping, or a list of them); returns their model types."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"family spec {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UnsupportedModelError(f"family spec {str(path)!r} is not valid YAML: {e}") from None
+    items = data if isinstance(data, list) else [data]
+    specs = [spec_from_dict(item, f"family spec {str(path)!r}") for item in items]
+    for model_type, spec in specs:
+        register_family(model_type, spec)
+    return [t for t, _ in specs]
+
+
+def use_family_specs(paths) -> None:
+    """Register the families of these YAML files here and in child processes (the bench's runs)."""
+    import os
+
+    paths = [str(os.path.abspath(p)) for p in paths]
+    for p in paths:
+        load_family_specs(p)
+    if paths:
+        before = [p for p in os.environ.get(SPEC_ENV, "").split(os.pathsep) if p]
+        os.environ[SPEC_ENV] = os.pathsep.join(dict.fromkeys(before + paths))
+
+
+def _load_outside_families() -> None:
+    """Once per process: the specs named by $LEANTUNE_FAMILY_SPECS and the ``leantune.families`` entry points (name:
+    the model_type; value: a FamilySpec, or a function returning one)."""
+    global _loaded_outside
+    if _loaded_outside:
+        return
+    _loaded_outside = True
+    import os
+    from importlib.metadata import entry_points
+
+    for p in [p for p in os.environ.get(SPEC_ENV, "").split(os.pathsep) if p]:
+        load_family_specs(p)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in FAMILIES:
+            continue
+        obj = ep.load()
+        spec = obj() if callable(obj) and not isinstance(obj, FamilySpec) else obj
+        if not isinstance(spec, FamilySpec):
+            raise UnsupportedModelError(f"entry point {ep.name!r} in {ENTRY_POINT_GROUP!r} ({ep.value}) gives a "
+                                        f"{type(spec).__name__}, not a FamilySpec")
+        register_family(ep.name, spec)
+
+
+def known_family(model_type: str | None) -> FamilySpec | None:
+    """The spec of ``model_type``: built in, registered, from a family-spec file or an installed entry point."""
+    if model_type not in FAMILIES:
+        _load_outside_families()
+    return FAMILIES.get(model_type)
+
+
 @dataclass
 class Block:
     index: int
@@ -381,8 +478,9 @@ def family_spec(model: nn.Module, spec: FamilySpec | None = None) -> FamilySpec:
     if spec is not None:
         return spec
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
+    known = known_family(model_type)
+    if known is not None:
+        return known
     raise UnsupportedModelError(
         f"leantune does not know model_type {model_type!r} (class {type(model).__name__}). Known: "
         f"{', '.join(sorted(FAMILIES))}. Describe it once with "

@@ -183,9 +183,9 @@ def _load_hf(name: str, dtype):
             f"cannot load model {name!r}: not a local folder with config.json and not reachable on the hub "
             f"({e.__class__.__name__}). Use a local path, a builtin: model (see `leantune models`), or go online."
         ) from None
-    from .anatomy import FAMILIES
+    from .anatomy import known_family
 
-    spec = FAMILIES.get(config.model_type)
+    spec = known_family(config.model_type)
     auto = AutoModelForCausalLM if (spec is None or spec.causal) else AutoModelForMaskedLM
     model = auto.from_pretrained(name, dtype=dtype) if dtype is not None else auto.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
