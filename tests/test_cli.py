@@ -118,14 +118,27 @@ CLI_CELLS = [(f, m) for f in DECODER_FAMILIES for m in CLI_METHODS] if os.enviro
 
 @pytest.mark.parametrize(("family", "method"), CLI_CELLS)
 def test_train_every_decoder_family_from_the_cli(tmp_path, family, method):
+    out = tmp_path / "out"
     proc = run("train", "--model", f"builtin:tiny-{family}", "--method", method, "--task", "builtin:arith",
                "--max-steps", str(CLI_METHODS[method]), "--batch-size", "4", "--eval-samples", "4", "--no-progress",
-               "--output-dir", str(tmp_path / "out"), check=(family, method) not in CLI_REFUSALS)
+               "--output-dir", str(out), "--save-merged", check=(family, method) not in CLI_REFUSALS)
     if (family, method) in CLI_REFUSALS:
         assert proc.returncode == 2 and CLI_REFUSALS[family, method] in proc.stderr
         assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused at start, before any step
         return
     assert json.loads(proc.stdout)["steps"] == CLI_METHODS[method]
     if method == "light_peft":
-        rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert any(r.get("prune_heads_kept", 0) < r.get("prune_heads_total", 0) for r in rows)  # it did prune
+    # the merged folder computes what the adapter on a fresh base computes
+    import torch
+
+    import leantune
+    from leantune.prune import load_merged
+
+    base, _ = leantune.load_model(f"builtin:tiny-{family}")
+    leantune.load(base, out)
+    ids = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_merged(out / "merged")(input_ids=ids).logits, base.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
