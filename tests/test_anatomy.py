@@ -227,3 +227,33 @@ def test_bias_switches_are_the_ones_the_family_reads(kind, tmp_path):
     else:  # Mistral's and Qwen2's attention biases are fixed in code: refused, not silently dropped on reload
         with pytest.raises(ValueError, match="has no switch that gives them a bias"):
             save_merged(model, None, tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen2-moe"])
+def test_moe_experts_and_router_are_not_linear_roles(name):
+    model, _ = tiny(name)
+    a = check_anatomy(anatomy(model))
+    moe = model.model.layers[0].mlp
+    assert a.n_experts == 4 and a.blocks[0].router is moe.gate and a.blocks[0].experts is moe.experts
+    assert a.intermediate == moe.experts.down_proj.shape[-1]
+    assert all(mod is not moe.gate for _, _, _, mod in a.linears("all-linear"))  # the router is never "gate"
+    if name.endswith("moe"):  # Qwen2-MoE's shared expert plays gate/up/down
+        assert a.blocks[0].linear("down") is moe.shared_expert.down_proj
+    else:
+        assert a.blocks[0].linear("gate") is None and a.blocks[0].linear("down") is None
+    assert [p for _, part, i, p in a.expert_params() if i == 0] == [moe.experts.gate_up_proj, moe.experts.down_proj]
+    spec = FamilySpec(blocks="layers", embed="embed_tokens", roles={"gate": "mlp.gate"}, norms=())
+    with pytest.raises(UnsupportedModelError, match="TopKRouter, not a linear layer"):
+        anatomy(model, spec)
+
+
+def test_full_and_lisa_freeze_the_router_unless_asked():
+    import leantune
+
+    for method, opts in (("full", {}), ("lisa", {"gamma": 2})):
+        for train_router in (False, True):
+            model, _ = tiny("builtin:tiny-mixtral")
+            m = leantune.apply(model, method, train_router=train_router, **opts)
+            names = {n for n, _ in m.trainable_parameters()}
+            assert ("model.layers.0.mlp.gate.weight" in names) is train_router, (method, train_router)
+            assert "model.layers.0.mlp.experts.down_proj" in names

@@ -37,14 +37,20 @@ FAMILIES = {
     "falcon": "builtin:tiny-falcon",
     "olmo2": "builtin:tiny-olmo2",
     "deberta-v2": "builtin:tiny-deberta",
+    "mixtral": "builtin:tiny-mixtral",
+    "qwen2_moe": "builtin:tiny-qwen2-moe",
 }
 METHODS = sorted(cls.name for cls in list_methods())
 # (family, method) -> words of the refusal at apply
-REFUSALS = {("olmo2", "light_peft"): "whole-projection q/k norms"}
+REFUSALS = {
+    ("olmo2", "light_peft"): "whole-projection q/k norms",
+    **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
+    **{(f, "s2ft"): "not per expert" for f in ("mixtral", "qwen2_moe")},
+}
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
     **{(f, "bitfit"): "has no switch that gives them a bias" for f in ("gemma", "gemma2", "gemma3_text", "phi3",
-                                                                         "olmo2")},
+                                                                         "olmo2", "mixtral", "qwen2_moe")},
     **{(f, "light_peft"): "without a prune plan" for f in FAMILIES},  # a merged export is of the pruned model
 }
 EXPORT_NOTES = {  # why, for docs/models.md
@@ -90,6 +96,8 @@ def test_family_method_cell(family, method, tmp_path):
     changed = [n for n, (p, old) in before.items() if not torch.equal(p.detach(), old)]
     assert changed, "three optimizer steps changed nothing"
     assert [n for n in changed if id(before[n][0]) not in trainable] == []
+    routers = {id(p) for _, r in m.anatomy.routers() for p in r.parameters()}
+    assert not routers & trainable, "an MoE router trains without the method's option"
     tuned = logits(model, batch)
     assert not torch.allclose(tuned, base_logits, atol=1e-4)
 

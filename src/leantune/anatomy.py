@@ -62,6 +62,11 @@ class FamilySpec:
     # by all heads: Qwen3, Gemma 3) or whole projection (heads x head_dim: OLMo 2, sliced with the heads)
     q_norm: str | None = None
     k_norm: str | None = None
+    # Mixture of experts (per block): the module whose 3-D parameters gate_up_proj [E, 2I, H] and down_proj
+    # [E, H, I] are the routed experts, and the router (not a Linear, never a role; frozen unless a method's option
+    # says otherwise). A shared expert, where there is one, plays the gate/up/down roles.
+    experts: str | None = None
+    router: str | None = None
 
 
 _ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
@@ -192,6 +197,13 @@ FAMILIES: dict[str, FamilySpec] = {
     "bert": _BERT,
     "roberta": _BERT,
 }
+_MIXTRAL = replace(_FIXED_BIAS, roles={r: p for r, p in _LLAMA.roles.items() if r in ("q", "k", "v", "o")},
+                   experts="mlp.experts", router="mlp.gate")
+_QWEN2_MOE = replace(_FIXED_BIAS, roles={**{r: p for r, p in _LLAMA.roles.items() if r in ("q", "k", "v", "o")},
+                                         "gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj",
+                                         "down": "mlp.shared_expert.down_proj"},
+                     experts="mlp.experts", router="mlp.gate")
+FAMILIES.update({"mixtral": _MIXTRAL, "qwen2_moe": _QWEN2_MOE})
 FAMILIES.update({"mistral": _FIXED_BIAS, "qwen2": _FIXED_BIAS, "qwen3": _QWEN3, "gemma": _GEMMA, "gemma2": _GEMMA,
                  "gemma3_text": _GEMMA, "olmo2": _OLMO2, "phi3": _PHI3, "gpt_neox": _GPT_NEOX, "opt": _OPT,
                  "falcon": _FALCON, "deberta-v2": _DEBERTA_V2})
@@ -320,6 +332,8 @@ class Block:
     linears: dict[str, nn.Module]  # role -> module; fused families have "qkv" / "gate_up" instead of the parts
     norms: list[nn.Module]
     qk_norms: dict[str, nn.Module] = field(default_factory=dict)  # "q" / "k" -> the norm on queries / keys
+    experts: nn.Module | None = None  # mixture of experts: the module with 3-D gate_up_proj / down_proj
+    router: nn.Module | None = None
 
     def linear(self, role: str) -> nn.Module | None:
         """A role's module; q/k/v and gate/up fall back to the fused module that holds them."""
@@ -357,6 +371,7 @@ class Anatomy:
     intermediate: int
     names: dict[int, str] = field(default_factory=dict)  # id(module) -> qualified name in the model
     qkv_layout: str = "blocked"  # the fused qkv's row order (QKV_LAYOUTS), resolved for this model's config
+    n_experts: int = 0  # routed experts per block (0: a dense FFN)
 
     @property
     def causal(self) -> bool:
@@ -377,6 +392,19 @@ class Anatomy:
                     continue
                 seen.add(id(mod))
                 out.append((self.name_of(mod), block.holder(role), block.index, mod))
+        return out
+
+    def routers(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of every block's MoE router (empty for dense models)."""
+        return [(self.name_of(b.router), b.router) for b in self.blocks if b.router is not None]
+
+    def expert_params(self) -> list[tuple[str, str, int, nn.Parameter]]:
+        """(qualified name, "gate_up" or "down", block index, 3-D parameter) of the routed experts."""
+        out = []
+        for b in self.blocks:
+            if b.experts is not None:
+                for part, attr in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+                    out.append((f"{self.name_of(b.experts)}.{attr}", part, b.index, getattr(b.experts, attr)))
         return out
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
@@ -524,15 +552,22 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: block {i} has no module at {path!r} (role {role!r})"
                 )
-            if not hasattr(mod, "weight") or getattr(mod.weight, "dim", lambda: 0)() != 2:
+            if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: {path!r} (role {role!r}) is a {type(mod).__name__}, not a "
-                    "linear layer with a 2-D weight; a role names a Linear (or Conv1D) module"
+                    "linear layer; a role names a Linear (or Conv1D) module (an MoE router or experts module is "
+                    "named by the spec's router / experts fields)"
                 )
             linears[role] = mod
         norms = [m for p in spec.norms if (m := _get(bmod, p)) is not None]
         qk = {part: m for part, p in (("q", spec.q_norm), ("k", spec.k_norm)) if p and (m := _get(bmod, p)) is not None}
-        blocks.append(Block(i, bmod, linears, norms, qk))
+        experts = _get(bmod, spec.experts) if spec.experts else None
+        if experts is not None and not all(getattr(getattr(experts, a, None), "dim", lambda: 0)() == 3
+                                           for a in ("gate_up_proj", "down_proj")):
+            raise UnsupportedModelError(
+                f"model_type {config.model_type!r}: block {i} {spec.experts!r} ({type(experts).__name__}) has no 3-D "
+                "gate_up_proj [experts, 2*I, H] and down_proj [experts, H, I] parameters")
+        blocks.append(Block(i, bmod, linears, norms, qk, experts, _get(bmod, spec.router) if spec.router else None))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -545,7 +580,11 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
     # the weights are the truth where the config's attribute may not be (Falcon multi-query: 1 KV head)
     n_kv = _kv_heads_from_weights(blocks, layout, n_heads, head_dim) or _config_int(config, spec.n_kv_heads_attr, n_heads)
     down = blocks[0].linears.get("down") if blocks else None
-    intermediate = (in_out_features(down)[0] if down is not None else None) or _config_int(
+    experts = next((b.experts for b in blocks if b.experts is not None), None)
+    if experts is not None:  # the roles' FFN is a shared expert's (or none); the intermediate size is the experts'
+        down = None
+    intermediate = (in_out_features(down)[0] if down is not None else None) or (
+        experts.down_proj.shape[-1] if experts is not None else None) or _config_int(
         config, spec.intermediate_attr) or 4 * hidden
     embed = _get(base, spec.embed)
     return Anatomy(
@@ -563,6 +602,7 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
         intermediate=intermediate,
         names=names,
         qkv_layout=layout,
+        n_experts=experts.gate_up_proj.shape[0] if experts is not None else 0,
     )
 
 
@@ -582,10 +622,11 @@ def check_anatomy(anat: Anatomy) -> Anatomy:
     if anat.qkv_layout == "per_head" and nq != nkv:
         raise UnsupportedModelError(f"{where}: qkv_layout 'per_head' needs as many KV heads as query heads "
                                     f"({nq} vs {nkv})")
-    expect_out = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "qkv": (nq + 2 * nkv) * hd, "up": inter,
-                  "gate": inter, "gate_up": 2 * inter}
-    expect_in = {"o": nq * hd, "down": inter}
     for b in anat.blocks:
+        ffn = in_out_features(b.linears["down"])[0] if b.experts is not None and "down" in b.linears else inter
+        expect_out = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "qkv": (nq + 2 * nkv) * hd, "up": ffn,
+                      "gate": ffn, "gate_up": 2 * ffn}
+        expect_in = {"o": nq * hd, "down": ffn}
         for role, mod in b.linears.items():
             in_f, out_f = in_out_features(mod)
             if role in expect_out and out_f != expect_out[role]:
@@ -603,8 +644,6 @@ def check_anatomy(anat: Anatomy) -> Anatomy:
             if size not in (hd, whole):
                 raise UnsupportedModelError(f"{where}: block {b.index} {part}_norm has size {size}; expected {hd} "
                                             f"(per head) or {whole} (whole projection)")
-    if not {"o", "down"} & set(anat.blocks[0].linears) and not anat.blocks[0].linears:
-        raise UnsupportedModelError(f"{where}: the spec names no linear roles")
     return anat
 
 

@@ -206,6 +206,11 @@ class LightPeft(Method):
 
     def check_model(self, anat):
         cfg = self.config
+        ffn = cfg.ffn_ratio > 0 if cfg.plan is None else cfg.plan.get("ffn") is not None
+        if ffn and anat.n_experts:
+            raise ConfigError(
+                f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts; Light-PEFT "
+                "cannot prune expert channels yet: prune attention heads only with ffn_ratio=0")
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
         if heads and anat.qk_norm_kind() == "whole":
             raise ConfigError(

@@ -250,6 +250,14 @@ class S2FT(Method):
         elif self.calibration is not None:
             self.calibrate(self.calibration)
 
+    def check_model(self, anat: Anatomy) -> None:
+        ffn = [r for r in self.config.roles if r in ("down", "up")]
+        if ffn and anat.n_experts:
+            raise ConfigError(
+                f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D "
+                f"parameters; S²FT selects FFN channels ({', '.join(ffn)}) in Linear layers only, not per expert "
+                "yet: train attention heads alone with targets=o (or o,v)")
+
     def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
         """Per block, the target layers with their slicing geometry: the anatomy says where each unit's indices are
         (v heads inside a fused qkv, up channels inside a fused gate_up)."""

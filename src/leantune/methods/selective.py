@@ -89,6 +89,7 @@ class SelectiveMethod(Method):
 @dataclass
 class FullConfig(MethodConfig):
     keep_base: bool = False  # keep a copy of the base weights so that remove() can restore them (2x memory)
+    train_router: bool = False  # mixture of experts: the routers train too (frozen by default)
 
 
 @register("full")
@@ -103,7 +104,8 @@ class Full(SelectiveMethod):
         return self.config.keep_base
 
     def _select(self, model, anat):
-        return dict(model.named_parameters())
+        frozen = set() if self.config.train_router else {id(p) for _, r in anat.routers() for p in r.parameters()}
+        return {n: p for n, p in model.named_parameters() if id(p) not in frozen}
 
 
 @dataclass
