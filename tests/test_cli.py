@@ -142,3 +142,11 @@ def test_train_every_decoder_family_from_the_cli(tmp_path, family, method):
     with torch.no_grad():
         torch.testing.assert_close(load_merged(out / "merged")(input_ids=ids).logits, base.eval()(input_ids=ids).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_save_merged_that_cannot_be_is_refused_before_training(tmp_path):
+    """BitFit adds FFN biases that no Gemma config switch can hold: said at start, not after training."""
+    proc = run("train", "--model", "builtin:tiny-gemma", "--method", "bitfit", "--task", "builtin:arith",
+               "--max-steps", "3", "--output-dir", str(tmp_path / "out"), "--save-merged", "--no-progress", check=False)
+    assert proc.returncode == 2 and "no switch that gives them a bias" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

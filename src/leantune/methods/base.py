@@ -298,6 +298,11 @@ class Method:
         and return the model. Mergeable methods override it (``merge_and_unload`` calls it)."""
         raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
 
+    def merged_export_refusal(self) -> str | None:
+        """Why this fine-tune cannot become a plain model of the base architecture, or None when it can: asked
+        before training when a merged export is wanted, so a run does not fail at its end."""
+        return None
+
     def save_merged(self, directory, tokenizer=None) -> dict | None:
         """Write the merged model yourself, for a method that changes the architecture (Light-PEFT's pruned
         shapes): return ``{"kind": ..., "reason": ...}``. None (the default): the generic merged export applies
