@@ -115,10 +115,14 @@ class LoraPruner:
 
     def units(self) -> dict[str, imp.AdapterUnit]:
         def delta(mod):
-            return lambda x: F.linear(F.linear(x, mod.lora.A), mod.lora.B) * mod.lora.scale
+            return lambda x: F.linear(F.linear(x.to(mod.lora.A.dtype), mod.lora.A), mod.lora.B) * mod.lora.scale
 
-        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·x
-        return {n: imp.AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True) for n, m in self.layers.items()}
+        def exact(mod):  # with dropout on, the output's term is ΔW·dropout(x), not ΔW·x
+            return lambda: not (mod.lora.training and isinstance(mod.lora.dropout, nn.Dropout))
+
+        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·dropout(x)
+        return {n: imp.AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True, term_is_exact=exact(m))
+                for n, m in self.layers.items()}
 
     def ranks(self) -> dict[str, int]:
         return {n: m.lora.A.shape[0] for n, m in self.layers.items()}
