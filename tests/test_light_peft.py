@@ -670,3 +670,25 @@ def test_resume_keeps_the_estimation_length_of_its_checkpoint(tmp_path):
     result = train(model2, data, TrainConfig(max_steps=30, **cfg), pad_id=tok.pad_token_id)
     assert method2.pruned
     assert [r["step"] for r in result.history if "prune_heads_kept" in r] == [22]
+
+
+def test_surgery_slices_whole_projection_qk_norms_with_their_heads():
+    """OLMo 2 normalizes q and k over the whole projection: a cut keeps each kept head's norm entries (Light-PEFT
+    refuses to estimate heads there, but a plan given directly still applies)."""
+    from leantune.anatomy import anatomy
+    from leantune.prune import apply_foundation_plan
+
+    model = fresh("tiny-olmo2")
+    a = anatomy(model)
+    attn = model.model.layers[0].self_attn
+    q_norm, k_norm = attn.q_norm.weight.detach().clone(), attn.k_norm.weight.detach().clone()
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.arange(q_norm.numel()).float())
+        attn.k_norm.weight.copy_(torch.arange(k_norm.numel()).float())
+    plan = PrunePlan(2, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate, heads=[[2, 3], [0, 1]],
+                     kv_heads=[[1], [0]])
+    apply_foundation_plan(a, plan)
+    hd = a.head_dim
+    assert attn.q_norm.weight.tolist() == list(range(2 * hd, 4 * hd))  # query heads 2 and 3
+    assert attn.k_norm.weight.tolist() == list(range(hd, 2 * hd))  # KV head 1
+    assert logits(model, ids_for(model)).isfinite().all()

@@ -460,6 +460,11 @@ class Anatomy:
         fused = any("gate_up" in b.linears for b in self.blocks)
         return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
 
+    def qk_norm_entries(self, heads) -> torch.Tensor:
+        """Entries of a whole-projection q/k norm's weight that belong to ``heads`` (of its own projection)."""
+        h = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
+        return (h[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
     def qk_norm_kind(self) -> str | None:
         """``"per_head"`` (one head_dim-sized norm shared by the heads), ``"whole"`` (one weight per projection row,
         sliced with the heads) or None (no q/k norm)."""

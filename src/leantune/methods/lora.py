@@ -117,14 +117,16 @@ def _lora_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
 
 
 class ExpertLora(nn.Module):
-    """One low-rank pair per expert for a 3-D expert parameter W [E, out, in]: ``W + scale * B_e A_e`` (fp32 pairs,
-    the sum in W's dtype). Lives as a child ``lora_<param>`` of the experts module; also its parametrization."""
+    """One low-rank pair per expert for a 3-D expert parameter W [E, out, in]: ``W + scale * B_e A_e`` (float32
+    pairs; the sum is formed in W's dtype, as a weight, so on a bf16 base the update is rounded to bf16 there).
+    Lives as a child ``lora_<param>`` of the experts module."""
 
     def __init__(self, weight: torch.Tensor, r: int, scale: float):
         super().__init__()
         e, out_f, in_f = weight.shape
-        self.A = nn.Parameter(torch.empty(e, r, in_f, dtype=torch.float32, device=weight.device))
-        self.B = nn.Parameter(torch.zeros(e, out_f, r, dtype=torch.float32, device=weight.device))
+        kw = {"dtype": trainable_dtype(weight), "device": weight.device}  # float32 on a bf16 base (precision.py)
+        self.A = nn.Parameter(torch.empty(e, r, in_f, **kw))
+        self.B = nn.Parameter(torch.zeros(e, out_f, r, **kw))
         for a in self.A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.scale = scale

@@ -131,7 +131,7 @@ class S2FTSlice(nn.Module):
         self.delta = nn.Parameter(torch.zeros(shape, dtype=trainable_dtype(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(k, dtype=torch.long, device=weight.device), persistent=False)
         self.register_buffer("saved", None, persistent=False)  # the original columns while merged
-        self.register_buffer("unit_index", unit_index.to(torch.long), persistent=False)
+        self.register_buffer("unit_index", unit_index.to(dtype=torch.long, device=weight.device), persistent=False)
         self.side, self.n_units, self.unit = side, unit_index.shape[0], unit_index.shape[1]
         self.selected = False
         self.merged = False

@@ -83,19 +83,13 @@ def prune_heads(anat: Anatomy, block: Block, q_heads: list[int], kv_heads: list[
     if anat.qk_norm_kind() == "whole":  # one weight per projection row: it keeps the kept heads' entries
         for part, heads in (("q", q_heads), ("k", kv_heads)):
             norm = block.qk_norms[part]
-            _replace(norm, "weight", norm.weight.detach()[_unfused_rows(anat, heads)])
+            _replace(norm, "weight", norm.weight.detach()[anat.qk_norm_entries(heads)])
     _slice(block.linear("o"), "in", anat.head_columns(q_heads), on_slice)
     counts = {k: f(len(q_heads), len(kv_heads), anat.head_dim) for k, f in _HEAD_ATTRS.items()}
     _set_attrs(block, counts)
     spec = anat.spec
     _set_config(block, {**dict.fromkeys(spec.n_heads_attr, len(q_heads)),
                         **dict.fromkeys(spec.n_kv_heads_attr, len(kv_heads))})
-
-
-def _unfused_rows(anat: Anatomy, heads) -> torch.Tensor:
-    """Entries of heads ``heads`` in a per-row tensor of one projection (h covers [h*hd, (h+1)*hd))."""
-    h = torch.as_tensor(heads, dtype=torch.long)
-    return (h[:, None] * anat.head_dim + torch.arange(anat.head_dim)).reshape(-1)
 
 
 def prune_ffn(anat: Anatomy, block: Block, channels: list[int], on_slice: OnSlice = _noop) -> None:
