@@ -107,3 +107,19 @@ def test_entry_point_group_teaches_a_family(tmp_path, forget_granite, monkeypatc
     m = leantune.apply(model, "lora", r=2)
     assert m.anatomy.spec is FAMILIES["granite"] and len(m.anatomy.blocks) == 2
     sys.modules.pop("granite_spec", None)
+
+
+def test_child_processes_see_the_family_specs(tmp_path, forget_granite, monkeypatch):
+    """The bench runs each job in a child process: --family-spec reaches it through $LEANTUNE_FAMILY_SPECS."""
+    import subprocess
+
+    from leantune.anatomy import SPEC_ENV, use_family_specs
+
+    monkeypatch.setenv(SPEC_ENV, "")  # restored (to unset) after the test: the spec file goes with tmp_path
+    spec = tmp_path / "granite.yaml"
+    spec.write_text(GRANITE_SPEC)
+    use_family_specs([spec])
+    assert FAMILIES["granite"].embed == "embed_tokens"
+    code = "from leantune.anatomy import known_family; print(known_family('granite').blocks)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "layers"
