@@ -54,8 +54,10 @@ EXPORT_REFUSALS = {
     **{(f, "light_peft"): "without a prune plan" for f in FAMILIES},  # a merged export is of the pruned model
 }
 EXPORT_NOTES = {  # why, for docs/models.md
-    "bitfit": "no config switch gives the FFN or fused layers a bias, the adapter itself works",
-    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py with --save-merged",
+    "bitfit": "the family builds some of the layers BitFit gave a bias without one, whatever its config says: "
+              "the adapter itself works",
+    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py --save-merged, Phi-3, GPT-NeoX and "
+                  "Falcon by default, every decoder family with LEANTUNE_SLOW=1",
 }
 MERGE_ATOL = 1e-5  # fp32, as tests/test_methods_matrix.py
 EXPORT_ATOL = 1e-5
