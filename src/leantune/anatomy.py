@@ -644,7 +644,8 @@ def check_anatomy(anat: Anatomy) -> Anatomy:
                     f"{where}: block {b.index} role {role!r} ({anat.name_of(mod)}) has {in_f} inputs, expected "
                     f"{expect_in[role]}")
         for part, norm in b.qk_norms.items():
-            size = getattr(norm, "weight", torch.empty(0)).shape[-1] if getattr(norm, "weight", None) is not None else hd
+            weight = getattr(norm, "weight", None)
+            size = weight.shape[-1] if weight is not None else hd  # a norm without a scale fits either kind
             whole = (nq if part == "q" else nkv) * hd
             if size not in (hd, whole):
                 raise UnsupportedModelError(f"{where}: block {b.index} {part}_norm has size {size}; expected {hd} "
