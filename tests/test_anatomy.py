@@ -10,6 +10,7 @@ from leantune.anatomy import (
     FamilySpec,
     UnsupportedModelError,
     anatomy,
+    check_anatomy,
     is_conv1d,
     register_family,
     resolve_roles,
@@ -117,3 +118,142 @@ def test_llama_style_families(kind):
     base = model(input_ids=ids).logits
     leantune.apply(model, "lora", r=4)
     torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=1e-6)
+
+
+# -- layouts: the anatomy's rows against the model's own split of its fused output -------------------------
+
+
+def _falcon(**kw):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    cfg = FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, **kw)
+    return FalconForCausalLM(cfg)
+
+
+FALCON_LAYOUTS = {
+    "blocked": dict(multi_query=True, num_kv_heads=4),  # the config says 4 KV heads; the weights hold 1
+    "per_head": dict(multi_query=False, num_kv_heads=4),
+    "grouped": dict(new_decoder_architecture=True, num_kv_heads=2),
+}
+
+
+@pytest.mark.parametrize("layout", list(FALCON_LAYOUTS))
+def test_falcon_head_rows_follow_falcons_own_split(layout):
+    import torch
+
+    model = _falcon(**FALCON_LAYOUTS[layout])
+    a = check_anatomy(anatomy(model))
+    assert a.qkv_layout == layout
+    assert a.n_kv_heads == {"blocked": 1, "per_head": 4, "grouped": 2}[layout]
+    attn = model.transformer.h[0].self_attention
+    rows = weight_2d(a.blocks[0].linear("qkv")).shape[0]
+    q, k, v = attn._split_heads(torch.arange(rows, dtype=torch.float32).view(1, 1, rows))  # [1, 1, heads, hd]
+    g = a.n_heads // a.n_kv_heads
+    for h in range(a.n_heads):
+        assert a.head_rows("q", [h]).tolist() == q[0, 0, h].long().tolist()
+    for j in range(a.n_kv_heads):
+        col = j * g if layout == "grouped" else j  # grouped: k/v broadcast over each group's query heads
+        assert a.head_rows("k", [j]).tolist() == k[0, 0, col].long().tolist()
+        assert a.head_rows("v", [j]).tolist() == v[0, 0, col].long().tolist()
+
+
+def test_neox_and_phi3_rows_follow_their_own_split():
+    import torch
+
+    for name in ("builtin:tiny-neox", "builtin:tiny-phi3"):
+        model, _ = tiny(name)
+        a = anatomy(model)
+        b = a.blocks[0]
+        rows = weight_2d(b.linear("qkv")).shape[0]
+        x = torch.arange(rows)
+        if name.endswith("neox"):  # GPTNeoXAttention: view(..., -1, 3 * head_size).chunk(3, dim=-1)
+            q, k, v = x.view(-1, 3 * a.head_dim).chunk(3, dim=-1)
+        else:  # Phi3Attention: [q | k | v] slices
+            nq, nkv, hd = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.head_dim
+            q, k, v = (t.reshape(-1, hd) for t in (x[:nq], x[nq:nq + nkv], x[nq + nkv:]))
+        for part, t in (("q", q), ("k", k), ("v", v)):
+            for h in range(t.shape[0]):
+                assert a.head_rows(part, [h]).tolist() == t[h].tolist(), (name, part, h)
+    model, _ = tiny("builtin:tiny-phi3")
+    a = anatomy(model)
+    gate_up = weight_2d(a.blocks[0].linear("up")).shape[0]
+    gate, up = torch.arange(gate_up).chunk(2)  # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1)
+    assert a.ffn_rows("gate").tolist() == gate.tolist() and a.ffn_rows("up").tolist() == up.tolist()
+    assert a.blocks[0].linear("gate") is a.blocks[0].linear("up") is model.model.layers[0].mlp.gate_up_proj
+
+
+def test_qk_norm_kinds():
+    assert anatomy(tiny("builtin:tiny-gemma3")[0]).qk_norm_kind() == "per_head"
+    assert anatomy(tiny("builtin:tiny-olmo2")[0]).qk_norm_kind() == "whole"
+    assert anatomy(tiny("builtin:tiny-llama")[0]).qk_norm_kind() is None
+
+
+def test_register_family_refuses_a_spec_whose_shapes_do_not_add_up():
+    model, _ = tiny("builtin:tiny-neox")
+    model.config.model_type = "my_neox"
+    good = FAMILIES["gpt_neox"]
+    wrong_roles = FamilySpec(blocks="layers", embed="embed_in", roles={"q": "attention.query_key_value"}, norms=())
+    with pytest.raises(UnsupportedModelError, match=r"role 'q'.*768|has 192 outputs, expected 64"):
+        register_family("my_neox", wrong_roles, model)
+    not_linear = FamilySpec(blocks="layers", embed="embed_in", roles={"o": "attention"}, norms=())
+    with pytest.raises(UnsupportedModelError, match="not a linear layer"):
+        register_family("my_neox", not_linear, model)
+    with pytest.raises(UnsupportedModelError, match="qkv_layout 'zigzag'"):
+        register_family("my_neox", FamilySpec(blocks="layers", embed="embed_in", roles={}, norms=(),
+                                              qkv_layout="zigzag"))
+    assert "my_neox" not in FAMILIES
+    register_family("my_neox", good, model)
+    try:
+        assert anatomy(model).qkv_layout == "per_head"
+    finally:
+        del FAMILIES["my_neox"]
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3"])
+def test_bias_switches_are_the_ones_the_family_reads(kind, tmp_path):
+    """BitFit's merged export turns a config switch on: only where the family's layers read it."""
+    import torch
+
+    import leantune
+    from leantune.export import save_merged
+
+    model = _tiny_hf(kind)
+    m = leantune.apply(model, "bitfit", targets="q,k,v,o")
+    with torch.no_grad():
+        for _, p in m.trainable_parameters():
+            p.add_(0.1)
+    if kind == "qwen3":  # attention_bias gives q, k, v, o a bias
+        save_merged(model, None, tmp_path / "m")
+    else:  # Mistral's and Qwen2's attention biases are fixed in code: refused, not silently dropped on reload
+        with pytest.raises(ValueError, match="has no switch that gives them a bias"):
+            save_merged(model, None, tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen2-moe"])
+def test_moe_experts_and_router_are_not_linear_roles(name):
+    model, _ = tiny(name)
+    a = check_anatomy(anatomy(model))
+    moe = model.model.layers[0].mlp
+    assert a.n_experts == 4 and a.blocks[0].router is moe.gate and a.blocks[0].experts is moe.experts
+    assert a.intermediate == moe.experts.down_proj.shape[-1]
+    assert all(mod is not moe.gate for _, _, _, mod in a.linears("all-linear"))  # the router is never "gate"
+    if name.endswith("moe"):  # Qwen2-MoE's shared expert plays gate/up/down
+        assert a.blocks[0].linear("down") is moe.shared_expert.down_proj
+    else:
+        assert a.blocks[0].linear("gate") is None and a.blocks[0].linear("down") is None
+    assert [p for _, part, i, p in a.expert_params() if i == 0] == [moe.experts.gate_up_proj, moe.experts.down_proj]
+    spec = FamilySpec(blocks="layers", embed="embed_tokens", roles={"gate": "mlp.gate"}, norms=())
+    with pytest.raises(UnsupportedModelError, match="TopKRouter, not a linear layer"):
+        anatomy(model, spec)
+
+
+def test_full_and_lisa_freeze_the_router_unless_asked():
+    import leantune
+
+    for method, opts in (("full", {}), ("lisa", {"gamma": 2})):
+        for train_router in (False, True):
+            model, _ = tiny("builtin:tiny-mixtral")
+            m = leantune.apply(model, method, train_router=train_router, **opts)
+            names = {n for n, _ in m.trainable_parameters()}
+            assert ("model.layers.0.mlp.gate.weight" in names) is train_router, (method, train_router)
+            assert "model.layers.0.mlp.experts.down_proj" in names

@@ -106,3 +106,47 @@ def test_train_save_merged_says_which_folder(tmp_path, method, options, kind):
 def test_base_info_names_the_shipped_recipe():
     info = json.loads(run("base", "info").stdout)
     assert info["name"] == "builtin:base" and len(info["recipe_hash"]) == 16
+
+
+DECODER_FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "neox", "opt", "falcon", "olmo2"]
+CLI_METHODS = {"lora": 3, "s2ft": 3, "lisa": 3, "light_peft": 25}  # Light-PEFT estimates for 20 steps, then prunes
+CLI_REFUSALS = {("olmo2", "light_peft"): "whole-projection q/k norms"}
+# the fused and multi-query layouts by default; every decoder family x method with LEANTUNE_SLOW=1 (about 5 min)
+CLI_CELLS = [(f, m) for f in DECODER_FAMILIES for m in CLI_METHODS] if os.environ.get("LEANTUNE_SLOW") == "1" else [
+    ("phi3", "light_peft"), ("neox", "light_peft"), ("falcon", "light_peft"), ("olmo2", "light_peft")]
+
+
+@pytest.mark.parametrize(("family", "method"), CLI_CELLS)
+def test_train_every_decoder_family_from_the_cli(tmp_path, family, method):
+    out = tmp_path / "out"
+    proc = run("train", "--model", f"builtin:tiny-{family}", "--method", method, "--task", "builtin:arith",
+               "--max-steps", str(CLI_METHODS[method]), "--batch-size", "4", "--eval-samples", "4", "--no-progress",
+               "--output-dir", str(out), "--save-merged", check=(family, method) not in CLI_REFUSALS)
+    if (family, method) in CLI_REFUSALS:
+        assert proc.returncode == 2 and CLI_REFUSALS[family, method] in proc.stderr
+        assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused at start, before any step
+        return
+    assert json.loads(proc.stdout)["steps"] == CLI_METHODS[method]
+    if method == "light_peft":
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert any(r.get("prune_heads_kept", 0) < r.get("prune_heads_total", 0) for r in rows)  # it did prune
+    # the merged folder computes what the adapter on a fresh base computes
+    import torch
+
+    import leantune
+    from leantune.prune import load_merged
+
+    base, _ = leantune.load_model(f"builtin:tiny-{family}")
+    leantune.load(base, out)
+    ids = torch.randint(3, 259, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_merged(out / "merged")(input_ids=ids).logits, base.eval()(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_save_merged_that_cannot_be_is_refused_before_training(tmp_path):
+    """BitFit adds FFN biases that no Gemma config switch can hold: said at start, not after training."""
+    proc = run("train", "--model", "builtin:tiny-gemma", "--method", "bitfit", "--task", "builtin:arith",
+               "--max-steps", "3", "--output-dir", str(tmp_path / "out"), "--save-merged", "--no-progress", check=False)
+    assert proc.returncode == 2 and "no switch that gives them a bias" in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -74,15 +74,42 @@ FOUNDATION_CASES = {
     # tiny-bert: separate query/key/value, attention.output.dense, intermediate/output
     "tiny-bert": dict(heads=[[1, 2], [0, 1, 3]], kv_heads=[[1, 2], [0, 1, 3]], ffn=[[3, 4, 90], list(range(64))]),
 }
+_GQA = dict(heads=[[2, 3], [0, 2]], kv_heads=[[1], [0, 1]], ffn=[[1, 5, 6, 127], list(range(0, 128, 3))])
+_MHA = dict(heads=[[0, 2, 3], [1]], kv_heads=[[0, 2, 3], [1]], ffn=[[1, 5, 6, 127], list(range(0, 128, 3))])
+FOUNDATION_CASES.update({
+    "tiny-gemma": _GQA, "tiny-gemma2": _GQA, "tiny-gemma3": _GQA,  # per-head q/k norms (Gemma 3) stay whole
+    "tiny-phi3": _GQA,  # fused qkv [q|k|v] with GQA, fused gate_up [gate|up], head counts read from the config
+    "tiny-neox": _MHA,  # per-head interleaved fused qkv
+    "tiny-opt": _MHA, "tiny-deberta": _MHA,  # DeBERTa: relative-position projections share q/k (share_att_key)
+    # multi-query: one KV head (the config says 4), kept by every layer
+    "tiny-falcon": dict(heads=[[0, 2, 3], [1]], kv_heads=[[0], [0]], ffn=[[1, 5, 6, 255], list(range(0, 256, 3))]),
+})
 
 
 @pytest.mark.parametrize("name", sorted(FOUNDATION_CASES))
 def test_masked_model_equals_pruned_model(name):
-    model = fresh(name)
+    check_masked_equals_pruned(fresh(name), FOUNDATION_CASES[name])
+
+
+@pytest.mark.parametrize("layout", ["per_head", "grouped"])
+def test_masked_model_equals_pruned_model_in_falcons_other_layouts(layout):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    kv = {"per_head": dict(multi_query=False, num_kv_heads=4), "grouped": dict(new_decoder_architecture=True,
+                                                                              num_kv_heads=2)}[layout]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = FalconForCausalLM(FalconConfig(vocab_size=259, hidden_size=64, num_hidden_layers=2,
+                                               num_attention_heads=4, ffn_hidden_size=128, **kv)).eval()
+    case = (FOUNDATION_CASES["tiny-neox"] if layout == "per_head" else FOUNDATION_CASES["tiny-llama"])
+    check_masked_equals_pruned(model, {**case, "ffn": [[1, 5, 6, 127], list(range(0, 128, 3))]})
+
+
+def check_masked_equals_pruned(model, case):
     method = leantune.apply(model, "light_peft")
     randomize_adapter(method)
     plan = empty_plan(method)
-    for k, v in FOUNDATION_CASES[name].items():
+    for k, v in case.items():
         setattr(plan, k, v)
     plan.validate()
     set_masks_from_plan(method, plan)
@@ -643,3 +670,25 @@ def test_resume_keeps_the_estimation_length_of_its_checkpoint(tmp_path):
     result = train(model2, data, TrainConfig(max_steps=30, **cfg), pad_id=tok.pad_token_id)
     assert method2.pruned
     assert [r["step"] for r in result.history if "prune_heads_kept" in r] == [22]
+
+
+def test_surgery_slices_whole_projection_qk_norms_with_their_heads():
+    """OLMo 2 normalizes q and k over the whole projection: a cut keeps each kept head's norm entries (Light-PEFT
+    refuses to estimate heads there, but a plan given directly still applies)."""
+    from leantune.anatomy import anatomy
+    from leantune.prune import apply_foundation_plan
+
+    model = fresh("tiny-olmo2")
+    a = anatomy(model)
+    attn = model.model.layers[0].self_attn
+    q_norm, k_norm = attn.q_norm.weight.detach().clone(), attn.k_norm.weight.detach().clone()
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.arange(q_norm.numel()).float())
+        attn.k_norm.weight.copy_(torch.arange(k_norm.numel()).float())
+    plan = PrunePlan(2, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate, heads=[[2, 3], [0, 1]],
+                     kv_heads=[[1], [0]])
+    apply_foundation_plan(a, plan)
+    hd = a.head_dim
+    assert attn.q_norm.weight.tolist() == list(range(2 * hd, 4 * hd))  # query heads 2 and 3
+    assert attn.k_norm.weight.tolist() == list(range(hd, 2 * hd))  # KV head 1
+    assert logits(model, ids_for(model)).isfinite().all()

@@ -5,8 +5,10 @@ import torch
 from torch.func import functional_call
 
 import leantune
+from conftest import fixed_batch, logits, tiny
 from leantune.anatomy import is_conv1d
 from leantune.methods import fused
+from leantune.methods.base import ConfigError
 
 
 def _tuned(model_name, dtype=torch.float32, **options):
@@ -188,3 +190,51 @@ def test_a_deep_copy_computes_with_its_own_adapter():
         base = model(input_ids=ids).logits
     assert not torch.allclose(before, plain)
     torch.testing.assert_close(plain, base)  # the copy ran its own (identity) adapter, not the original's
+
+
+@pytest.mark.parametrize("name", ["builtin:tiny-mixtral", "builtin:tiny-qwen2-moe"])
+def test_expert_lora_equals_experts_with_the_low_rank_update_added(name, tmp_path):
+    """experts=true: a pair per routed expert on the 3-D parameters. Reference: a plain model whose expert weights
+    are W_e + scale * B_e A_e, written by hand; then merge, save/load and the merged export agree with it."""
+    from transformers import AutoModelForCausalLM
+
+    from leantune.export import save_merged
+
+    model, tok = tiny(name)
+    batch = fixed_batch(len(tok))
+    m = leantune.apply(model, "lora", experts=True, r=4, alpha=8, targets="q")
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in m.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours = logits(model, batch)
+    ref, _ = tiny(name)
+    with torch.no_grad():
+        for (_n, mod), layer in zip(m.experts.items(), ref.model.layers, strict=True):
+            for attr in ("gate_up_proj", "down_proj"):
+                pair = getattr(mod, f"lora_{attr}")
+                getattr(layer.mlp.experts, attr).add_(torch.einsum("eor,eri->eoi", pair.B, pair.A) * (8 / 4))
+            q = ref.model.layers[layer.self_attn.layer_idx].self_attn.q_proj
+            src = dict(m.layers)[f"model.layers.{layer.self_attn.layer_idx}.self_attn.q_proj"].lora
+            q.weight.add_(src.B @ src.A * 2.0)
+    torch.testing.assert_close(ours, logits(ref, batch), rtol=1e-5, atol=1e-5)
+    assert any("experts.lora_down_proj" in n for n, _ in m.trainable_parameters())
+    leantune.save(model, tmp_path / "a")
+    fresh, _ = tiny(name)
+    leantune.load(fresh, tmp_path / "a")
+    torch.testing.assert_close(logits(fresh, batch), ours, rtol=0, atol=0)
+    save_merged(model, tok, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(plain, batch), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_lora_refusals():
+    model, _ = tiny("builtin:tiny-llama")
+    with pytest.raises(ConfigError, match="no routed experts"):
+        leantune.apply(model, "lora", experts=True)
+    model, _ = tiny("builtin:tiny-mixtral")
+    with pytest.raises(ConfigError, match="experts=true takes plain LoRA"):
+        leantune.apply(model, "lora", experts=True, dora=True)
+    m = leantune.apply(model, "lora", experts=True)
+    with pytest.raises(ValueError, match="no PEFT folder form"):
+        m.lora_factors()

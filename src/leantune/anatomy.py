@@ -4,21 +4,36 @@ The only place in leantune that knows model families. Methods ask for roles (``q
 ``embed`` ...) and get modules back; they never spell module names.
 
 Roles of a block's linear layers:
-  ``q k v o``          attention projections (GPT-2 has one fused ``qkv`` instead of q, k, v)
-  ``gate up down``     the FFN (gate only in SwiGLU families)
+  ``q k v o``          attention projections (GPT-2, Phi-3, GPT-NeoX, Falcon have one fused ``qkv`` instead)
+  ``gate up down``     the FFN (gate only in gated families; Phi-3 has one fused ``gate_up``)
 Weights are read through :func:`weight_2d`, which always returns the (out, in) view, also for GPT-2's Conv1D
 layers that store (in, out).
+
+Layouts: where a fused layer keeps each part is the spec's business, not the methods'. ``qkv_layout`` says how the
+rows of a fused ``qkv`` are ordered (see ``QKV_LAYOUTS``); a fused ``gate_up`` is ``[gate | up]``. Methods and
+``prune/`` ask :meth:`Anatomy.head_rows`, :meth:`Anatomy.ffn_rows` and :meth:`Anatomy.head_columns` for indices.
+Head counts and sizes are read from the weights where the config may not tell the truth (Falcon's multi-query
+attention has one KV head whatever ``num_kv_heads`` says).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+FUSED_ROLES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # a fused role stands for these roles
 ALL_LINEAR = "all-linear"
+
+# Row order of a fused qkv projection (heads of head_dim rows each; g = query heads per KV head):
+QKV_LAYOUTS = {
+    "blocked": "[q heads | k heads | v heads] (GPT-2, Phi-3, Falcon multi-query)",
+    "per_head": "for each head [q | k | v] (GPT-NeoX, Falcon without multi-query; as many KV heads as query heads)",
+    "grouped": "for each KV head [its g query heads | k | v] (Falcon's new decoder architecture)",
+}
 
 
 @dataclass(frozen=True)
@@ -41,8 +56,20 @@ class FamilySpec:
     intermediate_attr: tuple[str, ...] = ("intermediate_size", "n_inner")
     # role -> config switch that gives that role's linear layers a bias (a merged BitFit export turns it on)
     bias_switches: dict[str, str] = field(default_factory=dict)
+    # Row order of the fused "qkv" role, a key of QKV_LAYOUTS, or a function config -> key (Falcon's depends on it)
+    qkv_layout: str | Callable = "blocked"
+    # Norms applied to the queries / keys inside attention (per block); their size says per head (head_dim, shared
+    # by all heads: Qwen3, Gemma 3) or whole projection (heads x head_dim: OLMo 2, sliced with the heads)
+    q_norm: str | None = None
+    k_norm: str | None = None
+    # Mixture of experts (per block): the module whose 3-D parameters gate_up_proj [E, 2I, H] and down_proj
+    # [E, H, I] are the routed experts, and the router (not a Linear, never a role; frozen unless a method's option
+    # says otherwise). A shared expert, where there is one, plays the gate/up/down roles.
+    experts: str | None = None
+    router: str | None = None
 
 
+_ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
 _LLAMA = FamilySpec(
     blocks="layers",
     embed="embed_tokens",
@@ -57,7 +84,82 @@ _LLAMA = FamilySpec(
         "down": "mlp.down_proj",
     },
     norms=("input_layernorm", "post_attention_layernorm", "self_attn.q_norm", "self_attn.k_norm"),
-    bias_switches={**dict.fromkeys(("q", "k", "v", "o"), "attention_bias"), **dict.fromkeys(("gate", "up", "down"), "mlp_bias")},
+    bias_switches={**_ATTN_BIAS, **dict.fromkeys(("gate", "up", "down"), "mlp_bias")},
+    q_norm="self_attn.q_norm",
+    k_norm="self_attn.k_norm",
+)
+# Mistral and Qwen2 build their layers' biases in code (Qwen2: q, k, v always; nothing else): no config switch.
+_FIXED_BIAS = replace(_LLAMA, bias_switches={})
+_QWEN3 = replace(_LLAMA, bias_switches=_ATTN_BIAS)  # attention_bias only; the MLP never has one
+# Gemma 1/2/3: LLaMA's names, extra norms around the FFN (Gemma 2/3), per-head q/k norms (Gemma 3)
+_GEMMA = replace(_LLAMA, bias_switches=_ATTN_BIAS,
+                 norms=_LLAMA.norms + ("pre_feedforward_layernorm", "post_feedforward_layernorm"))
+_OLMO2 = replace(_LLAMA, bias_switches=_ATTN_BIAS, norms=("post_attention_layernorm", "post_feedforward_layernorm",
+                                                         "self_attn.q_norm", "self_attn.k_norm"))
+_PHI3 = FamilySpec(
+    blocks="layers",
+    embed="embed_tokens",
+    final_norm="norm",
+    roles={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
+           "down": "mlp.down_proj"},
+    norms=("input_layernorm", "post_attention_layernorm"),
+)
+_GPT_NEOX = FamilySpec(
+    blocks="layers",
+    embed="embed_in",
+    final_norm="final_layer_norm",
+    roles={"qkv": "attention.query_key_value", "o": "attention.dense", "up": "mlp.dense_h_to_4h",
+           "down": "mlp.dense_4h_to_h"},
+    norms=("input_layernorm", "post_attention_layernorm"),
+    qkv_layout="per_head",
+    bias_switches={"qkv": "attention_bias", "o": "attention_bias"},
+)
+_OPT = FamilySpec(
+    blocks="decoder.layers",
+    embed="decoder.embed_tokens",
+    extra_embeds=("decoder.embed_positions",),
+    final_norm="decoder.final_layer_norm",
+    roles={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+           "up": "fc1", "down": "fc2"},
+    norms=("self_attn_layer_norm", "final_layer_norm"),
+    intermediate_attr=("ffn_dim",),
+    bias_switches=dict.fromkeys(("q", "k", "v", "o", "up", "down"), "enable_bias"),
+)
+
+
+def _falcon_layout(config) -> str:
+    if getattr(config, "new_decoder_architecture", False):
+        return "grouped"
+    return "blocked" if getattr(config, "multi_query", True) else "per_head"
+
+
+_FALCON = FamilySpec(
+    blocks="h",
+    embed="word_embeddings",
+    final_norm="ln_f",
+    roles={"qkv": "self_attention.query_key_value", "o": "self_attention.dense", "up": "mlp.dense_h_to_4h",
+           "down": "mlp.dense_4h_to_h"},
+    norms=("input_layernorm", "post_attention_layernorm", "ln_attn", "ln_mlp"),
+    n_kv_heads_attr=("num_kv_heads",),
+    intermediate_attr=("ffn_hidden_size",),
+    qkv_layout=_falcon_layout,
+    bias_switches=dict.fromkeys(("qkv", "o", "up", "down"), "bias"),
+)
+_DEBERTA_V2 = FamilySpec(
+    blocks="encoder.layer",
+    embed="embeddings.word_embeddings",
+    extra_embeds=("embeddings.position_embeddings", "embeddings.token_type_embeddings", "encoder.rel_embeddings"),
+    final_norm=None,
+    roles={
+        "q": "attention.self.query_proj",
+        "k": "attention.self.key_proj",
+        "v": "attention.self.value_proj",
+        "o": "attention.output.dense",
+        "up": "intermediate.dense",
+        "down": "output.dense",
+    },
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    causal=False,
 )
 
 _GPT2 = FamilySpec(
@@ -95,10 +197,30 @@ FAMILIES: dict[str, FamilySpec] = {
     "bert": _BERT,
     "roberta": _BERT,
 }
+_MIXTRAL = replace(_FIXED_BIAS, roles={r: p for r, p in _LLAMA.roles.items() if r in ("q", "k", "v", "o")},
+                   experts="mlp.experts", router="mlp.gate")
+_QWEN2_MOE = replace(_FIXED_BIAS, roles={**{r: p for r, p in _LLAMA.roles.items() if r in ("q", "k", "v", "o")},
+                                         "gate": "mlp.shared_expert.gate_proj", "up": "mlp.shared_expert.up_proj",
+                                         "down": "mlp.shared_expert.down_proj"},
+                     experts="mlp.experts", router="mlp.gate")
+FAMILIES.update({"mixtral": _MIXTRAL, "qwen2_moe": _QWEN2_MOE})
+FAMILIES.update({"mistral": _FIXED_BIAS, "qwen2": _FIXED_BIAS, "qwen3": _QWEN3, "gemma": _GEMMA, "gemma2": _GEMMA,
+                 "gemma3_text": _GEMMA, "olmo2": _OLMO2, "phi3": _PHI3, "gpt_neox": _GPT_NEOX, "opt": _OPT,
+                 "falcon": _FALCON, "deberta-v2": _DEBERTA_V2})
 
 
-def register_family(model_type: str, spec: FamilySpec) -> None:
-    """Teach leantune a new family: ``register_family("my_llama", FamilySpec(blocks="layers", ...))``."""
+def register_family(model_type: str, spec: FamilySpec, model: nn.Module | None = None) -> None:
+    """Teach leantune a new family: ``register_family("my_llama", FamilySpec(blocks="layers", ...), model)``.
+
+    With ``model``, the spec is checked against it first (every role found, shapes that add up for the layouts it
+    names) and refused with the reason if it does not fit; nothing is registered then."""
+    if not isinstance(spec, FamilySpec):
+        raise TypeError(f"register_family({model_type!r}, ...): spec must be a FamilySpec, got {type(spec).__name__}")
+    if isinstance(spec.qkv_layout, str) and spec.qkv_layout not in QKV_LAYOUTS:
+        raise UnsupportedModelError(f"family {model_type!r}: qkv_layout {spec.qkv_layout!r} is not one of "
+                                    f"{', '.join(QKV_LAYOUTS)}")
+    if model is not None:
+        check_anatomy(anatomy(model, spec))
     FAMILIES[model_type] = spec
 
 
@@ -106,20 +228,131 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+# -- families from outside: a YAML file (--family-spec) or an installed package's entry point -----------------
+
+ENTRY_POINT_GROUP = "leantune.families"
+SPEC_ENV = "LEANTUNE_FAMILY_SPECS"  # family-spec files (os.pathsep-separated), read by this process and its children
+_TUPLE_FIELDS = ("norms", "extra_embeds", "head_names", "n_heads_attr", "n_kv_heads_attr", "hidden_attr",
+                 "intermediate_attr")
+_loaded_outside = False
+
+
+def spec_from_dict(d: dict, where: str = "family spec") -> tuple[str, FamilySpec]:
+    """``{"model_type": ..., <FamilySpec fields>}`` -> (model_type, spec); unknown or missing keys are refused."""
+    if not isinstance(d, dict) or not isinstance(d.get("model_type"), str):
+        raise UnsupportedModelError(f"{where}: a family is a mapping with model_type, blocks, embed, roles, norms")
+    d = dict(d)
+    model_type = d.pop("model_type")
+    known = set(FamilySpec.__dataclass_fields__)
+    unknown, missing = sorted(set(d) - known), sorted({"blocks", "embed", "roles", "norms"} - set(d))
+    if unknown or missing:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): unknown key(s) {unknown}, missing {missing}; "
+                                    f"known keys: model_type, {', '.join(sorted(known))}")
+    if not isinstance(d["roles"], dict) or not all(isinstance(v, str) for v in d["roles"].values()):
+        raise UnsupportedModelError(f"{where} ({model_type!r}): roles must map role names to module paths")
+    bad = sorted(set(d["roles"]) - set(LINEAR_ROLES) - set(FUSED_ROLES))
+    if bad:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): unknown role(s) {bad}; roles are "
+                                    f"{', '.join((*LINEAR_ROLES, *FUSED_ROLES))}")
+    if d.get("qkv_layout", "blocked") not in QKV_LAYOUTS:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): qkv_layout {d['qkv_layout']!r} is not one of "
+                                    f"{', '.join(QKV_LAYOUTS)}")
+    for k in _TUPLE_FIELDS:
+        if k in d:
+            d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
+    return model_type, FamilySpec(**d)
+
+
+def load_family_specs(path) -> list[str]:
+    """Register the families a YAML file describes (one mapping, or a list of them); returns their model types."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UnsupportedModelError(f"family spec {str(path)!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UnsupportedModelError(f"family spec {str(path)!r} is not valid YAML: {e}") from None
+    items = data if isinstance(data, list) else [data]
+    specs = [spec_from_dict(item, f"family spec {str(path)!r}") for item in items]
+    for model_type, spec in specs:
+        register_family(model_type, spec)
+    return [t for t, _ in specs]
+
+
+def use_family_specs(paths) -> None:
+    """Register the families of these YAML files here and in child processes (the bench's runs)."""
+    import os
+
+    paths = [str(os.path.abspath(p)) for p in paths]
+    for p in paths:
+        load_family_specs(p)
+    if paths:
+        before = [p for p in os.environ.get(SPEC_ENV, "").split(os.pathsep) if p]
+        os.environ[SPEC_ENV] = os.pathsep.join(dict.fromkeys(before + paths))
+
+
+def _load_outside_families() -> None:
+    """Once per process: the specs named by $LEANTUNE_FAMILY_SPECS and the ``leantune.families`` entry points (name:
+    the model_type; value: a FamilySpec, or a function returning one)."""
+    global _loaded_outside
+    if _loaded_outside:
+        return
+    _loaded_outside = True
+    import os
+    from importlib.metadata import entry_points
+
+    for p in [p for p in os.environ.get(SPEC_ENV, "").split(os.pathsep) if p]:
+        load_family_specs(p)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in FAMILIES:
+            continue
+        obj = ep.load()
+        spec = obj() if callable(obj) and not isinstance(obj, FamilySpec) else obj
+        if not isinstance(spec, FamilySpec):
+            raise UnsupportedModelError(f"entry point {ep.name!r} in {ENTRY_POINT_GROUP!r} ({ep.value}) gives a "
+                                        f"{type(spec).__name__}, not a FamilySpec")
+        register_family(ep.name, spec)
+
+
+def known_family(model_type: str | None) -> FamilySpec | None:
+    """The spec of ``model_type``: built in, registered, from a family-spec file or an installed entry point."""
+    if model_type not in FAMILIES:
+        _load_outside_families()
+    return FAMILIES.get(model_type)
+
+
 @dataclass
 class Block:
     index: int
     module: nn.Module
-    linears: dict[str, nn.Module]  # role -> module; GPT-2 has "qkv" instead of q/k/v
+    linears: dict[str, nn.Module]  # role -> module; fused families have "qkv" / "gate_up" instead of the parts
     norms: list[nn.Module]
+    qk_norms: dict[str, nn.Module] = field(default_factory=dict)  # "q" / "k" -> the norm on queries / keys
+    experts: nn.Module | None = None  # mixture of experts: the module with 3-D gate_up_proj / down_proj
+    router: nn.Module | None = None
 
     def linear(self, role: str) -> nn.Module | None:
-        """A role's module; q/k/v fall back to a fused qkv module."""
+        """A role's module; q/k/v and gate/up fall back to the fused module that holds them."""
         if role in self.linears:
             return self.linears[role]
-        if role in ("q", "k", "v") and "qkv" in self.linears:
-            return self.linears["qkv"]
-        return None
+        fused = fused_role(role)
+        return self.linears.get(fused) if fused else None
+
+    def holder(self, role: str) -> str | None:
+        """The role of the module that holds ``role`` here (``"qkv"`` for q on GPT-2), None if absent."""
+        if role in self.linears:
+            return role
+        fused = fused_role(role)
+        return fused if fused in self.linears else None
+
+
+def fused_role(role: str) -> str | None:
+    """The fused role that stands for ``role`` (``"qkv"`` for q, k, v; ``"gate_up"`` for gate, up)."""
+    return next((f for f, parts in FUSED_ROLES.items() if role in parts), None)
 
 
 @dataclass
@@ -137,6 +370,8 @@ class Anatomy:
     hidden: int
     intermediate: int
     names: dict[int, str] = field(default_factory=dict)  # id(module) -> qualified name in the model
+    qkv_layout: str = "blocked"  # the fused qkv's row order (QKV_LAYOUTS), resolved for this model's config
+    n_experts: int = 0  # routed experts per block (0: a dense FFN)
 
     @property
     def causal(self) -> bool:
@@ -146,7 +381,8 @@ class Anatomy:
         return self.names[id(module)]
 
     def linears(self, roles) -> list[tuple[str, str, int, nn.Module]]:
-        """(qualified name, role, block index, module) for the requested roles, each module once."""
+        """(qualified name, role, block index, module) for the requested roles, each module once; a fused module
+        comes with its own role (``qkv``, ``gate_up``)."""
         wanted = resolve_roles(roles)
         out, seen = [], set()
         for block in self.blocks:
@@ -155,8 +391,20 @@ class Anatomy:
                 if mod is None or id(mod) in seen:
                     continue
                 seen.add(id(mod))
-                real_role = "qkv" if (role in ("q", "k", "v") and "qkv" in block.linears) else role
-                out.append((self.name_of(mod), real_role, block.index, mod))
+                out.append((self.name_of(mod), block.holder(role), block.index, mod))
+        return out
+
+    def routers(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of every block's MoE router (empty for dense models)."""
+        return [(self.name_of(b.router), b.router) for b in self.blocks if b.router is not None]
+
+    def expert_params(self) -> list[tuple[str, str, int, nn.Parameter]]:
+        """(qualified name, "gate_up" or "down", block index, 3-D parameter) of the routed experts."""
+        out = []
+        for b in self.blocks:
+            if b.experts is not None:
+                for part, attr in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
+                    out.append((f"{self.name_of(b.experts)}.{attr}", part, b.index, getattr(b.experts, attr)))
         return out
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
@@ -164,6 +412,67 @@ class Anatomy:
         if include_final and self.final_norm is not None:
             mods.append(self.final_norm)
         return [(self.name_of(m), m) for m in mods]
+
+    # -- where the parts are: indices for methods and surgery -------------------------------------------------
+    def head_rows(self, part: str, heads=None) -> torch.Tensor:
+        """Output rows of ``part``'s heads (``q``: query heads, ``k``/``v``: KV heads; all when ``heads`` is None)
+        in the module that holds ``part`` (its own projection, or the fused qkv in this family's layout), in head
+        order."""
+        if part not in ("q", "k", "v"):
+            raise ValueError(f"head_rows: part must be q, k or v, not {part!r}")
+        hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        count = nq if part == "q" else nkv
+        h = torch.arange(count) if heads is None else torch.as_tensor(heads, dtype=torch.long).reshape(-1)
+        if len(h) and (h.min() < 0 or h.max() >= count):
+            raise ValueError(f"head_rows: {part} heads {h.tolist()} out of range (this model has {count})")
+        within = torch.arange(hd)
+        if not any("qkv" in b.linears for b in self.blocks):
+            start = h * hd
+        elif self.qkv_layout == "blocked":
+            start = {"q": 0, "k": nq * hd, "v": (nq + nkv) * hd}[part] + h * hd
+        elif self.qkv_layout == "per_head":
+            start = h * 3 * hd + {"q": 0, "k": hd, "v": 2 * hd}[part]
+        else:  # grouped: per KV head, its g query heads, then k, then v
+            g = nq // nkv
+            if part == "q":
+                start = (h // g) * (g + 2) * hd + (h % g) * hd
+            else:
+                start = h * (g + 2) * hd + (g if part == "k" else g + 1) * hd
+        return (start[:, None] + within).reshape(-1)
+
+    def qkv_rows(self, q_heads, kv_heads) -> torch.Tensor:
+        """Rows of a fused qkv that hold query heads ``q_heads`` and KV heads ``kv_heads``, in the fused order
+        (keeping them keeps the layout: every layout orders its parts the same way after a cut)."""
+        rows = torch.cat([self.head_rows("q", q_heads), self.head_rows("k", kv_heads), self.head_rows("v", kv_heads)])
+        return torch.sort(rows).values
+
+    def head_columns(self, heads=None) -> torch.Tensor:
+        """Input columns of ``o`` for query heads ``heads`` (all when None): head h covers [h*hd, (h+1)*hd)."""
+        h = torch.arange(self.n_heads) if heads is None else torch.as_tensor(heads, dtype=torch.long).reshape(-1)
+        return (h[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+    def ffn_rows(self, part: str, channels=None) -> torch.Tensor:
+        """Output rows of FFN ``part`` (``gate`` or ``up``) channels in the module that holds it (a fused gate_up
+        is [gate | up]); all channels when None."""
+        if part not in ("gate", "up"):
+            raise ValueError(f"ffn_rows: part must be gate or up, not {part!r}")
+        ch = torch.arange(self.intermediate) if channels is None else torch.as_tensor(channels, dtype=torch.long)
+        fused = any("gate_up" in b.linears for b in self.blocks)
+        return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
+
+    def qk_norm_entries(self, heads) -> torch.Tensor:
+        """Entries of a whole-projection q/k norm's weight that belong to ``heads`` (of its own projection)."""
+        h = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
+        return (h[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
+
+    def qk_norm_kind(self) -> str | None:
+        """``"per_head"`` (one head_dim-sized norm shared by the heads), ``"whole"`` (one weight per projection row,
+        sliced with the heads) or None (no q/k norm)."""
+        b = self.blocks[0] if self.blocks else None
+        norm = b.qk_norms.get("q") if b else None
+        if norm is None or getattr(norm, "weight", None) is None:
+            return None
+        return "per_head" if norm.weight.shape[-1] == self.head_dim else "whole"
 
 
 def resolve_roles(roles) -> list[str]:
@@ -173,7 +482,7 @@ def resolve_roles(roles) -> list[str]:
     roles = list(roles)
     if ALL_LINEAR in roles:
         return list(LINEAR_ROLES)
-    bad = [r for r in roles if r not in LINEAR_ROLES + ("qkv",)]
+    bad = [r for r in roles if r not in LINEAR_ROLES + tuple(FUSED_ROLES)]
     if bad or not roles:
         raise ValueError(
             f"unknown target role(s) {bad or roles!r}: use any of {', '.join(LINEAR_ROLES)} or '{ALL_LINEAR}'"
@@ -202,14 +511,29 @@ def family_spec(model: nn.Module, spec: FamilySpec | None = None) -> FamilySpec:
     if spec is not None:
         return spec
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in FAMILIES:
-        return FAMILIES[model_type]
+    known = known_family(model_type)
+    if known is not None:
+        return known
     raise UnsupportedModelError(
         f"leantune does not know model_type {model_type!r} (class {type(model).__name__}). Known: "
         f"{', '.join(sorted(FAMILIES))}. Describe it once with "
         "leantune.anatomy.register_family(model_type, FamilySpec(blocks='layers', embed='embed_tokens', "
-        "final_norm='norm', roles={'q': 'self_attn.q_proj', ...}, norms=('input_layernorm', ...)))"
+        "final_norm='norm', roles={'q': 'self_attn.q_proj', ...}, norms=('input_layernorm', ...)), model), or "
+        "with --family-spec spec.yaml on the command line"
     )
+
+
+def _kv_heads_from_weights(blocks: list[Block], layout: str, n_heads: int, head_dim: int) -> int | None:
+    """The KV-head count the first block's weights hold (None when they do not say)."""
+    if not blocks:
+        return None
+    b = blocks[0]
+    if "k" in b.linears:
+        return weight_2d(b.linears["k"]).shape[0] // head_dim
+    if "qkv" in b.linears:
+        rows = weight_2d(b.linears["qkv"]).shape[0]
+        return n_heads if layout == "per_head" else (rows // head_dim - n_heads) // 2
+    return None
 
 
 def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
@@ -233,19 +557,40 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: block {i} has no module at {path!r} (role {role!r})"
                 )
+            if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
+                raise UnsupportedModelError(
+                    f"model_type {config.model_type!r}: {path!r} (role {role!r}) is a {type(mod).__name__}, not a "
+                    "linear layer; a role names a Linear (or Conv1D) module (an MoE router or experts module is "
+                    "named by the spec's router / experts fields)"
+                )
             linears[role] = mod
         norms = [m for p in spec.norms if (m := _get(bmod, p)) is not None]
-        blocks.append(Block(i, bmod, linears, norms))
+        qk = {part: m for part, p in (("q", spec.q_norm), ("k", spec.k_norm)) if p and (m := _get(bmod, p)) is not None}
+        experts = _get(bmod, spec.experts) if spec.experts else None
+        if experts is not None and not all(getattr(getattr(experts, a, None), "dim", lambda: 0)() == 3
+                                           for a in ("gate_up_proj", "down_proj")):
+            raise UnsupportedModelError(
+                f"model_type {config.model_type!r}: block {i} {spec.experts!r} ({type(experts).__name__}) has no 3-D "
+                "gate_up_proj [experts, 2*I, H] and down_proj [experts, H, I] parameters")
+        blocks.append(Block(i, bmod, linears, norms, qk, experts, _get(bmod, spec.router) if spec.router else None))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         head = next((m for h in spec.head_names if (m := _get(model, h)) is not None and m is not base), None)
 
+    layout = spec.qkv_layout(config) if callable(spec.qkv_layout) else spec.qkv_layout
     n_heads = _config_int(config, spec.n_heads_attr)
-    n_kv = _config_int(config, spec.n_kv_heads_attr, n_heads)
     hidden = _config_int(config, spec.hidden_attr)
-    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
-    intermediate = _config_int(config, spec.intermediate_attr) or 4 * hidden
+    head_dim = int(getattr(config, "head_dim", None) or hidden // n_heads)
+    # the weights are the truth where the config's attribute may not be (Falcon multi-query: 1 KV head)
+    n_kv = _kv_heads_from_weights(blocks, layout, n_heads, head_dim) or _config_int(config, spec.n_kv_heads_attr, n_heads)
+    down = blocks[0].linears.get("down") if blocks else None
+    experts = next((b.experts for b in blocks if b.experts is not None), None)
+    if experts is not None:  # the roles' FFN is a shared expert's (or none); the intermediate size is the experts'
+        down = None
+    intermediate = (in_out_features(down)[0] if down is not None else None) or (
+        experts.down_proj.shape[-1] if experts is not None else None) or _config_int(
+        config, spec.intermediate_attr) or 4 * hidden
     embed = _get(base, spec.embed)
     return Anatomy(
         model_type=config.model_type,
@@ -257,11 +602,55 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
         blocks=blocks,
         n_heads=n_heads,
         n_kv_heads=n_kv,
-        head_dim=int(head_dim),
+        head_dim=head_dim,
         hidden=hidden,
         intermediate=intermediate,
         names=names,
+        qkv_layout=layout,
+        n_experts=experts.gate_up_proj.shape[0] if experts is not None else 0,
     )
+
+
+def check_anatomy(anat: Anatomy) -> Anatomy:
+    """Refuse an anatomy whose shapes do not add up for the layouts its spec names (clear message, which layer and
+    what was expected). Run on an unpruned model: every block must have the same shapes."""
+    where = f"model_type {anat.model_type!r}"
+    if anat.embed is None:
+        raise UnsupportedModelError(f"{where}: no embedding at {anat.spec.embed!r}")
+    if not anat.blocks:
+        raise UnsupportedModelError(f"{where}: no blocks at {anat.spec.blocks!r}")
+    if anat.qkv_layout not in QKV_LAYOUTS:
+        raise UnsupportedModelError(f"{where}: qkv_layout {anat.qkv_layout!r} is not one of {', '.join(QKV_LAYOUTS)}")
+    hd, nq, nkv, inter = anat.head_dim, anat.n_heads, anat.n_kv_heads, anat.intermediate
+    if nkv < 1 or nq % nkv:
+        raise UnsupportedModelError(f"{where}: {nq} query heads do not group over {nkv} KV heads")
+    if anat.qkv_layout == "per_head" and nq != nkv:
+        raise UnsupportedModelError(f"{where}: qkv_layout 'per_head' needs as many KV heads as query heads "
+                                    f"({nq} vs {nkv})")
+    for b in anat.blocks:
+        ffn = in_out_features(b.linears["down"])[0] if b.experts is not None and "down" in b.linears else inter
+        expect_out = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "qkv": (nq + 2 * nkv) * hd, "up": ffn,
+                      "gate": ffn, "gate_up": 2 * ffn}
+        expect_in = {"o": nq * hd, "down": ffn}
+        for role, mod in b.linears.items():
+            in_f, out_f = in_out_features(mod)
+            if role in expect_out and out_f != expect_out[role]:
+                raise UnsupportedModelError(
+                    f"{where}: block {b.index} role {role!r} ({anat.name_of(mod)}) has {out_f} outputs, expected "
+                    f"{expect_out[role]} ({nq} query / {nkv} KV heads of {hd}, FFN {inter}); check the spec's "
+                    "roles, qkv_layout and the config's head attributes")
+            if role in expect_in and in_f != expect_in[role]:
+                raise UnsupportedModelError(
+                    f"{where}: block {b.index} role {role!r} ({anat.name_of(mod)}) has {in_f} inputs, expected "
+                    f"{expect_in[role]}")
+        for part, norm in b.qk_norms.items():
+            weight = getattr(norm, "weight", None)
+            size = weight.shape[-1] if weight is not None else hd  # a norm without a scale fits either kind
+            whole = (nq if part == "q" else nkv) * hd
+            if size not in (hd, whole):
+                raise UnsupportedModelError(f"{where}: block {b.index} {part}_norm has size {size}; expected {hd} "
+                                            f"(per head) or {whole} (whole projection)")
+    return anat
 
 
 def is_conv1d(module: nn.Module) -> bool:

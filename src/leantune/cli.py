@@ -17,6 +17,13 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def _use_family_specs(paths: list[Path]) -> None:
+    """Register the families of ``--family-spec`` files (here and in the bench's child runs)."""
+    from .anatomy import use_family_specs
+
+    use_family_specs(paths)
+
+
 def parse_options(pairs: list[str]) -> dict:
     """``["r=16", "targets=q,v"]`` -> ``{"r": 16, "targets": "q,v"}`` (JSON values where they parse)."""
     out = {}
@@ -88,6 +95,8 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="held-out share of --data (default 0.1)"),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="pack short examples into rows"),
     save_merged: bool = typer.Option(False, "--save-merged", help="also write the merged model to OUTPUT_DIR/merged"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto (the checkpoint's; fp16 -> fp32 on CPU) "
                                              "| fp32 | bf16 | fp16: how the frozen base loads"),
 ):
@@ -95,6 +104,7 @@ def train(
     from .train.loop import TrainConfig
 
     try:
+        _use_family_specs(family_spec)
         recipe = load_recipe(config) if config else {}
         opts = dict((recipe.get("method") or {}).get("options") or {})
         opts.update(parse_options(option))
@@ -151,12 +161,15 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder (leantune or PEFT)"),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text, repeatable"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
 ):
     """Greedy generation from a base model, with an adapter if given."""
     from .pipeline import load_for_inference
 
     try:
+        _use_family_specs(family_spec)
         m, tok = load_for_inference(model, str(adapter) if adapter else None, base_dtype)
         from .data.evaluate import greedy_generate
 
@@ -181,12 +194,15 @@ def evaluate(
     max_length: int = typer.Option(1024, "--max-length", help="tokens per example for the loss"),
     seed: int = typer.Option(0, "--seed", help="the training seed (for --split validation of a file)"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="as in training (for --split validation)"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
 ):
     """Greedy generation and exact match (whitespace-normalized), and the mean token loss, on one split."""
     from .pipeline import run_evaluation
 
     try:
+        _use_family_specs(family_spec)
         res = run_evaluation(
             model_name=model, adapter=str(adapter) if adapter else None, task=task, data_path=data, split=split,
             limit=limit, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, val_fraction=val_fraction,
@@ -207,11 +223,14 @@ def export(
     fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT LoRA folder)"),
     output_dir: Path = typer.Option(..., "--output-dir", help="a new or empty folder"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
 ):
     """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
     from .export import export_adapter
 
     try:
+        _use_family_specs(family_spec)
         res = export_adapter(str(adapter), fmt, output_dir, model_name=model)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
@@ -276,11 +295,14 @@ def bench(
     keep_adapters: bool = typer.Option(False, "--keep-adapters", help="keep the trained adapters under work/"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each job"),
     default_lrs: bool = typer.Option(False, "--default-lrs", help="each method's own default LR, also on builtin:base"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
 ):
     """Methods head to head on one base, task and budget: quality, memory, FLOPs, time, inference overhead."""
     from .measure.bench import JobFailed, config_from_options, run_bench
 
     try:
+        _use_family_specs(family_spec)
         cfg = config_from_options(
             quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
             batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,

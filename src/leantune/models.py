@@ -67,6 +67,58 @@ def _tiny_bert(vocab: int):
     return BertForMaskedLM(cfg)
 
 
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=512)
+
+
+def _tiny_hf(config_cls: str, model_cls: str, **kw):
+    """A builder for a 2-layer random-init model of any transformers family (the family matrix's models)."""
+
+    def build(vocab: int):
+        import transformers
+
+        cfg = getattr(transformers, config_cls)(vocab_size=vocab, **kw)
+        return getattr(transformers, model_cls)(cfg)
+
+    return build
+
+
+# One tiny model per built-in family, each with the layout that family brings (GQA, fused, multi-query ...).
+_FAMILY_MODELS = {
+    "tiny-gemma": (_tiny_hf("GemmaConfig", "GemmaForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2, head_dim=16),
+                   "2-layer Gemma, GQA 4q/2kv, scaled embeddings, tied head"),
+    "tiny-gemma2": (_tiny_hf("Gemma2Config", "Gemma2ForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                             head_dim=16, sliding_window=8), "2-layer Gemma 2, GQA, soft-capping, sliding window"),
+    "tiny-gemma3": (_tiny_hf("Gemma3TextConfig", "Gemma3ForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                             head_dim=16, sliding_window=8), "2-layer Gemma 3 (text), GQA, per-head q/k norms"),
+    "tiny-phi3": (_tiny_hf("Phi3Config", "Phi3ForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                           tie_word_embeddings=False), "2-layer Phi-3, fused qkv (GQA 4q/2kv) and fused gate_up"),
+    "tiny-neox": (_tiny_hf("GPTNeoXConfig", "GPTNeoXForCausalLM", **_SMALL, **_IDS, hidden_dropout=0.0,
+                           attention_dropout=0.0), "2-layer GPT-NeoX (Pythia), per-head interleaved fused qkv"),
+    "tiny-opt": (_tiny_hf("OPTConfig", "OPTForCausalLM", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=512, word_embed_proj_dim=64, dropout=0.0,
+                          attention_dropout=0.0, **_IDS), "2-layer OPT, learned positions, biases everywhere"),
+    "tiny-falcon": (_tiny_hf("FalconConfig", "FalconForCausalLM", hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_kv_heads=4, multi_query=True, hidden_dropout=0.0,
+                             attention_dropout=0.0, **_IDS),
+                    "2-layer Falcon, multi-query attention (1 KV head; the config says 4), parallel attention"),
+    "tiny-olmo2": (_tiny_hf("Olmo2Config", "Olmo2ForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                            tie_word_embeddings=False), "2-layer OLMo 2, GQA, whole-projection q/k norms"),
+    "tiny-mixtral": (_tiny_hf("MixtralConfig", "MixtralForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                              num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
+                     "2-layer Mixtral, 4 experts (top 2) as 3-D parameters, GQA"),
+    "tiny-qwen2-moe": (_tiny_hf("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_SMALL, **_IDS, num_key_value_heads=2,
+                                num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                shared_expert_intermediate_size=96, tie_word_embeddings=False),
+                       "2-layer Qwen2-MoE, 4 routed experts (top 2) and a shared expert, GQA"),
+    "tiny-deberta": (_tiny_hf("DebertaV2Config", "DebertaV2ForMaskedLM", **_SMALL, pad_token_id=0,
+                              relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=32,
+                              share_att_key=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                     "2-layer DeBERTa-v3 style masked LM (disentangled relative attention), an encoder"),
+}
+
+
 @dataclass(frozen=True)
 class BuiltinModel:
     build: callable
@@ -77,6 +129,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     "tiny-llama": BuiltinModel(_tiny_llama, "2-layer LLaMA, hidden 64, GQA 4q/2kv heads, explicit head_dim 24"),
     "tiny-gpt2": BuiltinModel(_tiny_gpt2, "2-layer GPT-2, hidden 64, 4 heads (fused c_attn, Conv1D)"),
     "tiny-bert": BuiltinModel(_tiny_bert, "2-layer BERT masked LM, hidden 64, 4 heads (an encoder)"),
+    **{name: BuiltinModel(build, desc) for name, (build, desc) in _FAMILY_MODELS.items()},
 }
 
 
@@ -140,9 +193,9 @@ def _load_hf(name: str, dtype):
             f"cannot load model {name!r}: not a local folder with config.json and not reachable on the hub "
             f"({e.__class__.__name__}). Use a local path, a builtin: model (see `leantune models`), or go online."
         ) from None
-    from .anatomy import FAMILIES
+    from .anatomy import known_family
 
-    spec = FAMILIES.get(config.model_type)
+    spec = known_family(config.model_type)
     auto = AutoModelForCausalLM if (spec is None or spec.causal) else AutoModelForMaskedLM
     model = auto.from_pretrained(name, dtype=dtype) if dtype is not None else auto.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)

@@ -53,6 +53,8 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
             f"{model_name!r} is an encoder ({method.anatomy.model_type}); leantune's generative training needs a "
             "causal LM. Use the Python API with your own loss for encoders."
         )
+    if save_merged and (why := method.merged_export_refusal()):
+        raise ValueError(f"--save-merged: {why}")
     report: dict = {}
     data, held_out, scorer, max_new, source = load_training_data(
         tokenizer, task, data_path, max_length, train_config.seed, val_fraction, report)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..anatomy import LINEAR_ROLES, anatomy, in_out_features, is_conv1d, weight_2d
+from ..anatomy import FUSED_ROLES, LINEAR_ROLES, anatomy, in_out_features, is_conv1d, weight_2d
 from ..io import AdapterError, atomic_save_tensors, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
@@ -307,7 +307,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     our_alpha = _most_common([alpha[n] for n in parts if rank[n] == top])
     config = LoraConfig(
         r=top, alpha=our_alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rslora=rslora, dora=dora,
-        targets=",".join(r for r in (*LINEAR_ROLES, "qkv") if r in {roles[n] for n in parts}),
+        targets=",".join(r for r in (*LINEAR_ROLES, *FUSED_ROLES) if r in {roles[n] for n in parts}),
     )
     method = Lora(config).apply(model)
     ours = scale(our_alpha, top)

@@ -259,9 +259,11 @@ class Method:
             )
         from ..io import fingerprint
 
+        anat = anat or anatomy(model)
+        self.check_model(anat)  # a refusal leaves the model as it was
         self.base_fingerprint = fingerprint(model)
         self.model = model
-        self.anatomy = anat or anatomy(model)
+        self.anatomy = anat
         for p in model.parameters():
             p.requires_grad_(False)
         before = {id(m) for m in model.modules()}
@@ -271,6 +273,10 @@ class Method:
                 m.train(model.training)
         model.__dict__["leantune_method"] = self  # plain attribute: not a submodule, not in state_dict
         return self
+
+    def check_model(self, anat: Anatomy) -> None:
+        """Refuse, before anything changes, a model whose family or layout this method (with this config) cannot
+        handle: raise ``ConfigError`` naming what is missing. The default takes every model."""
 
     def _apply(self, model: nn.Module, anat: Anatomy) -> None:
         raise NotImplementedError
@@ -343,6 +349,11 @@ class Method:
         """After ``merge()``: take the method's modules, hooks and state off the model, keeping the merged weights,
         and return the model. Mergeable methods override it (``merge_and_unload`` calls it)."""
         raise NotImplementedError(f"method {self.name!r} cannot be unloaded")
+
+    def merged_export_refusal(self) -> str | None:
+        """Why this fine-tune cannot become a plain model of the base architecture, or None when it can: asked
+        before training when a merged export is wanted, so a run does not fail at its end."""
+        return None
 
     def save_merged(self, directory, tokenizer=None) -> dict | None:
         """Write the merged model yourself, for a method that changes the architecture (Light-PEFT's pruned

@@ -211,6 +211,21 @@ class LightPeft(Method):
     def pruned(self) -> bool:
         return self.plan is not None
 
+    def check_model(self, anat):
+        cfg = self.config
+        ffn = cfg.ffn_ratio > 0 if cfg.plan is None else cfg.plan.get("ffn") is not None
+        if ffn and anat.n_experts:
+            raise ConfigError(
+                f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts; Light-PEFT "
+                "cannot prune expert channels yet: prune attention heads only with ffn_ratio=0")
+        heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
+        if heads and anat.qk_norm_kind() == "whole":
+            raise ConfigError(
+                f"light_peft: this {anat.model_type} model normalizes its queries and keys over all heads at once "
+                "(whole-projection q/k norms), so removing a head changes the others' normalization and the pruned "
+                "model would not be the masked model it was estimated on; prune FFN channels only with head_ratio=0"
+            )
+
     def _apply(self, model, anat):
         cfg = self.config
         self.peft = PEFT_PRUNERS[cfg.base_method](model, anat, cfg)

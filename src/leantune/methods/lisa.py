@@ -48,6 +48,7 @@ class LisaConfig(MethodConfig):
     always_on: str = "embed,head,final_norm"  # comma list of embed, head, final_norm, rest; "none" for nothing
     seed: int = 0
     keep_base: bool = False  # copy what training may change to CPU memory so that remove() can restore the base
+    train_router: bool = False  # mixture of experts: the active blocks' routers train too (frozen by default)
 
     def parts(self) -> list[str]:
         """The always-on parts as a list (empty for "none" or "")."""
@@ -88,6 +89,8 @@ class Lisa(Method):
         names = {id(p): name for name, p in model.named_parameters()}  # tied weights under their first name
         self.always_on = self._select_always_on(model, anat, names)
         on_ids = {id(p) for p in self.always_on.values()}
+        if not cfg.train_router:  # a router stays frozen even in an active block
+            on_ids |= {id(p) for _, r in anat.routers() for p in r.parameters()}
         self.block_params: list[dict[str, nn.Parameter]] = [
             {names[id(p)]: p for p in b.module.parameters() if id(p) not in on_ids} for b in anat.blocks
         ]

@@ -5,6 +5,10 @@ its forward adds ``scale * B A x``, computed with the layer's own product in one
 (``methods/fused.py``). Module names of the base are untouched, so a merged model is the plain base architecture
 again. GPT-2's fused ``c_attn`` is one target for the q, k and v roles (as in PEFT).
 
+Mixture of experts (``experts=true``): besides the Linear roles, one low-rank pair per routed expert on the 3-D
+``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I] (as PEFT's ``target_parameters``), applied as a
+parametrization ``W + s B A`` computed once per forward of the experts module.
+
 DoRA: ``W' = m * (W + s B A) / ||W + s B A||`` row-wise (the norm is treated as a constant in backward, as in the
 paper and PEFT). Unmerge subtracts what merge added: equal to the base within float rounding (about 1e-6 relative
 in fp32), not bitwise.
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
 from ..precision import trainable_dtype
@@ -33,8 +38,12 @@ class LoraConfig(MethodConfig):
     targets: str = "all-linear"  # roles: q,k,v,o,gate,up,down or all-linear
     rslora: bool = False  # scale = alpha / sqrt(r) instead of alpha / r
     dora: bool = False  # weight-decomposed LoRA: a trainable magnitude per output row
+    experts: bool = False  # MoE: also a low-rank pair per routed expert on gate_up_proj and down_proj
 
     def validate(self):
+        if self.experts and (self.dora or self.dropout):
+            raise ConfigError("lora: experts=true takes plain LoRA (no dora, dropout=0): the expert pairs act on the "
+                              "3-D parameters, not on a layer's input")
         if self.r < 1:
             raise ConfigError(f"lora: r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -107,6 +116,51 @@ def _lora_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
     return _lora_term(module, x, base_forward(x, *args, **kwargs))
 
 
+class ExpertLora(nn.Module):
+    """One low-rank pair per expert for a 3-D expert parameter W [E, out, in]: ``W + scale * B_e A_e`` (float32
+    pairs; the sum is formed in W's dtype, as a weight, so on a bf16 base the update is rounded to bf16 there).
+    Lives as a child ``lora_<param>`` of the experts module."""
+
+    def __init__(self, weight: torch.Tensor, r: int, scale: float):
+        super().__init__()
+        e, out_f, in_f = weight.shape
+        kw = {"dtype": trainable_dtype(weight), "device": weight.device}  # float32 on a bf16 base (precision.py)
+        self.A = nn.Parameter(torch.empty(e, r, in_f, **kw))
+        self.B = nn.Parameter(torch.zeros(e, out_f, r, **kw))
+        for a in self.A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.scale = scale
+        self.active = True
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        return torch.bmm(self.B, self.A) * self.scale
+
+
+class _ExpertDelta(nn.Module):
+    """The parametrization: W -> W + delta while the pair is active and not merged (the pair is held by reference,
+    so its parameters stay under the experts module's ``lora_<param>``)."""
+
+    def __init__(self, pair: ExpertLora):
+        super().__init__()
+        self.__dict__["pair"] = pair
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        pair = self.__dict__["pair"]
+        if not pair.active or pair.merged:
+            return w
+        return w + pair.delta_weight().to(w.dtype)
+
+
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def _experts_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kwargs):
+    """The experts module's own forward, with each parametrized weight computed once for the whole call."""
+    with parametrize.cached():
+        return base_forward(x, *args, **kwargs)
+
+
 def _add_stored(mod: nn.Module, delta_2d: torch.Tensor) -> None:
     """weight += delta (given as (out, in)) in the weight's stored layout: a transposed view writes slowly."""
     w = mod.weight
@@ -135,26 +189,50 @@ class Lora(Method):
             inference_overhead="extra_ffn",
         )
 
+    def check_model(self, anat):
+        if self.config.experts and not anat.n_experts:
+            raise ConfigError(f"lora: experts=true, but this {anat.model_type} model has no routed experts")
+
     def _apply(self, model, anat):
         cfg = self.config
         self.layers: dict[str, nn.Module] = {}
+        self.experts: dict[str, nn.Module] = {}  # experts module name -> module carrying lora_<param> pairs
         self._hooks = []
         targets = anat.linears(cfg.targets)
-        if not targets:
+        if not targets and not cfg.experts:
             raise ValueError(f"lora: no layers for targets {cfg.targets!r} in this {anat.model_type} model")
         for name, _role, _i, mod in targets:
             in_f, out_f = in_out_features(mod)
             mod.add_module("lora", LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora))
             self._hooks.append(fused.override_forward(mod, _lora_forward))
             self.layers[name] = mod
+        for b in anat.blocks if cfg.experts else ():
+            if b.experts is None:
+                continue
+            for attr in _EXPERT_PARAMS:
+                pair = ExpertLora(getattr(b.experts, attr), cfg.r, cfg.scale)
+                b.experts.add_module(f"lora_{attr}", pair)
+                parametrize.register_parametrization(b.experts, attr, _ExpertDelta(pair), unsafe=True)
+            self._hooks.append(fused.override_forward(b.experts, _experts_forward))
+            self.experts[anat.name_of(b.experts)] = b.experts
+
+    def _expert_pairs(self):
+        """(experts module name, parameter name, experts module, pair) for every adapted expert parameter."""
+        for name, mod in self.experts.items():
+            for attr in _EXPERT_PARAMS:
+                yield name, attr, mod, getattr(mod, f"lora_{attr}")
 
     def trainable_parameters(self):
         for name, mod in self.layers.items():
             for pname, p in mod.lora.named_parameters():
                 yield f"{name}.lora.{pname}", p
+        for name, attr, _mod, pair in self._expert_pairs():
+            yield f"{name}.lora_{attr}.A", pair.A
+            yield f"{name}.lora_{attr}.B", pair.B
 
     def num_changed(self) -> int:
-        return sum(in_out_features(m)[0] * in_out_features(m)[1] for m in self.layers.values())
+        return (sum(in_out_features(m)[0] * in_out_features(m)[1] for m in self.layers.values())
+                + sum(pair.A.shape[0] * pair.A.shape[2] * pair.B.shape[1] for *_, pair in self._expert_pairs()))
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -163,6 +241,9 @@ class Lora(Method):
             out[f"{name}.lora_B"] = mod.lora.B.data
             if mod.lora.magnitude is not None:
                 out[f"{name}.magnitude"] = mod.lora.magnitude.data
+        for name, attr, _mod, pair in self._expert_pairs():
+            out[f"{name}.{attr}.lora_A"] = pair.A.data
+            out[f"{name}.{attr}.lora_B"] = pair.B.data
         return out
 
     @torch.no_grad()
@@ -180,6 +261,10 @@ class Lora(Method):
                 lora._merged_norm = norm
                 _set_stored(mod, (w + delta) * (lora.magnitude.float() / norm)[:, None])
             lora.merged = True
+        for _name, attr, mod, pair in self._expert_pairs():
+            original = mod.parametrizations[attr].original
+            original.add_(pair.delta_weight().to(original.dtype))
+            pair.merged = True
         self.merged = True
 
     @torch.no_grad()
@@ -196,6 +281,10 @@ class Lora(Method):
                 _set_stored(mod, w * (lora._merged_norm / lora.magnitude.float())[:, None] - delta)
                 lora._merged_norm = None
             lora.merged = False
+        for _name, attr, mod, pair in self._expert_pairs():
+            original = mod.parametrizations[attr].original
+            original.sub_(pair.delta_weight().to(original.dtype))
+            pair.merged = False
         self.merged = False
 
     def remove(self) -> nn.Module:
@@ -210,10 +299,17 @@ class Lora(Method):
             h.remove()
         for mod in self.layers.values():
             del mod.lora
+        for _name, attr, mod, _pair in list(self._expert_pairs()):
+            # the original weight becomes the parameter again (merged values after merge_and_unload)
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            delattr(mod, f"lora_{attr}")
         return self._release()
 
     def lora_factors(self) -> dict:
         cfg = self.config
+        if self.experts:
+            raise ValueError("lora: the expert pairs (experts=true) have no PEFT folder form in leantune yet; "
+                             "export --format merged, or save the leantune adapter")
         return {
             "modules": {n: (m.lora.A.data, m.lora.B.data) for n, m in self.layers.items()},
             "alpha": cfg.alpha,

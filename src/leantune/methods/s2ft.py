@@ -120,17 +120,19 @@ class _InputSliceDelta(torch.autograd.Function):
 
 class S2FTSlice(nn.Module):
     """The trainable slice of one layer: ``indices`` into the (out, in) weight's ``side`` axis and the dense
-    block ``delta``. Selection works in ``units`` (a head = ``unit`` consecutive indices from ``offset``)."""
+    block ``delta``. Selection works in units: row u of ``unit_index`` holds unit u's ``unit`` indices on the sliced
+    axis (a head's rows inside a fused qkv, wherever the family's layout puts them; a channel's one index)."""
 
-    def __init__(self, side: str, count: int, unit: int, n_units: int, offset: int, weight: torch.Tensor):
+    def __init__(self, side: str, count: int, unit_index: torch.Tensor, weight: torch.Tensor):
         super().__init__()
         out_f, in_f = weight.shape
-        k = count * unit
+        k = count * unit_index.shape[1]
         shape = (out_f, k) if side == "in" else (k, in_f)
         self.delta = nn.Parameter(torch.zeros(shape, dtype=trainable_dtype(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(k, dtype=torch.long, device=weight.device), persistent=False)
         self.register_buffer("saved", None, persistent=False)  # the original columns while merged
-        self.side, self.unit, self.n_units, self.offset = side, unit, n_units, offset
+        self.register_buffer("unit_index", unit_index.to(dtype=torch.long, device=weight.device), persistent=False)
+        self.side, self.n_units, self.unit = side, unit_index.shape[0], unit_index.shape[1]
         self.selected = False
         self.merged = False
         self.active = True
@@ -235,8 +237,7 @@ class S2FT(Method):
                 if counts[t["name"]] == 0:
                     continue
                 mod = t["module"]
-                mod.add_module("s2ft", S2FTSlice(t["side"], counts[t["name"]], t["unit"], t["n_units"], t["offset"],
-                                                 weight_2d(mod)))
+                mod.add_module("s2ft", S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)))
                 self._hooks.append(fused.override_forward(mod, _s2ft_forward))
                 self.layers[t["name"]] = mod
         if not self.layers:
@@ -250,31 +251,40 @@ class S2FT(Method):
         elif self.calibration is not None:
             self.calibrate(self.calibration)
 
+    def check_model(self, anat: Anatomy) -> None:
+        ffn = [r for r in self.config.roles if r in ("down", "up")]
+        if ffn and anat.n_experts:
+            raise ConfigError(
+                f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D "
+                f"parameters; S²FT selects FFN channels ({', '.join(ffn)}) in Linear layers only, not per expert "
+                "yet: train attention heads alone with targets=o (or o,v)")
+
     def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
-        """Per block, the target layers with their slicing geometry, from the anatomy."""
-        hd, nh, nkv = anat.head_dim, anat.n_heads, anat.n_kv_heads
+        """Per block, the target layers with their slicing geometry: the anatomy says where each unit's indices are
+        (v heads inside a fused qkv, up channels inside a fused gate_up)."""
+        hd, nh = anat.head_dim, anat.n_heads
         out: dict[int, list[dict]] = {b.index: [] for b in anat.blocks}
         for role in self.config.roles:
-            for name, real_role, i, mod in anat.linears([role]):
+            for name, _real_role, i, mod in anat.linears([role]):
                 in_f, out_f = in_out_features(mod)
-                offset = 0
                 if role == "o":
-                    unit, n_units = hd, nh
                     if in_f != nh * hd:
                         raise ValueError(f"s2ft: {name} has {in_f} inputs, expected heads x head_dim = {nh}x{hd}")
+                    unit_index = anat.head_columns().reshape(nh, hd)
                 elif role == "v":
-                    unit, n_units = hd, nkv
-                    if real_role == "qkv":  # fused q|k|v (GPT-2): the v rows come after q and k
-                        offset = (nh + nkv) * hd
-                    if out_f != offset + nkv * hd:
-                        raise ValueError(f"s2ft: {name} has {out_f} outputs, expected {offset + nkv * hd} for "
-                                         f"{nkv} KV heads of {hd} (q/k/v layout not understood)")
+                    unit_index = anat.head_rows("v").reshape(anat.n_kv_heads, hd)
+                    if int(unit_index.max()) >= out_f:
+                        raise ValueError(f"s2ft: {name} has {out_f} outputs, too few for {anat.n_kv_heads} KV heads of "
+                                         f"{hd} in the {anat.qkv_layout!r} layout (q/k/v layout not understood)")
+                elif role == "up":
+                    unit_index = anat.ffn_rows("up")[:, None]
                 else:
-                    unit, n_units = 1, (in_f if role == "down" else out_f)
+                    unit_index = torch.arange(in_f)[:, None]
                 side = _SIDE[role]
+                unit, n_units = unit_index.shape[1], unit_index.shape[0]
                 cost = unit * (out_f if side == "in" else in_f)  # parameters per selected unit
-                out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit": unit,
-                               "n_units": n_units, "offset": offset, "cost": cost, "kind": _KIND[role]})
+                out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit_index": unit_index,
+                               "n_units": n_units, "cost": cost, "kind": _KIND[role]})
         return out
 
     def _lora_params(self, anat: Anatomy) -> dict[int, int]:
@@ -320,8 +330,7 @@ class S2FT(Method):
     @staticmethod
     def _unit_norms(s: S2FTSlice, coord_sq: torch.Tensor) -> torch.Tensor:
         """Per-unit L2 norm from per-index squared norms along the sliced axis."""
-        span = coord_sq[s.offset: s.offset + s.n_units * s.unit]
-        return span.reshape(s.n_units, s.unit).sum(1).sqrt()
+        return coord_sq[s.unit_index.to(coord_sq.device)].sum(1).sqrt()
 
     def _select(self, scores: dict[str, torch.Tensor] | None) -> None:
         """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
@@ -336,15 +345,15 @@ class S2FT(Method):
             allowed = torch.ones(s.n_units, dtype=torch.bool)
             ex = excluded.get((name, s.side))
             if ex is not None:
-                units = (ex - s.offset) // s.unit
-                allowed[units[(units >= 0) & (units < s.n_units)]] = False
+                units = _unit_of(s, weight_2d(mod).shape[s.dim])[ex.to(torch.long).cpu()]
+                allowed[units[units >= 0]] = False
             candidates = torch.nonzero(allowed).flatten()
             if len(candidates) < count:
                 raise ValueError(f"s2ft: {name} needs {count} units but only {len(candidates)} of {s.n_units} are "
                                  "outside the excluded adapter; lower the budget or exclude less")
             order = torch.argsort(score[candidates], stable=True)
             units = torch.sort(candidates[order[:count]]).values
-            idx = s.offset + (units[:, None] * s.unit + torch.arange(s.unit)).flatten()
+            idx = s.unit_index.cpu()[units].flatten()
             s.set_indices(idx)
 
     # -- calibration (activation / gradient selection) -----------------------------------------------------
@@ -439,7 +448,7 @@ class S2FT(Method):
 
     def selected_units(self) -> dict[str, list[int]]:
         """Per layer, the selected heads / channels (unit numbers, not indices)."""
-        return {n: ((m.s2ft.indices[:: m.s2ft.unit] - m.s2ft.offset) // m.s2ft.unit).tolist()
+        return {n: _unit_of(m.s2ft, weight_2d(m).shape[m.s2ft.dim])[m.s2ft.indices[:: m.s2ft.unit].cpu()].tolist()
                 for n, m in self.layers.items()}
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -574,6 +583,13 @@ class _SelectionGuard:
         return {}
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+def _unit_of(s: S2FTSlice, size: int) -> torch.Tensor:
+    """For every index of the sliced axis (``size`` of them), the unit that holds it (-1: none)."""
+    pos = torch.full((size,), -1, dtype=torch.long)
+    pos[s.unit_index.cpu().flatten()] = torch.arange(s.n_units).repeat_interleave(s.unit)
+    return pos
 
 
 def _coord_sq(w2d: torch.Tensor, side: str) -> torch.Tensor:

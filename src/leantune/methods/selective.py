@@ -107,6 +107,7 @@ class SelectiveMethod(Method):
 @dataclass
 class FullConfig(MethodConfig):
     keep_base: bool = False  # keep a copy of the base weights so that remove() can restore them (2x memory)
+    train_router: bool = False  # mixture of experts: the routers train too (frozen by default)
 
 
 @register("full")
@@ -121,7 +122,8 @@ class Full(SelectiveMethod):
         return self.config.keep_base
 
     def _select(self, model, anat):
-        return dict(model.named_parameters())
+        frozen = set() if self.config.train_router else {id(p) for _, r in anat.routers() for p in r.parameters()}
+        return {n: p for n, p in model.named_parameters() if id(p) not in frozen}
 
 
 @dataclass
@@ -168,15 +170,11 @@ class BitFit(SelectiveMethod):
     def unload(self) -> nn.Module:
         """Keep the added biases and switch on the config flags that give the plain architecture those biases
         (zero biases on the other layers a flag covers, so the model is exactly what the config builds)."""
+        why = self.merged_export_refusal()
+        if why:
+            raise ValueError(why)
         switches = self.anatomy.spec.bias_switches
         roles = self.added_bias_roles()
-        lacking = sorted(r for r in roles if r not in switches)
-        if lacking:
-            raise ValueError(
-                f"bitfit added biases to the {lacking} layers, but a {self.anatomy.model_type!r} config has no switch "
-                "that gives them a bias, so a plain model cannot hold them: export the adapter instead, or train "
-                "with add_missing=false"
-            )
         flags = {switches[r] for r in roles}
         model = self._model()
         for flag in sorted(flags):
@@ -186,6 +184,14 @@ class BitFit(SelectiveMethod):
                 w = mod.weight
                 mod.bias = nn.Parameter(torch.zeros(in_out_features(mod)[1], dtype=w.dtype, device=w.device))
         return super().unload()
+
+    def merged_export_refusal(self) -> str | None:
+        lacking = sorted(r for r in self.added_bias_roles() if r not in self.anatomy.spec.bias_switches)
+        if not lacking:
+            return None
+        return (f"bitfit added biases to the {lacking} layers, but a {self.anatomy.model_type!r} config has no switch "
+                "that gives them a bias, so a plain model cannot hold them: export the adapter instead, or train "
+                "with add_missing=false")
 
     def added_bias_roles(self) -> set[str]:
         """Roles that gained a bias (a merged export must switch the config's bias flags on)."""

@@ -1,10 +1,12 @@
 """Physical surgery: slice attention heads and FFN channels out of the base model, in place.
 
-Heads: output rows of q/k/v (GPT-2: the q, k and v parts of the fused ``c_attn``) and input columns of ``o``,
-in blocks of the model's explicit ``head_dim``. FFN channels: output rows of gate/up and input columns of down.
-Biases follow their rows. Attention modules read some head counts at forward time (``num_key_value_groups``
-for GQA, GPT-2's ``split_size``), so those attributes are set to the new per-layer values; the model config is
-shared by all layers and stays as it was (``export.save_merged`` writes an updated one where it fits).
+Heads: output rows of q/k/v (a fused qkv: the rows the anatomy names for its layout) and input columns of ``o``,
+in blocks of the model's explicit ``head_dim``. FFN channels: output rows of gate/up (a fused gate_up: both halves)
+and input columns of down. Biases follow their rows, whole-projection q/k norms (OLMo 2) follow their heads.
+Attention modules read some head counts at forward time (``num_key_value_groups`` for GQA, GPT-2's ``split_size``,
+Falcon's ``num_kv_heads``), so those attributes are set to the new per-layer values; modules that read them from
+the config at forward time (Phi-3) get a copy of the config of their own. The model config is shared by all layers
+and stays as it was (``export.save_merged`` writes an updated one where it fits).
 
 Every slice is reported to ``on_slice(layer, side, index)`` (side "out" or "in") so that an adapter sitting on
 the layer can follow.
@@ -12,6 +14,7 @@ the layer can follow.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -28,6 +31,7 @@ _HEAD_ATTRS = {
     "num_heads": lambda q, kv, hd: q,
     "num_attention_heads": lambda q, kv, hd: q,
     "num_key_value_heads": lambda q, kv, hd: kv,
+    "num_kv_heads": lambda q, kv, hd: kv,  # Falcon
     "all_head_size": lambda q, kv, hd: q * hd,
     "split_size": lambda q, kv, hd: q * hd,  # GPT-2 splits c_attn's output in three parts of this size
 }
@@ -64,38 +68,41 @@ def slice_in(layer: nn.Module, idx: torch.Tensor) -> None:
         layer.in_features = len(idx)
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Feature indices of whole heads: head h covers [h*head_dim, (h+1)*head_dim)."""
-    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
 def _noop(layer, side, idx):
     return None
 
 
 def prune_heads(anat: Anatomy, block: Block, q_heads: list[int], kv_heads: list[int], on_slice: OnSlice = _noop):
     """Keep query heads ``q_heads`` and KV heads ``kv_heads`` (original indices) of one block."""
-    hd, n_q, n_kv = anat.head_dim, anat.n_heads, anat.n_kv_heads
-    q_rows, kv_rows = head_rows(q_heads, hd), head_rows(kv_heads, hd)
-    if "qkv" in block.linears:  # fused: [q (n_q*hd) | k (n_kv*hd) | v (n_kv*hd)]
-        rows = torch.cat([q_rows, n_q * hd + kv_rows, (n_q + n_kv) * hd + kv_rows])
-        _slice(block.linears["qkv"], "out", rows, on_slice)
+    if "qkv" in block.linears:
+        _slice(block.linears["qkv"], "out", anat.qkv_rows(q_heads, kv_heads), on_slice)
     else:
-        _slice(block.linear("q"), "out", q_rows, on_slice)
-        _slice(block.linear("k"), "out", kv_rows, on_slice)
-        _slice(block.linear("v"), "out", kv_rows, on_slice)
-    _slice(block.linear("o"), "in", q_rows, on_slice)
-    _set_attrs(block, {k: f(len(q_heads), len(kv_heads), hd) for k, f in _HEAD_ATTRS.items()})
+        _slice(block.linear("q"), "out", anat.head_rows("q", q_heads), on_slice)
+        _slice(block.linear("k"), "out", anat.head_rows("k", kv_heads), on_slice)
+        _slice(block.linear("v"), "out", anat.head_rows("v", kv_heads), on_slice)
+    if anat.qk_norm_kind() == "whole":  # one weight per projection row: it keeps the kept heads' entries
+        for part, heads in (("q", q_heads), ("k", kv_heads)):
+            norm = block.qk_norms[part]
+            _replace(norm, "weight", norm.weight.detach()[anat.qk_norm_entries(heads)])
+    _slice(block.linear("o"), "in", anat.head_columns(q_heads), on_slice)
+    counts = {k: f(len(q_heads), len(kv_heads), anat.head_dim) for k, f in _HEAD_ATTRS.items()}
+    _set_attrs(block, counts)
+    spec = anat.spec
+    _set_config(block, {**dict.fromkeys(spec.n_heads_attr, len(q_heads)),
+                        **dict.fromkeys(spec.n_kv_heads_attr, len(kv_heads))})
 
 
-def prune_ffn(block: Block, channels: list[int], on_slice: OnSlice = _noop) -> None:
+def prune_ffn(anat: Anatomy, block: Block, channels: list[int], on_slice: OnSlice = _noop) -> None:
     """Keep FFN channels ``channels`` of one block (gate/up rows, down columns)."""
-    idx = torch.tensor(channels, dtype=torch.long)
+    if "gate_up" in block.linears:
+        rows = torch.cat([anat.ffn_rows("gate", channels), anat.ffn_rows("up", channels)])
+        _slice(block.linears["gate_up"], "out", rows, on_slice)
     for role in ("gate", "up"):
         if role in block.linears:
-            _slice(block.linears[role], "out", idx, on_slice)
-    _slice(block.linear("down"), "in", idx, on_slice)
+            _slice(block.linears[role], "out", anat.ffn_rows(role, channels), on_slice)
+    _slice(block.linear("down"), "in", torch.as_tensor(channels, dtype=torch.long), on_slice)
     _set_attrs(block, {"intermediate_size": len(channels)})
+    _set_config(block, dict.fromkeys(anat.spec.intermediate_attr, len(channels)))
 
 
 def apply_foundation_plan(anat: Anatomy, plan: PrunePlan, on_slice: OnSlice = _noop) -> None:
@@ -105,7 +112,7 @@ def apply_foundation_plan(anat: Anatomy, plan: PrunePlan, on_slice: OnSlice = _n
         if plan.heads is not None:
             prune_heads(anat, block, plan.heads[i], plan.kv_heads[i], on_slice)
         if plan.ffn is not None:
-            prune_ffn(block, plan.ffn[i], on_slice)
+            prune_ffn(anat, block, plan.ffn[i], on_slice)
 
 
 def _slice(layer: nn.Module, side: str, idx: torch.Tensor, on_slice: OnSlice) -> None:
@@ -119,3 +126,19 @@ def _set_attrs(block: Block, values: dict[str, int]) -> None:
             current = module.__dict__.get(name)
             if isinstance(current, int) and not isinstance(current, bool):
                 setattr(module, name, value)
+
+
+def _set_config(block: Block, values: dict[str, int]) -> None:
+    """Give the block's modules that keep the model config (and may read sizes from it at forward time) one copy
+    of their own with this block's sizes; the shared config stays as it was."""
+    shared = None
+    for module in block.module.modules():
+        cfg = module.__dict__.get("config")
+        if cfg is None or not hasattr(cfg, "to_dict"):
+            continue
+        if shared is None:
+            shared = copy.copy(cfg)
+            for name, value in values.items():
+                if isinstance(getattr(shared, name, None), int):
+                    setattr(shared, name, value)
+        module.config = shared
