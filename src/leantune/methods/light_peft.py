@@ -125,16 +125,8 @@ class LoraPruner:
 
     def drop_modules(self, names) -> None:
         """Take these LoRA branches off their layers (hook and weights)."""
-        names = set(names)
-        hooks = []
-        for (name, mod), hook in zip(list(self.layers.items()), self.method._hooks, strict=True):
-            if name in names:
-                hook.remove()
-                del mod.lora
-                del self.layers[name]
-            else:
-                hooks.append(hook)
-        self.method._hooks = hooks
+        for name in names:
+            self.method.detach(name)
 
     @torch.no_grad()
     def keep_ranks(self, name: str, idx: list[int]) -> None:

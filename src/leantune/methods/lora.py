@@ -21,7 +21,8 @@ from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
 from . import fused
-from .base import Capabilities, ConfigError, Method, MethodConfig, register
+from .attached import AttachedMethod
+from .base import Capabilities, ConfigError, MethodConfig, register
 
 
 @dataclass
@@ -118,7 +119,8 @@ def _set_stored(mod: nn.Module, new_2d: torch.Tensor) -> None:
 
 
 @register("lora")
-class Lora(Method):
+class Lora(AttachedMethod):
+    child_name = "lora"
     family = "reparametrization"
     description = "LoRA: a trainable low-rank update B·A beside each targeted linear layer (rsLoRA, DoRA flags)."
     config_cls = LoraConfig
@@ -136,21 +138,14 @@ class Lora(Method):
 
     def _apply(self, model, anat):
         cfg = self.config
-        self.layers: dict[str, nn.Module] = {}
-        self._hooks = []
+        self._start()
         targets = anat.linears(cfg.targets)
         if not targets:
             raise ValueError(f"lora: no layers for targets {cfg.targets!r} in this {anat.model_type} model")
         for name, _role, _i, mod in targets:
             in_f, out_f = in_out_features(mod)
-            mod.add_module("lora", LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora))
-            self._hooks.append(fused.override_forward(mod, _lora_forward))
-            self.layers[name] = mod
-
-    def trainable_parameters(self):
-        for name, mod in self.layers.items():
-            for pname, p in mod.lora.named_parameters():
-                yield f"{name}.lora.{pname}", p
+            self.attach(name, mod, LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora),
+                        _lora_forward)
 
     def num_changed(self) -> int:
         return sum(in_out_features(m)[0] * in_out_features(m)[1] for m in self.layers.values())
@@ -196,20 +191,6 @@ class Lora(Method):
                 lora._merged_norm = None
             lora.merged = False
         self.merged = False
-
-    def remove(self) -> nn.Module:
-        """Take LoRA off (unmerging first if merged): the base model back, within float rounding."""
-        self.unmerge()
-        return self.unload()
-
-    def unload(self) -> nn.Module:
-        """Take the LoRA modules and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
-        self._model()  # raises unless applied
-        for h in self._hooks:
-            h.remove()
-        for mod in self.layers.values():
-            del mod.lora
-        return self._release()
 
     def lora_factors(self) -> dict:
         cfg = self.config
