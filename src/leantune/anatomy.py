@@ -8,7 +8,17 @@ Roles of a block's linear layers:
   ``gate up down``     the FFN (gate only in SwiGLU families)
 Weights are read through :func:`weight_2d`, which always returns the (out, in) view, also for GPT-2's Conv1D
 layers that store (in, out).
+
+Placement points (where an attached module reads or writes, :meth:`Anatomy.placements`), each a linear role, a
+side of it (``in``: its input, ``out``: its output) and a feature range on that side:
+  ``attn_out``  after the attention output projection (the output of ``o``, before the residual add)
+  ``ffn_out``   after the FFN (the output of ``down``, before the residual add)
+  ``ffn_in``    the FFN's input (the input of ``up``); "beside the FFN" reads here and writes at ``ffn_out``
+  ``keys``      the keys (the output of ``k``; rows of a fused ``qkv``)
+  ``values``    the values (the output of ``v``; rows of a fused ``qkv``)
+  ``ffn_act``   the FFN's intermediate activation (the input of ``down``)
 """
+
 
 from __future__ import annotations
 
@@ -19,6 +29,15 @@ from torch import nn
 
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 ALL_LINEAR = "all-linear"
+# placement point -> (linear role, side): the default for every family (FamilySpec.placements overrides)
+PLACEMENTS: dict[str, tuple[str, str]] = {
+    "attn_out": ("o", "out"),
+    "ffn_out": ("down", "out"),
+    "ffn_in": ("up", "in"),
+    "keys": ("k", "out"),
+    "values": ("v", "out"),
+    "ffn_act": ("down", "in"),
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,9 @@ class FamilySpec:
     intermediate_attr: tuple[str, ...] = ("intermediate_size", "n_inner")
     # role -> config switch that gives that role's linear layers a bias (a merged BitFit export turns it on)
     bias_switches: dict[str, str] = field(default_factory=dict)
+    # placement point -> (role, side) where it differs from PLACEMENTS, or None where the family has no such point
+    # (an attached method that needs it refuses at apply)
+    placements: dict[str, tuple[str, str] | None] = field(default_factory=dict)
 
 
 _LLAMA = FamilySpec(
@@ -106,6 +128,33 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+class PlacementError(UnsupportedModelError):
+    """A method needs a placement point that this model family does not define."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One placement point in one block: the features ``[start, stop)`` of ``module``'s input (``side="in"``) or
+    output (``side="out"``); the whole side unless the layer is fused (GPT-2's keys: rows of ``c_attn``)."""
+
+    point: str
+    block: int
+    name: str  # the layer's qualified name in the model
+    module: nn.Module
+    side: str
+    start: int
+    stop: int
+    width: int  # the layer's full size on that side
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.width
+
+
 @dataclass
 class Block:
     index: int
@@ -158,6 +207,49 @@ class Anatomy:
                 real_role = "qkv" if (role in ("q", "k", "v") and "qkv" in block.linears) else role
                 out.append((self.name_of(mod), real_role, block.index, mod))
         return out
+
+    def placement_role(self, point: str) -> tuple[str, str] | None:
+        """(role, side) of a placement point in this family, or None where it has none."""
+        if point not in PLACEMENTS:
+            raise ValueError(f"unknown placement point {point!r}; known: {', '.join(PLACEMENTS)}")
+        return self.spec.placements.get(point, PLACEMENTS[point])
+
+    def missing_placements(self, points) -> list[str]:
+        """The points of ``points`` this model does not define."""
+        out = []
+        for point in points:
+            where = self.placement_role(point)
+            if where is None or any(b.linear(where[0]) is None for b in self.blocks):
+                out.append(point)
+        return out
+
+    def placements(self, point: str) -> list[Placement]:
+        """The point in every block (PlacementError, with what to do, where the family has none)."""
+        missing = self.missing_placements([point])
+        if missing:
+            raise PlacementError(
+                f"model_type {self.model_type!r} defines no placement point {point!r} (needed here); describe it in "
+                f"its FamilySpec: placements={{{point!r}: (role, 'in' or 'out')}}"
+            )
+        role, side = self.placement_role(point)
+        out = []
+        for block in self.blocks:
+            mod = block.linear(role)
+            in_f, out_f = in_out_features(mod)
+            width = in_f if side == "in" else out_f
+            start, stop = 0, width
+            if role in ("q", "k", "v") and "qkv" in block.linears and side == "out":
+                start, stop = self._qkv_rows(role, out_f, point)
+            out.append(Placement(point, block.index, self.name_of(mod), mod, side, start, stop, width))
+        return out
+
+    def _qkv_rows(self, role: str, out_f: int, point: str) -> tuple[int, int]:
+        """A fused qkv layer's output rows of q, k or v: the blocked layout [q | k | v] (GPT-2's c_attn)."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        if out_f != q + 2 * kv:
+            raise PlacementError(f"model_type {self.model_type!r}: the fused qkv layer has {out_f} outputs, expected "
+                                 f"{q + 2 * kv} for a blocked [q|k|v] layout; placement {point!r} is not understood")
+        return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}[role]
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
         mods = [n for b in self.blocks for n in b.norms]
