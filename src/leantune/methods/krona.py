@@ -1,0 +1,120 @@
+"""KronA (Edalati et al. 2022): a Kronecker-product update ``ΔW = s · (A ⊗ B)`` beside each targeted linear layer.
+
+A is (a1 × a2), B is (b1 × b2) with a1·b1 = out and a2·b2 = in. Factor shapes come from the layer's dimensions:
+each of out and in is split into its divisor pair closest to its square root, the smaller divisor going to A
+(``a1 ≤ b1``, ``a2 ≤ b2``; the rule PEFT's LoKr uses, so a KronA adapter is a LoKr adapter with full factors). A
+64 → 96 layer gets A 8×8 and B 12×8. A is zero at initialisation (the model is unchanged at step 0), B is
+kaiming-uniform.
+
+The term is computed without forming ΔW: with x viewed as a (a2 × b2) matrix X (row-major), ``(A ⊗ B) x`` is
+``A X Bᵀ`` read row-major. Merge adds ``s·(A ⊗ B)`` to the weight (unmerge subtracts it: the base returns within
+float rounding, as for LoRA). A, B are float32 whatever the base dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..anatomy import in_out_features, is_conv1d, resolve_roles
+from .attached import AttachedMethod, term_context
+from .base import Capabilities, ConfigError, MethodConfig, register
+
+
+def factor_pair(dim: int) -> tuple[int, int]:
+    """(m, n) with m·n = dim, m ≤ n and m the largest divisor of dim not above √dim."""
+    m = max(d for d in range(1, math.isqrt(dim) + 1) if dim % d == 0)
+    return m, dim // m
+
+
+@dataclass
+class KronaConfig(MethodConfig):
+    targets: str = "q,v"  # roles: q,k,v,o,gate,up,down or all-linear
+    scale: float = 1.0  # s
+
+    def validate(self):
+        try:
+            resolve_roles(self.targets)
+        except ValueError as e:
+            raise ConfigError(f"krona: {e}") from None
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"krona: scale must be finite, got {self.scale}")
+
+
+class KronaFactors(nn.Module):
+    def __init__(self, in_f: int, out_f: int, scale: float, device):
+        super().__init__()
+        (a1, b1), (a2, b2) = factor_pair(out_f), factor_pair(in_f)
+        self.A = nn.Parameter(torch.zeros(a1, a2, dtype=torch.float32, device=device))
+        self.B = nn.Parameter(torch.empty(b1, b2, dtype=torch.float32, device=device))
+        nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+        self.scale = scale
+        self.merged = False
+
+    def term(self, x: torch.Tensor) -> torch.Tensor:
+        """``s·(A ⊗ B) x`` for x (..., in), as ``A X Bᵀ`` (no ΔW formed), in float32."""
+        (a1, a2), (b1, b2) = self.A.shape, self.B.shape
+        lead = x.shape[:-1]
+        n = x[..., 0].numel()
+        # two plain 2-D products (a batched matmul picks its algorithm by requires_grad: results would depend on it)
+        t = (x.to(torch.float32).reshape(n * a2, b2) @ self.B.t()).view(n, a2, b1)  # X Bᵀ
+        y = (t.transpose(1, 2).reshape(n * b1, a2) @ self.A.t()).view(n, b1, a1)  # (A X Bᵀ)ᵀ
+        return y.transpose(1, 2).reshape(*lead, a1 * b1) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return torch.kron(self.A, self.B) * self.scale
+
+
+def _krona_forward(layer: nn.Module, base_forward, fusable: bool, x, *args, **kwargs):
+    h = base_forward(x, *args, **kwargs)
+    k: KronaFactors = layer.krona
+    if k.merged:
+        return h
+    with term_context(x):
+        return h + k.term(x).to(h.dtype)
+
+
+@register("krona")
+class Krona(AttachedMethod):
+    child_name = "krona"
+    family = "reparametrization"
+    description = "KronA: a Kronecker-product update s·(A ⊗ B) beside each targeted linear layer; mergeable."
+    config_cls = KronaConfig
+    default_lr = 1e-3
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn")
+
+    def _apply(self, model, anat):
+        self._start()
+        targets = anat.linears(self.config.targets)
+        if not targets:
+            raise ValueError(f"krona: no layers for targets {self.config.targets!r} in this {anat.model_type} model")
+        for name, _role, _i, mod in targets:
+            in_f, out_f = in_out_features(mod)
+            self.attach(name, mod, KronaFactors(in_f, out_f, self.config.scale, mod.weight.device), _krona_forward)
+
+    def num_changed(self) -> int:
+        return sum(in_out_features(m)[0] * in_out_features(m)[1] for m in self.layers.values())
+
+    @torch.no_grad()
+    def _add(self, sign: float) -> None:
+        for _name, layer, k in self.children():
+            delta = k.delta_weight() * sign
+            w = layer.weight
+            w.copy_((w.float() + (delta.t() if is_conv1d(layer) else delta)).to(w.dtype))
+            k.merged = sign > 0
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._add(1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._add(-1.0)
+            self.merged = False
