@@ -210,6 +210,7 @@ class BottleneckAdapters(AttachedMethod):
                     self.attach(p.name, p.module, self._bottleneck(p.size, p.size), _after_forward)
 
     def _check_points(self, anat: Anatomy) -> None:
+        self.require_points(anat, self.placement_points())
         sides = {"ffn_in": "in", "ffn_out": "out", "attn_out": "out"}
         for point in self.placement_points():
             for p in anat.placements(point):

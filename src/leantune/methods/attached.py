@@ -33,6 +33,11 @@ class AttachedMethod(Method):
         self.layers: dict[str, nn.Module] = {}  # qualified layer name -> the base layer that carries a child
         self._handles: dict[str, list] = {}  # layer name -> what to undo when it is detached
 
+    def require_points(self, anat, points) -> None:
+        """Refuse, before anything is attached, a model whose family lacks one of these placement points."""
+        for point in anat.missing_placements(points):
+            anat.placements(point)  # raises PlacementError with what to do
+
     # -- attach / detach ----------------------------------------------------------------------------------
     def attach(self, name: str, layer: nn.Module, child: nn.Module, forward: Callable | None = None) -> nn.Module:
         """Give ``layer`` (qualified name ``name``) the child module and, when given, the forward

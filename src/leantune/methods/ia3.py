@@ -106,6 +106,7 @@ class IA3(AttachedMethod):
 
     def _apply(self, model, anat):
         self._start()
+        self.require_points(anat, self.config.point_list)
         for point in self.config.point_list:
             for p in anat.placements(point):
                 if p.name not in self.layers:
