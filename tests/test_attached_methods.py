@@ -221,3 +221,36 @@ def test_a_family_without_a_placement_point_refuses_at_apply():
     fresh, _ = tiny("builtin:tiny-llama")
     ok = get_method("ia3")(get_method("ia3").config_cls(points="keys,values")).apply(fresh, anatomy(fresh, spec))
     assert len(ok.layers) == 2 * len(ok.anatomy.blocks)
+
+
+# -- PEFT round trips ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("method", "model_name"), [
+    ("ia3", "builtin:tiny-llama"), ("ia3", "builtin:tiny-gpt2"), ("ia3", "builtin:tiny-bert"),
+    ("krona", "builtin:tiny-llama"), ("krona", "builtin:tiny-bert"),
+])
+def test_peft_loads_the_export_with_equal_logits(method, model_name, tmp_path):
+    peft = pytest.importorskip("peft")
+    from leantune.interop.peft import export_peft
+
+    model, tok = tiny(model_name)
+    batch = fixed_batch(len(tok))
+    m = leantune.apply(model, method, **({"targets": "all-linear", "scale": 0.5} if method == "krona" else {}))
+    _randomize(m, ones_centered=method == "ia3")
+    ours = logits(model, batch)
+    export_peft(model, tmp_path / "peft")
+    base, _ = tiny(model_name)
+    assert not torch.allclose(logits(base, batch), ours, atol=1e-3)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft")
+    assert type(loaded.peft_config["default"]).__name__ == {"ia3": "IA3Config", "krona": "LoKrConfig"}[method]
+    torch.testing.assert_close(logits(loaded, batch), ours, rtol=0, atol=1e-5)
+
+
+def test_krona_on_conv1d_refuses_a_peft_export_and_says_what_to_do(tmp_path):
+    from leantune.interop.peft import export_peft
+
+    model, _ = tiny("builtin:tiny-gpt2")
+    leantune.apply(model, "krona")
+    with pytest.raises(ValueError, match="Conv1D.*merged"):
+        export_peft(model, tmp_path / "peft")

@@ -305,6 +305,14 @@ class Method:
         "dropout": float}``."""
         return None
 
+    def peft_adapter(self) -> dict | None:
+        """The fine-tune as another PEFT adapter type (not LoRA), for a PEFT export, or None: ``{"config": {PEFT
+        config fields, "peft_type" included, without the model's name, task or targets}, "weights": {qualified
+        module name: {PEFT tensor name: tensor}}, "module_fields": {config field: [qualified module names]}}`` (the
+        exporter names those modules the way it names the targets). Raises ValueError (saying why) where this model's layers
+        have no PEFT equivalent."""
+        return None
+
     def schedule(self):
         """A hook object for the training loop (see leantune.train.hooks), or None."""
         return None

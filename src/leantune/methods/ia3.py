@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Placement, weight_2d
+from ..anatomy import Placement, is_conv1d, weight_2d
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 
@@ -152,3 +152,20 @@ class IA3(AttachedMethod):
         if self.merged:
             self._rescale(invert=True)
             self.merged = False
+
+    def peft_adapter(self) -> dict:
+        """A PEFT IA3 adapter: ``ia3_l`` per layer, (out, 1) on k/v layers (ones on a fused layer's q rows),
+        (1, in) on the feedforward (down) layers."""
+        weights, feedforward = {}, []
+        for name, _layer, c in self.children():
+            sides = {seg[0] for seg in c.segments.values()}
+            if len(sides) > 1:
+                raise ValueError(f"ia3: {name} is scaled on its input and its output; PEFT's IA3 scales one side")
+            side = sides.pop()
+            vec = c.vector(side).detach().float()
+            weights[name] = {"ia3_l": vec[:, None] if side == "out" else vec[None, :]}
+            if side == "in":
+                feedforward.append(name)
+        config = {"peft_type": "IA3", "fan_in_fan_out": all(is_conv1d(m) for m in self.layers.values()),
+                  "init_ia3_weights": True, "modules_to_save": None}
+        return {"config": config, "weights": weights, "module_fields": {"feedforward_modules": feedforward}}

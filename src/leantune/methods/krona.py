@@ -118,3 +118,18 @@ class Krona(AttachedMethod):
         if self.merged:
             self._add(-1.0)
             self.merged = False
+
+    def peft_adapter(self) -> dict:
+        """A PEFT LoKr adapter with full factors: ``lokr_w1`` = A, ``lokr_w2`` = B, one r large enough that PEFT
+        keeps w2 whole (r ≥ max(B's shape) / 2) and alpha = s·r (LoKr's scale is alpha / r)."""
+        conv = [n for n, layer in self.layers.items() if is_conv1d(layer)]
+        if conv:
+            raise ValueError(f"krona: PEFT's LoKr has no layer type for GPT-2's Conv1D ({conv[0]}); export this "
+                             "adapter with --format merged instead")
+        r = max(max(c.B.shape) for _, _, c in self.children())
+        weights = {n: {"lokr_w1": c.A.detach().float(), "lokr_w2": c.B.detach().float()} for n, _, c in self.children()}
+        config = {"peft_type": "LOKR", "r": r, "alpha": self.config.scale * r, "rank_dropout": 0.0,
+                  "module_dropout": 0.0, "use_effective_conv2d": False, "decompose_both": False,
+                  "decompose_factor": -1, "init_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+                  "modules_to_save": None}
+        return {"config": config, "weights": weights}
