@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import Anatomy, PlacementError
+from ..prune.importance import AdapterUnit
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 
@@ -228,6 +229,31 @@ class BottleneckAdapters(AttachedMethod):
 
     def num_changed(self) -> int:
         return self.num_trainable()  # additive: nothing of the base changes; the added tensors are the change
+
+    # -- Light-PEFT's pruning interface: modules by ‖adapter(z)‖ / ‖z‖, bottleneck width by Taylor scores ----------
+    def prune_units(self) -> dict[str, AdapterUnit]:
+        return {n: AdapterUnit(layer, a.down.weight, a.up.weight, a, term_module=a) for n, layer, a in self.children()}
+
+    def prune_widths(self) -> dict[str, int]:
+        return {n: a.down.weight.shape[0] for n, _layer, a in self.children()}
+
+    @torch.no_grad()
+    def keep_widths(self, name: str, idx: list[int]) -> None:
+        """Keep bottleneck units ``idx``: rows of W_down and b_down, columns of W_up."""
+        a = self.child(name)
+        i = torch.tensor(idx, dtype=torch.long, device=a.down.weight.device)
+        a.down.weight = nn.Parameter(a.down.weight[i].contiguous())
+        a.down.bias = nn.Parameter(a.down.bias[i].contiguous())
+        a.up.weight = nn.Parameter(a.up.weight[:, i].contiguous())
+        a.down.out_features = a.up.in_features = len(idx)
+
+    def follow_slice(self, layer: nn.Module, side: str, idx: torch.Tensor) -> None:
+        """Adapters read and write hidden-size features (a layer's output after attention or the FFN, the FFN's
+        input), which foundation pruning never slices; a slice there means a layout this adapter does not follow."""
+        a = getattr(layer, self.child_name, None)
+        if a is not None and side == "out":
+            raise ValueError(f"{self.name}: foundation pruning sliced the output of {type(layer).__name__}, which an "
+                             "adapter reads; prune only heads and FFN channels with adapters")
 
 
 @register("houlsby")

@@ -83,6 +83,21 @@ class AttachedMethod(Method):
             self.unmerge()
         return self.unload()
 
+    # -- Light-PEFT's pruning interface, the parts every attached method shares ----------------------------------
+    # A prunable method (capabilities.prunable) adds: ``prune_defaults`` (the options Light-PEFT wraps it with),
+    # ``prune_units()`` ({name: prune.importance.AdapterUnit}), ``prune_widths()`` ({name: rank or bottleneck width}),
+    # ``keep_widths(name, idx)``, ``follow_slice(layer, side, idx)`` and, where mergeable, ``merged_weights()``.
+    prune_defaults: ClassVar[dict] = {}
+
+    def drop_modules(self, names) -> None:
+        """Take these layers' modules off (Light-PEFT's module pruning)."""
+        for name in names:
+            self.detach(name)
+
+    def adapter_prefixes(self) -> list[str]:
+        """State-dict prefixes of the method's own modules (left out of a merged export)."""
+        return [f"{n}.{self.child_name}." for n in self.layers]
+
     # -- what trains, the state -------------------------------------------------------------------------------
     def _named_child_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         seen = set()

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
+from ..prune.importance import AdapterUnit
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
@@ -201,3 +203,49 @@ class Lora(AttachedMethod):
             "magnitudes": {n: m.lora.magnitude.data for n, m in self.layers.items()} if cfg.dora else None,
             "dropout": cfg.dropout,
         }
+
+    # -- Light-PEFT's pruning interface -----------------------------------------------------------------------------
+    prune_defaults: ClassVar[dict] = {"r": 8, "alpha": 16.0}  # the Light-PEFT paper: r = 8 on all linear layers
+
+    def prune_units(self) -> dict[str, AdapterUnit]:
+        """A (r, in) is the down projection, B (out, r) the up projection."""
+
+        def delta(mod):
+            return lambda x: F.linear(F.linear(x, mod.lora.A), mod.lora.B) * mod.lora.scale
+
+        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·x
+        return {n: AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True) for n, m in self.layers.items()}
+
+    def prune_widths(self) -> dict[str, int]:
+        return {n: m.lora.A.shape[0] for n, m in self.layers.items()}
+
+    @torch.no_grad()
+    def keep_widths(self, name: str, idx: list[int]) -> None:
+        """Keep ranks ``idx``: rows of A, columns of B; the scale stays α / r_original."""
+        lora = self.layers[name].lora
+        i = torch.tensor(idx, dtype=torch.long, device=lora.A.device)
+        lora.A = nn.Parameter(lora.A[i].contiguous(), requires_grad=lora.A.requires_grad)
+        lora.B = nn.Parameter(lora.B[:, i].contiguous(), requires_grad=lora.B.requires_grad)
+
+    @torch.no_grad()
+    def follow_slice(self, layer: nn.Module, side: str, idx: torch.Tensor) -> None:
+        """The base layer lost output rows (B follows) or input columns (A follows)."""
+        lora = getattr(layer, "lora", None)
+        if lora is None:
+            return
+        idx = idx.to(lora.A.device)
+        if side == "out":
+            lora.B = nn.Parameter(lora.B[idx].contiguous(), requires_grad=lora.B.requires_grad)
+        else:
+            lora.A = nn.Parameter(lora.A[:, idx].contiguous(), requires_grad=lora.A.requires_grad)
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """New tensors W + scale·B·A for every adapted layer (the live weights are not touched)."""
+        out = {}
+        for name, mod in self.layers.items():
+            w = mod.weight
+            delta = mod.lora.delta_weight().float()
+            delta = delta.t() if is_conv1d(mod) else delta  # Conv1D stores (in, out)
+            out[f"{name}.weight"] = (w.float() + delta).to(w.dtype) if not mod.lora.merged else w.detach().clone()
+        return out

@@ -4,7 +4,7 @@ Module level: ``‖ΔW·x‖ / ‖W·x‖`` per token (padding excluded), averag
 Rank level: first-order Taylor, ``|mean(A⊙∇A) over rank i's row| + |mean(B⊙∇B) over its column|``, with the
 step's whole gradient (all micro-batches). Both are averaged over the steps during which ``active`` is set (the
 second half of estimation). An adapter unit is any pair of a down projection (r, in) and an up projection
-(out, r): LoRA's A and B, or an adapter's bottleneck.
+(out, r): LoRA's A and B, or an adapter's bottleneck (whose module ratio is ‖adapter(z)‖ / ‖z‖, z its input).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class AdapterUnit:
     up: nn.Parameter  # (out, r)
     delta: Callable[[torch.Tensor], torch.Tensor]  # x -> ΔW·x (no dropout)
     output_has_delta: bool = False  # the layer's output (what forward hooks see) already includes ΔW·x
+    # an adapter module whose output is its term and whose input z is what it adapts (a bottleneck adapter): the
+    # ratio is ‖term‖ / ‖z‖, read by a hook on this module instead of the layer
+    term_module: nn.Module | None = None
 
 
 class AdapterImportance:
@@ -39,7 +42,8 @@ class AdapterImportance:
         for i, (name, u) in enumerate(units.items()):
             # prepend: before an adapter that adds its term in a hook of its own, the output is still W·x + b; an
             # adapter that adds it in the layer's forward says so (output_has_delta) and it is taken off here
-            self._hooks.append(u.layer.register_forward_hook(self._module_hook(i, u), prepend=True))
+            watched = u.term_module if u.term_module is not None else u.layer
+            self._hooks.append(watched.register_forward_hook(self._module_hook(i, u), prepend=True))
             self._hooks.append(u.down.register_hook(self._grad_hook(name, u.down, dim=1, down=True)))
             self._hooks.append(u.up.register_hook(self._grad_hook(name, u.up, dim=0, down=False)))
 
@@ -59,12 +63,15 @@ class AdapterImportance:
                 return None
             with torch.no_grad():
                 x = args[0]
-                delta = u.delta(x).float()
-                base = output.float()
-                if u.output_has_delta:
-                    base = base - delta
-                if getattr(module, "bias", None) is not None:
-                    base = base - module.bias.float()
+                if u.term_module is not None:
+                    delta, base = output.float(), x.float()
+                else:
+                    delta = u.delta(x).float()
+                    base = output.float()
+                    if u.output_has_delta:
+                        base = base - delta
+                    if getattr(module, "bias", None) is not None:
+                        base = base - module.bias.float()
                 ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 mask = self._token_mask
                 if mask is not None and mask.shape == ratio.shape:
