@@ -194,3 +194,45 @@ def test_leantune_folder_reader_points_to_the_peft_import(tmp_path):
     folder, _, _ = peft_made(tmp_path, "tiny-llama", "lora")
     with pytest.raises(AdapterError, match="load_peft"):
         io.load(base("tiny-llama")[0], folder)
+
+
+@torch.no_grad()
+def logits_as_is(model, ids) -> torch.Tensor:
+    """Logits in whatever mode the model is in (``logits_of`` switches to eval, which would hide a dropout left on)."""
+    return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("via", ["peft", "leantune"])
+def test_adapter_with_dropout_loaded_into_an_eval_model_follows_its_mode(tmp_path, via):
+    """An eval-mode base that gains a LoRA with dropout (PEFT import or leantune folder) gives the same logits twice,
+    and PEFT's for its adapter."""
+    folder, theirs, base_folder = peft_made(tmp_path, "tiny-llama", "lora", lora_dropout=0.5)
+    if via == "leantune":
+        model, _ = leantune.load_model(base_folder)
+        leantune.load(model, folder)
+        leantune.save(model, tmp_path / "ours")
+        folder = tmp_path / "ours"
+    model, _ = leantune.load_model(base_folder)
+    assert not model.training
+    leantune.load(model, folder)
+    first, second = logits_as_is(model, probe()), logits_as_is(model, probe())
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, theirs, atol=1e-5, rtol=1e-5)
+    assert all(not m.training for m in model.modules())
+
+
+def test_a_training_model_keeps_dropout_on_in_what_it_gains():
+    model, _ = base("tiny-llama")
+    model.train()
+    method = leantune.apply(model, "lora", r=2, dropout=0.5)
+    assert all(mod.lora.training for mod in method.layers.values())
+
+
+def test_mica_init_imports_as_plain_lora(tmp_path):
+    """MiCA (B from the base's minor singular vectors, A = 0, B frozen) leaves the base as it is: plain LoRA."""
+    folder, theirs, base_folder = peft_made(tmp_path, "tiny-llama", "lora")
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "mica"}))
+    model, _ = leantune.load_model(base_folder)
+    leantune.load(model, folder)
+    torch.testing.assert_close(logits_of(model, probe()), theirs, atol=1e-5, rtol=1e-5)

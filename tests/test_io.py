@@ -53,6 +53,31 @@ def test_fingerprint_tolerates_a_bf16_copy_of_the_same_base(saved):
     leantune.load(model.to(torch.bfloat16), saved)
 
 
+def test_fingerprint_refuses_a_sibling_whose_weights_moved_half_a_percent(saved):
+    model, _ = tiny()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every weight moved by 0.5 % of its size, in a random direction (an instruct tune, say)
+        for p in model.parameters():
+            p.add_(p.abs() * 0.005 * torch.randn(p.shape, generator=g).sign())
+    with pytest.raises(AdapterError, match=r"\d+ of 256 sampled values differ at float32 precision"):
+        leantune.load(model, saved)
+
+
+def test_fingerprint_taken_in_bf16_accepts_the_fp32_base_and_refuses_a_moved_one(tmp_path):
+    model, _ = tiny()
+    model.to(torch.bfloat16)
+    leantune.apply(model, "lora", r=2)
+    leantune.save(model, tmp_path / "a")
+    same, _ = tiny()  # the fp32 weights the bf16 copy was rounded from
+    leantune.load(same, tmp_path / "a")
+    moved, _ = tiny()
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.mul_(1.005)
+    with pytest.raises(AdapterError, match="differ at bfloat16 precision"):
+        leantune.load(moved, tmp_path / "a")
+
+
 def test_fingerprint_is_taken_before_the_method_changes_the_model():
     model, _ = tiny()
     fp = fingerprint(model)

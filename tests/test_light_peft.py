@@ -582,6 +582,69 @@ def test_masks_train_at_their_own_multiple_of_the_learning_rate():
     assert [g["lr"] for g in opt.param_groups] == [lr]
 
 
+def test_rank_pruning_keeps_the_most_important_ranks():
+    """The kept ranks are the globally highest-scoring ones (each module keeps at least its best): inverting the
+    ranking, or keeping ranks by position, fails here."""
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", head_ratio=0.0, ffn_ratio=0.0, module_keep=1.0, rank_keep=0.5)
+    imp = method.importance
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # distinct scores in a shuffled order; later modules score higher, so counts differ
+        for i, n in enumerate(imp.names):
+            imp.rank_sum[n] = (torch.randperm(8, generator=g).double() + 0.5) / 8 + 0.05 * i
+        imp.steps.fill_(1)
+    plan = method.make_plan()
+    scores = {n: imp.rank_sum[n] for n in imp.names}
+    total = kept_count(0.5, 8 * len(scores), minimum=len(scores))
+    ranked = sorted(((float(s[r]), n, r) for n, s in scores.items() for r in range(8)), reverse=True)
+    best = {n: int(s.argmax()) for n, s in scores.items()}
+    rest = [(n, r) for _, n, r in ranked if best[n] != r][: total - len(best)]
+    want = {n: sorted({best[n]} | {r for m, r in rest if m == n}) for n in scores}
+    assert plan.ranks == want
+    assert len({len(v) for v in want.values()}) > 1  # modules end with different ranks
+
+
+def test_module_importance_with_dropout_uses_the_layers_true_output():
+    """With LoRA dropout on, the layer's output holds ΔW·dropout(x): ‖W·x‖ must come from the layer itself, not
+    from output − ΔW·x."""
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", dropout=0.5)
+    randomize_adapter(method)
+    inputs = {}
+    for name, mod in method.peft.layers.items():
+        mod.register_forward_hook(lambda m, a, out, name=name: inputs.__setitem__(name, a[0].detach()))
+    imp = method.importance
+    model.train()
+    imp.active = True
+    ids = ids_for(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    imp.end_step()
+    got = imp.module_scores()
+    for name, mod in method.peft.layers.items():
+        x = inputs[name].double()
+        delta = F.linear(F.linear(x, mod.lora.A.double()), mod.lora.B.double()) * mod.lora.scale
+        base = F.linear(x, weight_2d(mod).double())
+        want = float((delta.norm(dim=-1) / base.norm(dim=-1)).mean())
+        assert got[name] == pytest.approx(want, rel=1e-4), name
+
+
+def test_resume_keeps_the_estimation_length_of_its_checkpoint(tmp_path):
+    """The run estimated for 22 steps (half of 44); resumed with --max-steps 30 (where half would be 15, raised to
+    the minimum 20), it still prunes after step 22."""
+    model, tok = load_model("builtin:tiny-llama")
+    leantune.apply(model, "light_peft", estimation_fraction=0.5)
+    data = _arith(tok, 64)
+    cfg = dict(batch_size=4, lr=3e-3, progress=False, output_dir=str(tmp_path), save_every=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, TrainConfig(max_steps=44, **cfg), pad_id=tok.pad_token_id, hooks=[_Crash(10)])
+    model2, _ = load_model("builtin:tiny-llama")
+    method2 = leantune.apply(model2, "light_peft", estimation_fraction=0.5)
+    result = train(model2, data, TrainConfig(max_steps=30, **cfg), pad_id=tok.pad_token_id)
+    assert method2.pruned
+    assert [r["step"] for r in result.history if "prune_heads_kept" in r] == [22]
+
+
 # -- bottleneck adapters as the wrapped method ----------------------------------------------------------------
 
 

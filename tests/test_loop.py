@@ -37,10 +37,34 @@ def _assert_same(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=lambda s, k=k: f"{k}: {s}")
 
 
-def test_accumulation_equals_large_batch():
-    big, _ = _run(batch_size=8, grad_accum=1)
-    small, _ = _run(batch_size=4, grad_accum=2)
-    _assert_same(_params(big), _params(small), atol=2e-6)
+_CLIP = torch.nn.utils.clip_grad_norm_
+
+
+def _step_gradients(monkeypatch, **cfg):
+    """The gradients each optimizer step clips and applies (whole step, all micro-batches), and the history."""
+    grads = []
+
+    def record(params, *a, **k):
+        grads.append([p.grad.detach().clone() for p in params])
+        return _CLIP(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    _, result = _run(**cfg)
+    return grads, result.history
+
+
+def test_accumulation_gives_the_large_batch_gradient(monkeypatch):
+    """batch 8 and batch 4 x accum 2 apply the same gradient (a loss scaled by the number of micro-batches, which
+    AdamW and clipping would cancel in the weights, fails here) and log the same loss and gradient norm."""
+    # one step: from the same weights (later steps start from weights that differ in the last bits, which AdamW's
+    # division by small second moments magnifies)
+    big, big_log = _step_gradients(monkeypatch, batch_size=8, grad_accum=1, max_steps=1)
+    small, small_log = _step_gradients(monkeypatch, batch_size=4, grad_accum=2, max_steps=1)
+    assert len(big) == len(small) == 1
+    for a, b in zip(big[0], small[0], strict=True):
+        assert (a - b).abs().max() <= 1e-6 * a.abs().max()
+    assert small_log[0]["loss"] == pytest.approx(big_log[0]["loss"], rel=1e-6)
+    assert small_log[0]["grad_norm"] == pytest.approx(big_log[0]["grad_norm"], rel=1e-6)
 
 
 def test_accumulation_differs_from_fewer_examples():
@@ -100,6 +124,34 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (tmp_path / "leantune.json").exists()  # no final adapter from a failed run
     fresh, _ = tiny()
     leantune.load(fresh, tmp_path / "checkpoints" / "step-00000002")  # the kept checkpoint loads
+
+
+def test_nonfinite_gradient_norm_stops_training():
+    """A finite loss whose gradient overflows (an inf in one parameter's gradient) stops at that step."""
+
+    class PoisonGrad(TrainHook):
+        def on_train_begin(self, ctx):
+            _, p = next(iter(ctx.method.trainable_parameters()))
+            p.register_hook(lambda g: g * float("inf") if ctx.step == 1 else g)
+
+    with pytest.raises(NonFiniteLossError, match=r"gradient norm is (inf|nan) at step 2"):
+        _run("lora", hooks=[PoisonGrad()])
+
+
+def test_checkpoint_keeps_the_fp16_gradient_scaler(tmp_path):
+    """Exact resume under fp16: the scaler's scale and growth counter come back from the checkpoint."""
+    from leantune.train import checkpoint as ckpt
+
+    model, _ = tiny()
+    method = leantune.apply(model, "lora", r=2)
+    opt = torch.optim.AdamW([p for _, p in method.trainable_parameters()])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 512.0, "_growth_tracker": 7})
+    path = ckpt.save_checkpoint(tmp_path, 3, model, opt, [], keep=2, scaler=scaler)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    ckpt.load_optimizer_and_rng(path, opt, fresh)
+    assert fresh.state_dict() == scaler.state_dict()
+    assert fresh.get_scale() == 512.0 and fresh.state_dict()["_growth_tracker"] == 7
 
 
 def test_nan_without_checkpoint_says_so():

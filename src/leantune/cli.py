@@ -42,7 +42,8 @@ def load_recipe(path: Path) -> dict:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"recipe {str(path)!r} must be a mapping with model, method, task/data, train")
-    known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter", "val_fraction", "packing"}
+    known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter", "val_fraction", "packing",
+             "base_dtype"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"recipe {str(path)!r}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -85,6 +86,8 @@ def train(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="held-out share of --data (default 0.1)"),
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="pack short examples into rows"),
     save_merged: bool = typer.Option(False, "--save-merged", help="also write the merged model to OUTPUT_DIR/merged"),
+    base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto (the checkpoint's; fp16 -> fp32 on CPU) "
+                                             "| fp32 | bf16 | fp16: how the frozen base loads"),
 ):
     """Fine-tune MODEL with METHOD on a task or your data; writes the adapter to OUTPUT_DIR."""
     from .train.loop import TrainConfig
@@ -130,7 +133,7 @@ def train(
             eval_samples=eval_samples, adapter=str(adapter_dir) if adapter_dir else None,
             val_fraction=val_fraction if val_fraction is not None else float(recipe.get("val_fraction", 0.1)),
             packing=packing if packing is not None else bool(recipe.get("packing", False)),
-            save_merged=save_merged,
+            save_merged=save_merged, base_dtype=base_dtype or recipe.get("base_dtype"),
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
@@ -143,12 +146,13 @@ def generate(
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder (leantune or PEFT)"),
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text, repeatable"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
 ):
     """Greedy generation from a base model, with an adapter if given."""
     from .pipeline import load_for_inference
 
     try:
-        m, tok = load_for_inference(model, str(adapter) if adapter else None)
+        m, tok = load_for_inference(model, str(adapter) if adapter else None, base_dtype)
         from .data.evaluate import greedy_generate
 
         outs = greedy_generate(m, tok, list(prompt), max_new_tokens)
@@ -172,6 +176,7 @@ def evaluate(
     max_length: int = typer.Option(1024, "--max-length", help="tokens per example for the loss"),
     seed: int = typer.Option(0, "--seed", help="the training seed (for --split validation of a file)"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="as in training (for --split validation)"),
+    base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
 ):
     """Greedy generation and exact match (whitespace-normalized), and the mean token loss, on one split."""
     from .pipeline import run_evaluation
@@ -180,6 +185,7 @@ def evaluate(
         res = run_evaluation(
             model_name=model, adapter=str(adapter) if adapter else None, task=task, data_path=data, split=split,
             limit=limit, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, val_fraction=val_fraction,
+            base_dtype=base_dtype,
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))

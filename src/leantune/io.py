@@ -71,20 +71,29 @@ def sha256_file(path: str | os.PathLike) -> str:
 # -- base-model fingerprint ---------------------------------------------------------------------------------
 
 
-def fingerprint(model: nn.Module, samples: int = 16) -> dict:
-    """Architecture, parameter shapes and a few weight values: enough to tell one base model from another.
+FINGERPRINT_TENSORS = 8  # matrices sampled, spread over the model
+FINGERPRINT_VALUES = 32  # values per sampled matrix
+FINGERPRINT_MAX_DIFFERING = 0.25  # share of sampled values allowed to differ at the coarser precision
 
-    Values are compared with a tolerance, so the same base loaded in bf16 or fp32 still matches."""
+
+def fingerprint(model: nn.Module) -> dict:
+    """Architecture, parameter shapes and 256 weight values (with their dtype): enough to tell one base model
+    from another, also a sibling checkpoint of the same architecture (an instruct tune of the same base).
+
+    Values are stored exactly and compared at the coarser of the two dtypes (:func:`check_fingerprint`), so the
+    same base stored in bf16 or fp32 matches while one whose weights moved by 0.5 % does not."""
     params = dict(model.named_parameters(remove_duplicate=True))
     shapes = sorted((n, list(p.shape)) for n, p in params.items())
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    names = sorted(params)
-    picks = sorted({names[0], names[len(names) // 2], names[-1]}) if names else []
-    sample = {}
+    names = sorted(n for n, p in params.items() if p.dim() >= 2) or sorted(params)  # matrices: norms sit at 1.0
+    picks = sorted({names[round(i * (len(names) - 1) / max(1, FINGERPRINT_TENSORS - 1))]
+                    for i in range(FINGERPRINT_TENSORS)}) if names else []
+    sample, dtypes = {}, {}
     for n in picks:
         flat = params[n].detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        sample[n] = [round(float(v), 6) for v in flat[::step][:samples].float().cpu()]
+        step = max(1, flat.numel() // FINGERPRINT_VALUES)
+        sample[n] = [float(v) for v in flat[::step][:FINGERPRINT_VALUES].double().cpu()]  # exact: fp32 fits a double
+        dtypes[n] = str(params[n].dtype).removeprefix("torch.")
     config = getattr(model, "config", None)
     return {
         "model_type": getattr(config, "model_type", None),
@@ -92,7 +101,16 @@ def fingerprint(model: nn.Module, samples: int = 16) -> dict:
         "num_parameters": sum(p.numel() for p in params.values()),
         "shapes_digest": digest,
         "sample": sample,
+        "sample_dtypes": dtypes,
     }
+
+
+# mantissa bits: the coarser dtype of two is the one with fewer
+_MANTISSA = {"float64": 52, "float32": 23, "float16": 10, "bfloat16": 7}
+
+
+def _coarser(a: str, b: str) -> str:
+    return min((a, b), key=lambda d: _MANTISSA.get(d, 23))
 
 
 def check_fingerprint(expected: dict, model: nn.Module, source: str, base_name: str | None = None) -> None:
@@ -104,17 +122,37 @@ def check_fingerprint(expected: dict, model: nn.Module, source: str, base_name: 
                 f"{source}: adapter is for another base model{made_for}: {key} is {expected.get(key)!r} there, "
                 f"{got.get(key)!r} in this model ({got['architecture']}). Load it onto the base it was trained on."
             )
+    params = dict(model.named_parameters(remove_duplicate=True))
+    old_format = "sample_dtypes" not in expected  # written before 0.1.0's exact samples: a loose tolerance
+    differing, total, first = 0, 0, None
     for name, values in expected.get("sample", {}).items():
-        mine = got["sample"].get(name)
-        close = mine is not None and len(mine) == len(values) and all(
-            abs(a - b) <= 1e-2 * abs(b) + 1e-3 for a, b in zip(mine, values, strict=True)
+        if name not in params:
+            raise AdapterError(f"{source}: the base model has no tensor {name!r}, which the adapter's base had"
+                               f"{made_for}; load it onto the base it was trained on")
+        flat = params[name].detach().reshape(-1)
+        mine = flat[::max(1, flat.numel() // len(values) if old_format else flat.numel() // FINGERPRINT_VALUES)]
+        mine = mine[:len(values)].double().cpu()
+        theirs = torch.tensor(values, dtype=torch.float64)
+        if old_format:
+            bad = (mine - theirs).abs() > 1e-2 * theirs.abs() + 1e-3
+            dtype = "a 1 % tolerance"
+        else:
+            dtype = _coarser(expected["sample_dtypes"][name], str(params[name].dtype).removeprefix("torch."))
+            coarse = getattr(torch, dtype)
+            bad = mine.to(coarse) != theirs.to(coarse)  # both rounded once to the coarser dtype
+        differing += int(bad.sum())
+        total += len(values)
+        if first is None and bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            first = (name, float(theirs[i]), float(mine[i]), dtype)
+    if total and (differing > FINGERPRINT_MAX_DIFFERING * total or (old_format and differing)):
+        name, a, b, dtype = first
+        raise AdapterError(
+            f"{source}: the base model's weights differ from those the adapter was trained on{made_for}: "
+            f"{differing} of {total} sampled values differ at {dtype} precision (e.g. {name!r}: {a:.6g} there, "
+            f"{b:.6g} here). Same architecture, different checkpoint (another fine-tune of the same base?): load "
+            "the matching base, or pass strict_base=False to load anyway."
         )
-        if not close:
-            raise AdapterError(
-                f"{source}: the base model's weights differ from those the adapter was trained on{made_for} "
-                f"(tensor {name!r}). Same architecture, different checkpoint: load the matching base, or pass "
-                "strict_base=False to load anyway."
-            )
 
 
 # -- save / load --------------------------------------------------------------------------------------------
@@ -139,13 +177,19 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         "capabilities": method.capabilities.to_dict(),
         "trainable_params": method.num_trainable(),
         "changed_params": method.num_changed(),
-        "base": {"name": model_name(model), "fingerprint": method.base_fingerprint},
+        "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint},
         "weights": {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
     }
     if extra:
         meta.update(extra)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return directory
+
+
+def _float_dtype(model: nn.Module) -> str | None:
+    """The dtype the base was loaded in (``--base-dtype``), as eval and export load it again by default."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return None if p is None else str(p.dtype).removeprefix("torch.")
 
 
 def read_meta(directory: str | os.PathLike) -> dict:

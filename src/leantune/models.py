@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .precision import base_dtype
+
 BUILTIN_PREFIX = "builtin:"
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -94,10 +96,11 @@ register_builtin_model("base", _pretrained_base, "pretrained 4-layer LLaMA (GQA 
 
 
 def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id."""
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id.
+
+    ``dtype`` (``--base-dtype``): ``"auto"``/None keeps the checkpoint's dtype (an fp16 one is upcast to fp32
+    when no GPU is present), ``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) loads the base in that dtype."""
+    dtype = base_dtype(dtype)
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
         if key not in BUILTIN_MODELS:

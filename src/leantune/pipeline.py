@@ -39,9 +39,9 @@ def load_training_data(tokenizer, task: str | None, data_path: str | None, max_l
 def run_training(*, model_name: str, method_name: str | None, method_options: dict, task: str | None,
                  data_path: str | None, max_length: int, train_config: TrainConfig, eval_samples: int = 64,
                  adapter: str | None = None, val_fraction: float = 0.1, packing: bool = False,
-                 save_merged: bool = False) -> dict:
+                 save_merged: bool = False, base_dtype: str | None = None) -> dict:
     seed_everything(train_config.seed)  # the method's initial weights (LoRA's A) come from this seed
-    model, tokenizer = load_model(model_name)
+    model, tokenizer = load_model(model_name, dtype=base_dtype)
     if adapter:
         method = load_adapter(model, adapter, trainable=True)
         if method_name and method_name != method.name:
@@ -111,7 +111,9 @@ def load_adapter(model, adapter: str, trainable: bool = False):
     return io.load(model, adapter, trainable=trainable)
 
 
-def load_for_inference(model_name: str | None, adapter: str | None):
+def load_for_inference(model_name: str | None, adapter: str | None, base_dtype: str | None = None):
+    """The base (in ``base_dtype``; by default the dtype the adapter was trained on, else the checkpoint's) with
+    the adapter loaded, in eval mode."""
     if model_name is None:
         if adapter is None:
             raise ValueError("give --model, or --adapter whose leantune.json names its base model")
@@ -120,7 +122,9 @@ def load_for_inference(model_name: str | None, adapter: str | None):
         model_name = peft_base_name(adapter) if is_peft_folder(adapter) else (io.read_meta(adapter).get("base") or {}).get("name")
         if not model_name:
             raise ValueError(f"adapter {adapter!r} does not name its base model; give --model")
-    model, tokenizer = load_model(model_name)
+    if base_dtype is None and adapter and not _is_peft(adapter):
+        base_dtype = (io.read_meta(adapter).get("base") or {}).get("dtype")
+    model, tokenizer = load_model(model_name, dtype=base_dtype)
     if adapter:
         load_adapter(model, adapter)
     model.eval()
@@ -129,7 +133,8 @@ def load_for_inference(model_name: str | None, adapter: str | None):
 
 def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | None, data_path: str | None,
                    split: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
-                   max_length: int = 1024, seed: int = 0, val_fraction: float = 0.1) -> dict:
+                   max_length: int = 1024, seed: int = 0, val_fraction: float = 0.1,
+                   base_dtype: str | None = None) -> dict:
     """``leantune eval``: greedy generation with exact match (whitespace-normalized) and the mean token loss on
     one split of a built-in task (default ``test``) or of your data (see ``data.files.split_rows``)."""
     from .anatomy import anatomy
@@ -139,7 +144,7 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
         raise ValueError("give exactly one of --task (a built-in task) or --data (your file or folder)")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    model, tokenizer = load_for_inference(model_name, adapter)
+    model, tokenizer = load_for_inference(model_name, adapter, base_dtype)
     if not anatomy(model).causal:
         raise ValueError(f"{name_of(model)!r} is an encoder; `leantune eval` generates text and needs a causal LM")
     if task:
@@ -173,3 +178,9 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
         "max_new_tokens": max_new,
         "examples": acc["examples"],
     }
+
+
+def _is_peft(adapter: str) -> bool:
+    from .interop.peft import is_peft_folder
+
+    return is_peft_folder(adapter)

@@ -44,8 +44,9 @@ _IGNORED = ("task_type", "base_model_name_or_path", "revision", "inference_mode"
             "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
             "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
             "runtime_config")
-# init_lora_weights values that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA change them).
-_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# init_lora_weights values that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA change them);
+# MiCA starts B from the base's minor singular vectors with A = 0 and only freezes B: plain LoRA once trained.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 
 
 # -- writing ------------------------------------------------------------------------------------------------
@@ -235,7 +236,8 @@ def read_peft_config(directory: str | os.PathLike) -> dict:
                            "adapters only")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"{path}: bias={cfg['bias']!r} (trained biases) is not supported; only bias='none'")
-    if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:
+    init = cfg.get("init_lora_weights", True)
+    if (init.lower() if isinstance(init, str) else init) not in _PLAIN_INITS:
         raise AdapterError(
             f"{path}: init_lora_weights={cfg['init_lora_weights']!r}: this adapter expects a base model whose weights "
             "were changed at init. Convert it to a plain LoRA with PEFT (save_pretrained with "

@@ -58,9 +58,11 @@ class Stepper:
 
     def finish(self) -> None:
         opt = self.ctx.optimizer
+        self.method.masters.grads_to_masters()
         params = [p for g in opt.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         opt.step()
+        self.method.masters.write_back()
         opt.zero_grad(set_to_none=True)
         self.ctx.step += 1
         for h in self.hooks:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import Anatomy, PlacementError
+from ..precision import trainable_dtype
 from ..prune.importance import AdapterUnit
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
@@ -45,14 +46,12 @@ class AdapterConfig(MethodConfig):
     scale: float = 1.0  # s: the adapter's output is multiplied by it
 
     def validate(self):
-        if not self.reduction_factor > 0 or not math.isfinite(self.reduction_factor):
-            raise ConfigError(f"adapter: reduction_factor must be a finite number > 0, got {self.reduction_factor}")
+        if not self.reduction_factor > 0:
+            raise ConfigError(f"adapter: reduction_factor must be > 0, got {self.reduction_factor}")
         if self.bottleneck < 0:
             raise ConfigError(f"adapter: bottleneck is a width (> 0, or 0 to use reduction_factor), got {self.bottleneck}")
         if self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"adapter: non_linearity {self.non_linearity!r} must be one of {', '.join(ACTIVATIONS)}")
-        if not math.isfinite(self.scale):
-            raise ConfigError(f"adapter: scale must be finite, got {self.scale}")
 
     def width(self, hidden: int, multiple: int = 1) -> int:
         """The bottleneck width for a ``hidden``-wide placement, rounded down to a multiple of ``multiple``."""
@@ -98,7 +97,7 @@ class Bottleneck(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """The term, in ``z``'s dtype (computed in the adapter's float32)."""
         with term_context(z):
-            t = self.up(ACTIVATIONS[self.non_linearity](self.down(z.to(torch.float32))))
+            t = self.up(ACTIVATIONS[self.non_linearity](self.down(z.to(self.up.bias.dtype))))
         return (t * self.scale).to(z.dtype)
 
     def capture(self, module, args) -> None:
@@ -113,8 +112,9 @@ class Bottleneck(nn.Module):
         return z
 
 
-def _linear(in_f: int, out_f: int, device, zero: bool) -> nn.Linear:
-    lin = nn.Linear(in_f, out_f, dtype=torch.float32, device=device)  # kaiming-uniform weight (nn.Linear's init)
+def _linear(in_f: int, out_f: int, like: torch.Tensor, zero: bool) -> nn.Linear:
+    # kaiming-uniform weight (nn.Linear's init), float32 beside a bf16/fp16 base (precision.py)
+    lin = nn.Linear(in_f, out_f, dtype=trainable_dtype(like), device=like.device)
     with torch.no_grad():
         lin.bias.zero_()
         if zero:
@@ -125,10 +125,10 @@ def _linear(in_f: int, out_f: int, device, zero: bool) -> nn.Linear:
 class PHMRule(nn.Module):
     """Compacter's slow weights: n matrices A_i of n×n, one object shared by every PHM layer of one kind."""
 
-    def __init__(self, n: int, device):
+    def __init__(self, n: int, like: torch.Tensor):
         super().__init__()
         # var(W) = n · var(A)·var(s)·var(t) = 1/in with var(A) = 1/n, s ~ N(0, 1), t ~ N(0, 1/in): a kaiming-like scale
-        self.A = nn.Parameter(torch.randn(n, n, n, dtype=torch.float32, device=device) / math.sqrt(n))
+        self.A = nn.Parameter(torch.randn(n, n, n, dtype=trainable_dtype(like), device=like.device) / math.sqrt(n))
 
 
 class PHMLinear(nn.Module):
@@ -140,14 +140,14 @@ class PHMLinear(nn.Module):
         if in_f % n or out_f % n:
             raise ConfigError(f"compacter: PHM layer {in_f} -> {out_f} does not divide by phm_dim n={n}; choose an n "
                               "that divides the hidden size and the bottleneck width")
-        device = rule.A.device
+        kw = {"dtype": rule.A.dtype, "device": rule.A.device}
         self.rule = rule
-        self.s = nn.Parameter(torch.randn(n, out_f // n, dtype=torch.float32, device=device))
-        t = torch.zeros(n, in_f // n, dtype=torch.float32, device=device)
+        self.s = nn.Parameter(torch.randn(n, out_f // n, **kw))
+        t = torch.zeros(n, in_f // n, **kw)
         if not zero:
             t.normal_(0.0, 1.0 / math.sqrt(in_f))
         self.t = nn.Parameter(t)
-        self.bias = nn.Parameter(torch.zeros(out_f, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_f, **kw))
 
     @property
     def weight(self) -> torch.Tensor:
@@ -222,9 +222,9 @@ class BottleneckAdapters(AttachedMethod):
 
     def _bottleneck(self, in_f: int, out_f: int) -> Bottleneck:
         cfg = self.config
-        device = next(self._model().parameters()).device
+        like = next(self._model().parameters())
         m = cfg.width(in_f)
-        return Bottleneck(_linear(in_f, m, device, zero=False), _linear(m, out_f, device, zero=True),
+        return Bottleneck(_linear(in_f, m, like, zero=False), _linear(m, out_f, like, zero=True),
                           cfg.non_linearity, cfg.scale)
 
     def num_changed(self) -> int:
@@ -291,9 +291,9 @@ class _CompacterBase(BottleneckAdapters):
         return Capabilities(mergeable=False, restores_base=True, prunable=False, inference_overhead="extra_ffn")
 
     def _apply(self, model, anat):
-        device = next(model.parameters()).device
+        like = next(model.parameters())
         n = self.config.phm_dim
-        self.rules = {"down": PHMRule(n, device), "up": PHMRule(n, device)}  # shared by every layer
+        self.rules = {"down": PHMRule(n, like), "up": PHMRule(n, like)}  # shared by every layer
         super()._apply(model, anat)
 
     def _bottleneck(self, in_f: int, out_f: int) -> Bottleneck:

@@ -115,25 +115,14 @@ class AttachedMethod(Method):
         return {n: p.data for n, p in self._named_child_parameters()}
 
 
-# -- the precision policy for a term computed beside a frozen layer ----------------------------------------------
+# -- the precision policy for a term computed beside a frozen layer (precision.py) -------------------------------
 
 
 def term_context(x: torch.Tensor):
-    """The method's term runs in its own (fp32) parameters' dtype, outside autocast: the caller casts the input to
-    the parameters' dtype and the result back to the layer output's dtype."""
+    """The method's term runs in its own (float32) parameters' dtype, outside autocast: the caller casts the input
+    to the parameters' dtype and the result back to the layer output's dtype."""
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()
 
-
-def new_parameter(*shape: int, like: torch.Tensor, init: str = "zeros") -> nn.Parameter:
-    """A new trainable tensor on ``like``'s device, always float32 (the base may be bf16/fp16)."""
-    t = torch.empty(*shape, dtype=torch.float32, device=like.device)
-    if init == "zeros":
-        t.zero_()
-    elif init == "ones":
-        t.fill_(1.0)
-    else:
-        raise ValueError(f"unknown init {init!r}")
-    return nn.Parameter(t)

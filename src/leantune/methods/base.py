@@ -9,6 +9,7 @@ trainable and *changed* parameter counts, ``state()`` (the tensors that are the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..anatomy import Anatomy, anatomy
+from ..precision import MasterWeights
 
 FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
 OVERHEADS = ("none", "extra_ffn", "extra_input", "gating")
@@ -75,8 +77,17 @@ class MethodConfig:
         hints = typing.get_type_hints(cls)
         kwargs = {k: coerce(v, hints[k], f"{where} option {k!r}") for k, v in d.items()}
         cfg = cls(**kwargs)
-        cfg.validate()
+        cfg.check(method)
         return cfg
+
+    def check(self, method: str | None = None) -> None:
+        """The checks every config gets (a value of the declared type: no bool for a number, no NaN or
+        infinity), then the method's own :meth:`validate`."""
+        where = f"method {method!r}" if method else type(self).__name__
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            check_value(getattr(self, f.name), hints[f.name], f"{where} option {f.name!r}")
+        self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError on values that make no sense. Subclasses extend."""
@@ -96,6 +107,24 @@ def _strip_optional(tp):
     return tp, False
 
 
+def check_value(value: Any, tp, where: str) -> None:
+    """A config value already of its field's type: a bool is no number, and a number is finite."""
+    tp, _ = _strip_optional(tp)
+    if value is None:
+        return
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected {'an int' if tp is int else 'a float'}, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite {tp.__name__}")
+    elif tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r} ({type(value).__name__})")
+    elif typing.get_origin(tp) in (list, tuple) and isinstance(value, (list, tuple)):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        for v in value:
+            check_value(v, inner, where)
+
+
 def coerce(value: Any, tp, where: str) -> Any:
     """Turn CLI strings and JSON values into the declared type; clear error otherwise."""
     tp, optional = _strip_optional(tp)
@@ -104,6 +133,8 @@ def coerce(value: Any, tp, where: str) -> Any:
             return None
     origin = typing.get_origin(tp)
     try:
+        if tp in (int, float) and isinstance(value, bool):
+            raise ValueError  # JSON true/false is not a count or a rate
         if tp is bool:
             if isinstance(value, str):
                 low = value.lower()
@@ -112,13 +143,18 @@ def coerce(value: Any, tp, where: str) -> Any:
                 if low in ("false", "0", "no", "off"):
                     return False
                 raise ValueError
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError
             return bool(value)
         if tp is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
         if tp is float:
-            return float(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite float")
+            return out
         if tp is str:
             if isinstance(value, (list, tuple)):
                 return ",".join(str(v) for v in value)
@@ -133,6 +169,8 @@ def coerce(value: Any, tp, where: str) -> Any:
             if value not in choices:
                 raise ValueError
             return value
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: cannot read {value!r} as {getattr(tp, '__name__', tp)}") from None
     return value
@@ -198,11 +236,12 @@ class Method:
         self.config = config if config is not None else self.config_cls()
         if not isinstance(self.config, self.config_cls):
             raise ConfigError(f"method {self.name!r} takes a {self.config_cls.__name__}, got {type(config).__name__}")
-        self.config.validate()
+        self.config.check(self.name)
         self.model: nn.Module | None = None
         self.anatomy: Anatomy | None = None
         self.merged = False
         self.base_fingerprint: dict | None = None
+        self.masters = MasterWeights()  # float32 copies of low-precision base tensors trained in place (precision.py)
 
     # -- capabilities ---------------------------------------------------------------------------------------
     @property
@@ -222,7 +261,11 @@ class Method:
         self.anatomy = anat or anatomy(model)
         for p in model.parameters():
             p.requires_grad_(False)
+        before = {id(m) for m in model.modules()}
         self._apply(model, self.anatomy)
+        for m in model.modules():  # what the method added follows the model's mode (no dropout in eval mode)
+            if id(m) not in before:
+                m.train(model.training)
         model.__dict__["leantune_method"] = self  # plain attribute: not a submodule, not in state_dict
         return self
 
@@ -359,6 +402,17 @@ def check_state_keys(method: str, expected: dict, given: dict) -> None:
             raise ValueError(
                 f"adapter tensor {k!r} has shape {tuple(v.shape)}, this model needs {tuple(expected[k].shape)}; "
                 "the adapter was made for a different base model or config"
+            )
+        if expected[k].is_floating_point() and not v.is_floating_point():
+            raise ValueError(
+                f"adapter tensor {k!r} is {str(v.dtype).removeprefix('torch.')}, where method {method!r} stores "
+                "floating-point values; the file was not written by leantune or was altered"
+            )
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(
+                f"adapter tensor {k!r} holds {bad} NaN/inf value(s) of {v.numel()}: the run that wrote it diverged "
+                "(lower the learning rate) or the file is damaged; use an earlier checkpoint"
             )
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..anatomy import Placement, is_conv1d, weight_2d
+from ..precision import trainable_dtype
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 
@@ -46,8 +47,9 @@ class IA3Scales(nn.Module):
         self.merged = False
 
     def add(self, p: Placement) -> None:
-        self.register_parameter(_NAMES[p.point], nn.Parameter(torch.ones(p.size, dtype=torch.float32,
-                                                                          device=p.module.weight.device)))
+        w = p.module.weight
+        self.register_parameter(_NAMES[p.point], nn.Parameter(torch.ones(p.size, dtype=trainable_dtype(w),
+                                                                          device=w.device)))
         self.segments[p.point] = (p.side, p.start, p.stop, p.width)
 
     def scale(self, point: str) -> nn.Parameter:
@@ -79,12 +81,12 @@ def _ia3_forward(layer: nn.Module, base_forward, fusable: bool, x, *args, **kwar
     v_in = c.vector("in")
     if v_in is not None:
         with term_context(x):
-            x = (x.to(torch.float32) * v_in).to(x.dtype)
+            x = (x.to(v_in.dtype) * v_in).to(x.dtype)
     h = base_forward(x, *args, **kwargs)
     v_out = c.vector("out")
     if v_out is not None:
         with term_context(h):
-            h = (h.to(torch.float32) * v_out).to(h.dtype)
+            h = (h.to(v_out.dtype) * v_out).to(h.dtype)
     return h
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles
+from ..precision import trainable_dtype
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 
@@ -40,27 +41,26 @@ class KronaConfig(MethodConfig):
             resolve_roles(self.targets)
         except ValueError as e:
             raise ConfigError(f"krona: {e}") from None
-        if not math.isfinite(self.scale):
-            raise ConfigError(f"krona: scale must be finite, got {self.scale}")
 
 
 class KronaFactors(nn.Module):
-    def __init__(self, in_f: int, out_f: int, scale: float, device):
+    def __init__(self, in_f: int, out_f: int, scale: float, weight: torch.Tensor):
         super().__init__()
         (a1, b1), (a2, b2) = factor_pair(out_f), factor_pair(in_f)
-        self.A = nn.Parameter(torch.zeros(a1, a2, dtype=torch.float32, device=device))
-        self.B = nn.Parameter(torch.empty(b1, b2, dtype=torch.float32, device=device))
+        kw = {"dtype": trainable_dtype(weight), "device": weight.device}  # float32 beside a bf16 base
+        self.A = nn.Parameter(torch.zeros(a1, a2, **kw))
+        self.B = nn.Parameter(torch.empty(b1, b2, **kw))
         nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
         self.scale = scale
         self.merged = False
 
     def term(self, x: torch.Tensor) -> torch.Tensor:
-        """``s·(A ⊗ B) x`` for x (..., in), as ``A X Bᵀ`` (no ΔW formed), in float32."""
+        """``s·(A ⊗ B) x`` for x (..., in), as ``A X Bᵀ`` (no ΔW formed), in the factors' dtype."""
         (a1, a2), (b1, b2) = self.A.shape, self.B.shape
         lead = x.shape[:-1]
         n = x[..., 0].numel()
         # two plain 2-D products (a batched matmul picks its algorithm by requires_grad: results would depend on it)
-        t = (x.to(torch.float32).reshape(n * a2, b2) @ self.B.t()).view(n, a2, b1)  # X Bᵀ
+        t = (x.to(self.B.dtype).reshape(n * a2, b2) @ self.B.t()).view(n, a2, b1)  # X Bᵀ
         y = (t.transpose(1, 2).reshape(n * b1, a2) @ self.A.t()).view(n, b1, a1)  # (A X Bᵀ)ᵀ
         return y.transpose(1, 2).reshape(*lead, a1 * b1) * self.scale
 
@@ -96,7 +96,7 @@ class Krona(AttachedMethod):
             raise ValueError(f"krona: no layers for targets {self.config.targets!r} in this {anat.model_type} model")
         for name, _role, _i, mod in targets:
             in_f, out_f = in_out_features(mod)
-            self.attach(name, mod, KronaFactors(in_f, out_f, self.config.scale, mod.weight.device), _krona_forward)
+            self.attach(name, mod, KronaFactors(in_f, out_f, self.config.scale, mod.weight), _krona_forward)
 
     def num_changed(self) -> int:
         return sum(in_out_features(m)[0] * in_out_features(m)[1] for m in self.layers.values())

@@ -178,9 +178,10 @@ class Lisa(Method):
             yield from self.block_params[i].items()
 
     def state(self) -> dict[str, torch.Tensor]:
-        out = {n: p.data for n, p in self.always_on.items()}
+        value = self.masters.value  # the float32 master of what trains now on a low-precision base
+        out = {n: value(p) for n, p in self.always_on.items()}
         for i in sorted(self.changed):
-            out.update({n: p.data for n, p in self.block_params[i].items()})
+            out.update({n: value(p) for n, p in self.block_params[i].items()})
         return out
 
     def num_changed(self) -> int:
@@ -198,7 +199,7 @@ class Lisa(Method):
             for i in sorted(blocks):
                 self._snapshot(self.block_params[i])  # kept only once per tensor: the first copy is the base
             for k, v in state.items():
-                expected[k].copy_(v.to(expected[k].dtype))
+                self.masters.assign(expected[k], v)
         self.changed |= blocks
 
     # The tuned values already sit in the weights: merge and unmerge have nothing to move.

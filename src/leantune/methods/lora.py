@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
+from ..precision import trainable_dtype
 from ..prune.importance import AdapterUnit
 from . import fused
 from .attached import AttachedMethod
@@ -56,13 +57,13 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, in_f: int, out_f: int, r: int, scale: float, dropout: float, weight: torch.Tensor, dora: bool):
         super().__init__()
-        kw = {"dtype": weight.dtype, "device": weight.device}
+        kw = {"dtype": trainable_dtype(weight), "device": weight.device}  # float32 on a bf16 base (precision.py)
         self.A = nn.Parameter(torch.empty(r, in_f, **kw))
         self.B = nn.Parameter(torch.zeros(out_f, r, **kw))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.magnitude = nn.Parameter(weight.detach().norm(dim=1).clone()) if dora else None
+        self.magnitude = nn.Parameter(weight.detach().to(kw["dtype"]).norm(dim=1)) if dora else None
         self.active = True
         self.merged = False
         self._merged_norm: torch.Tensor | None = None
@@ -82,14 +83,14 @@ def _lora_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torc
     if lora.magnitude is None:
         # output += scale·(x Aᵀ) Bᵀ as one in-place addmm: no full-width product, sum or copy of its own (the base
         # linear saves its input and weight for backward, never its output, so writing into it is safe)
-        a = F.linear(lora.dropout(x), lora.A).to(output.dtype)
+        a = F.linear(lora.dropout(x).to(lora.A.dtype), lora.A).to(output.dtype)
         a2d, b_t = a.reshape(-1, a.shape[-1]), lora.B.t().to(output.dtype)
         if output.is_contiguous():
             output.view(-1, output.shape[-1]).addmm_(a2d, b_t, alpha=lora.scale)
             return output
         out = torch.addmm(output.reshape(-1, output.shape[-1]), a2d, b_t, alpha=lora.scale)
         return out.view(output.shape)
-    h = F.linear(F.linear(lora.dropout(x), lora.A), lora.B) * lora.scale
+    h = F.linear(F.linear(lora.dropout(x).to(lora.A.dtype), lora.A), lora.B) * lora.scale
     weight = weight_2d(module)
     factor = (lora.magnitude / lora.dora_norm(weight)).to(output.dtype)
     bias = module.bias
@@ -211,10 +212,14 @@ class Lora(AttachedMethod):
         """A (r, in) is the down projection, B (out, r) the up projection."""
 
         def delta(mod):
-            return lambda x: F.linear(F.linear(x, mod.lora.A), mod.lora.B) * mod.lora.scale
+            return lambda x: F.linear(F.linear(x.to(mod.lora.A.dtype), mod.lora.A), mod.lora.B) * mod.lora.scale
 
-        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·x
-        return {n: AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True) for n, m in self.layers.items()}
+        def exact(mod):  # with dropout on, the output's term is ΔW·dropout(x), not ΔW·x
+            return lambda: not (mod.lora.training and isinstance(mod.lora.dropout, nn.Dropout))
+
+        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·dropout(x)
+        return {n: AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True, term_is_exact=exact(m))
+                for n, m in self.layers.items()}
 
     def prune_widths(self) -> dict[str, int]:
         return {n: m.lora.A.shape[0] for n, m in self.layers.items()}

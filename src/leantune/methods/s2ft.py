@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
+from ..precision import trainable_dtype
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
@@ -127,7 +128,7 @@ class S2FTSlice(nn.Module):
         out_f, in_f = weight.shape
         k = count * unit
         shape = (out_f, k) if side == "in" else (k, in_f)
-        self.delta = nn.Parameter(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=trainable_dtype(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(k, dtype=torch.long, device=weight.device), persistent=False)
         self.register_buffer("saved", None, persistent=False)  # the original columns while merged
         self.side, self.unit, self.n_units, self.offset = side, unit, n_units, offset
@@ -177,7 +178,7 @@ def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torc
         delta = s.delta if s.delta.dtype == output.dtype else s.delta.to(output.dtype)  # autocast: compute dtype
         with torch.autocast(x.device.type, enabled=False):
             return output + _InputSliceDelta.apply(x, delta, s.indices)
-    h = F.linear(x, s.delta)
+    h = F.linear(x.to(s.delta.dtype), s.delta)  # under autocast F.linear casts both to the compute dtype
     return output.index_add(-1, s.indices, h.to(output.dtype))
 
 

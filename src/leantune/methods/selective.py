@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from ..anatomy import Anatomy, in_out_features
-from .base import Capabilities, ConfigError, Method, MethodConfig, register, unique_parameters
+from .base import (
+    Capabilities,
+    ConfigError,
+    Method,
+    MethodConfig,
+    check_state_keys,
+    register,
+    unique_parameters,
+)
 
 
 class SelectiveMethod(Method):
@@ -54,8 +62,14 @@ class SelectiveMethod(Method):
         for n, p in self.selected.items():
             if id(p) not in seen:  # tied weights stored once
                 seen.add(id(p))
-                out[n] = p.data
+                out[n] = self.masters.value(p)  # the float32 master while training a low-precision base
         return out
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state()
+        check_state_keys(self.name, expected, state)
+        for k, v in state.items():
+            self.masters.assign(self.selected[k], v)
 
     # The tuned values already sit in the weights: merge and unmerge have nothing to move.
     def merge(self) -> None:

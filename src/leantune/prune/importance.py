@@ -13,7 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..anatomy import weight_2d
 
 
 @dataclass
@@ -23,6 +26,9 @@ class AdapterUnit:
     up: nn.Parameter  # (out, r)
     delta: Callable[[torch.Tensor], torch.Tensor]  # x -> ΔW·x (no dropout)
     output_has_delta: bool = False  # the layer's output (what forward hooks see) already includes ΔW·x
+    # whether that term is exactly delta(x) right now; when it is not (dropout on the adapter's input while
+    # training), output - delta(x) is not W·x + b, so W·x is computed from the layer's weight instead
+    term_is_exact: Callable[[], bool] = lambda: True
     # an adapter module whose output is its term and whose input z is what it adapts (a bottleneck adapter): the
     # ratio is ‖term‖ / ‖z‖, read by a hook on this module instead of the layer
     term_module: nn.Module | None = None
@@ -67,11 +73,14 @@ class AdapterImportance:
                     delta, base = output.float(), x.float()
                 else:
                     delta = u.delta(x).float()
-                    base = output.float()
-                    if u.output_has_delta:
-                        base = base - delta
-                    if getattr(module, "bias", None) is not None:
-                        base = base - module.bias.float()
+                    if u.output_has_delta and not u.term_is_exact():
+                        base = F.linear(x.float(), weight_2d(module).float())  # W·x as the layer computed it
+                    else:
+                        base = output.float()
+                        if u.output_has_delta:
+                            base = base - delta
+                        if getattr(module, "bias", None) is not None:
+                            base = base - module.bias.float()
                 ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 mask = self._token_mask
                 if mask is not None and mask.shape == ratio.shape:

@@ -36,7 +36,8 @@ class EarlyPruneSchedule:
         if self.method.pruned:
             return
         cfg = self.method.config
-        E = estimation_steps(cfg.estimation_steps, cfg.estimation_fraction, ctx.config.max_steps)
+        # a resumed run keeps the length its checkpoint was estimating with, whatever max_steps says now
+        E = self.estimation_steps or estimation_steps(cfg.estimation_steps, cfg.estimation_fraction, ctx.config.max_steps)
         if E >= ctx.config.max_steps:
             raise ValueError(
                 f"light_peft: the estimation phase takes {E} optimizer steps (at least {MIN_ESTIMATION_STEPS}), "

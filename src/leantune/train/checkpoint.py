@@ -47,7 +47,8 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int, scaler=None) -> Path:
+    """``scaler``: fp16's gradient scaler, whose scale and growth counter a resumed run must continue from."""
     root = checkpoints_dir(out)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -63,6 +64,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int) ->
             n = rng["numpy"]
             extra["numpy_rng"] = [n[0], n[1].tolist(), int(n[2]), int(n[3]), float(n[4])]
         hook_states = [{"type": type(h).__qualname__, "state": h.state_dict()} for h in hooks]
+        if scaler is not None:
+            extra["grad_scaler"] = scaler.state_dict()  # floats and ints: JSON
         state = {"step": step, "hooks": hook_states, **extra}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         if final.exists():
@@ -95,13 +98,15 @@ def load_checkpoint(path: Path, method, hooks) -> int:
     return int(state["step"])
 
 
-def load_optimizer_and_rng(path: Path, optimizer) -> None:
+def load_optimizer_and_rng(path: Path, optimizer, scaler=None) -> None:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    state = json.loads((path / STATE_NAME).read_text())
+    if scaler is not None and state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    state = json.loads((path / STATE_NAME).read_text())
     if "python_rng" in state:
         v, internal, gauss = state["python_rng"]
         random.setstate((v, tuple(internal), gauss))

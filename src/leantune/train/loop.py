@@ -178,6 +178,8 @@ def build_adamw(method, lr: float, cfg: TrainConfig, old: torch.optim.Optimizer 
     named = [(n, p) for n, p in method.trainable_parameters() if p.requires_grad]
     if not named:
         raise ValueError(f"method {method.name!r} has no trainable parameters right now")
+    method.masters.enable()  # whoever builds an optimizer trains: low-precision base tensors get float32 masters
+    named = method.masters.optimizer_params(named)
     params = [p for _, p in named]
     opt = torch.optim.AdamW(param_groups(method, named, cfg.weight_decay), lr=lr, betas=cfg.betas,
                             weight_decay=cfg.weight_decay)
@@ -237,6 +239,7 @@ def train(
     ctx._batches = lambda n: [{k: v.to(acc.device) for k, v in collate(stream.batch(i), pad_id).items()}
                               for i in range(n)]
     start_step, resumed_from = 0, None
+    method.masters.enable()  # before a resume loads the checkpoint: its float32 values go to the masters whole
     if out is not None and cfg.resume:
         last = ckpt.latest(out)
         if last is not None:
@@ -249,7 +252,7 @@ def train(
     if ctx.optimizer is None:
         ctx.optimizer = build_optimizer()
     if resumed_from is not None:
-        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer)
+        ckpt.load_optimizer_and_rng(resumed_from, ctx.optimizer, acc.scaler)
 
     metrics = _MetricsWriter(out, start_step, cfg.tensorboard) if acc.is_main_process else None
     progress = _progress(cfg, start_step, method.name) if acc.is_main_process else None
@@ -286,6 +289,7 @@ def train(
                     raise NonFiniteLossError(_nan_message(total, step, j, out))
                 acc.backward(total)
                 step_loss += float(loss.detach())
+            method.masters.grads_to_masters()
             params = [p for g in opt.param_groups for p in g["params"]]
             if acc.scaler is not None:
                 acc.scaler.unscale_(opt)
@@ -297,6 +301,7 @@ def train(
                 acc.scaler.update()
             else:
                 opt.step()
+            method.masters.write_back()
             opt.zero_grad(set_to_none=True)
             ctx.step = step + 1
             for h in all_hooks:
@@ -315,7 +320,7 @@ def train(
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if out is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and acc.is_main_process:
-                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints)
+                ckpt.save_checkpoint(out, step + 1, model, ctx.optimizer, all_hooks, cfg.keep_checkpoints, acc.scaler)
         final_eval = _run_eval(eval_fn, model) if eval_fn is not None else {}
         if final_eval:
             history.append({"step": cfg.max_steps, **final_eval})
