@@ -199,12 +199,12 @@ def evaluate(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help="adapter folder (leantune or PEFT)"),
-    fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT LoRA folder)"),
+    fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT folder: LoRA; IA3 for ia3, LoKr for krona)"),
     output_dir: Path = typer.Option(..., "--output-dir", help="a new or empty folder"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
 ):
     """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
-    from .export import export_adapter
+    from .pipeline import export_adapter
 
     try:
         res = export_adapter(str(adapter), fmt, output_dir, model_name=model)
