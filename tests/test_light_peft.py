@@ -751,3 +751,14 @@ def test_adapters_prune_in_flight_and_load_back(name, base_method, tmp_path):
 
     with pytest.raises(ValueError, match="cannot be merged"):
         export_merged(model, None, tmp_path / "merged")
+
+
+def test_light_peft_picks_prunable_methods_by_their_capabilities():
+    from leantune.methods import ConfigError, make_config
+
+    assert make_config("light_peft", {"base_method": "pfeiffer", "bottleneck": "8"}).base_options == {"bottleneck": 8}
+    assert make_config("light_peft", {"r": 4, "format_version": 1}).base_config().r == 4  # a format-1 config
+    for bad, match in [({"base_method": "compacter"}, "cannot be pruned"), ({"dora": True}, "cannot be pruned"),
+                       ({"base_method": "pfeiffer", "r": 4}, "unknown option"), ({"base_method": "nope"}, "unknown")]:
+        with pytest.raises(ConfigError, match=match):
+            make_config("light_peft", bad)

@@ -135,7 +135,7 @@ class Lora(AttachedMethod):
             mergeable=True,
             restores_base=False,
             mixed_batch=not self.config.dora,
-            prunable=True,
+            prunable=not self.config.dora,  # DoRA's row norm spans the input columns Light-PEFT removes
             inference_overhead="extra_ffn",
         )
 
