@@ -36,7 +36,7 @@ def measure(method_name: str, strategy: str, options: dict) -> dict:
     wrapped = par.wrap(model, method)
     sched = method.schedule()
     cfg = TrainConfig(max_steps=10, lr=1e-4, progress=False)
-    from leantune.train.hooks import TrainContext
+    from leantune.hooks import TrainContext
 
     ctx = TrainContext(model=model, method=method, config=cfg)
     ctx._rebuild = lambda: build_adamw(method, 1e-4, cfg, ctx.optimizer)

@@ -22,8 +22,8 @@ import time
 import torch
 
 import leantune
+from leantune.hooks import TrainHook
 from leantune.measure.memory import optimizer_bytes
-from leantune.train.hooks import TrainHook
 from leantune.train.loop import TrainConfig, train
 
 

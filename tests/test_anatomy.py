@@ -257,3 +257,40 @@ def test_full_and_lisa_freeze_the_router_unless_asked():
             names = {n for n, _ in m.trainable_parameters()}
             assert ("model.layers.0.mlp.gate.weight" in names) is train_router, (method, train_router)
             assert "model.layers.0.mlp.experts.down_proj" in names
+
+
+@pytest.mark.parametrize(("name", "kv", "inter"), [("tiny-llama", 48, 128), ("tiny-gpt2", 64, 256),
+                                                   ("tiny-bert", 64, 128)])
+def test_placement_points_in_every_family(name, kv, inter):
+    from leantune.anatomy import PLACEMENTS
+
+    model, _ = tiny(f"builtin:{name}")
+    anat = anatomy(model)
+    assert anat.missing_placements(PLACEMENTS) == []
+    for point in PLACEMENTS:
+        places = anat.placements(point)
+        assert [p.block for p in places] == list(range(len(anat.blocks)))
+    keys, values = anat.placements("keys")[0], anat.placements("values")[0]
+    assert (keys.size, values.size) == (kv, kv) and keys.side == values.side == "out"
+    if name == "tiny-gpt2":  # rows of the fused c_attn: [q | k | v]
+        assert keys.module is values.module and (keys.start, values.start, values.stop) == (64, 128, 192)
+    else:
+        assert keys.whole and values.whole and keys.module is not values.module
+    act = anat.placements("ffn_act")[0]
+    assert (act.side, act.size) == ("in", inter) and act.module is anat.blocks[0].linear("down")
+    ffn_in, ffn_out = anat.placements("ffn_in")[0], anat.placements("ffn_out")[0]
+    assert ffn_in.module is anat.blocks[0].linear("up") and ffn_in.side == "in" and ffn_in.size == anat.hidden
+    assert ffn_out.module is anat.blocks[0].linear("down") and ffn_out.side == "out"
+    assert anat.placements("attn_out")[0].module is anat.blocks[0].linear("o")
+
+
+def test_a_removed_placement_point_is_refused_with_what_to_do():
+    import dataclasses
+
+    from leantune.anatomy import PlacementError, family_spec
+
+    model, _ = tiny("builtin:tiny-llama")
+    anat = anatomy(model, dataclasses.replace(family_spec(model), placements={"keys": None}))
+    assert anat.missing_placements(["keys", "values"]) == ["keys"]
+    with pytest.raises(PlacementError, match="placements=.*'keys'"):
+        anat.placements("keys")

@@ -224,7 +224,7 @@ def test_stepper_takes_the_training_loops_step():
 
 
 def test_stepper_calls_the_methods_schedule_hooks_in_order():
-    from leantune.train.hooks import TrainHook
+    from leantune.hooks import TrainHook
 
     calls = []
 

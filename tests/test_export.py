@@ -22,6 +22,8 @@ CASES = {
     "dora": ("lora", {"r": 4, "alpha": 8, "dora": True}),
     "bitfit": ("bitfit", {}),
     "ln_tuning": ("ln_tuning", {}),
+    "krona": ("krona", {"targets": "all-linear"}),
+    "ia3": ("ia3", {}),
 }
 
 

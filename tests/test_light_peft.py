@@ -692,3 +692,122 @@ def test_surgery_slices_whole_projection_qk_norms_with_their_heads():
     assert attn.q_norm.weight.tolist() == list(range(2 * hd, 4 * hd))  # query heads 2 and 3
     assert attn.k_norm.weight.tolist() == list(range(hd, 2 * hd))  # KV head 1
     assert logits(model, ids_for(model)).isfinite().all()
+
+
+# -- bottleneck adapters as the wrapped method ----------------------------------------------------------------
+
+
+def randomize_bottlenecks(method, seed=1):
+    """Random adapters whose every unit is live: the tiny models' sub-layer outputs are small (norm ~0.1), so the
+    down projection is large and its bias zero (a negative bias would leave a ReLU unit dead for every token)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in method.peft.trainable_parameters():
+            scale = 0.0 if n.endswith("down.bias") else 10.0 if n.endswith("down.weight") else 0.3
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def test_pfeiffer_pruned_widths_equal_zeroed_bottleneck_units():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", base_method="pfeiffer")
+    randomize_bottlenecks(method)
+    width = 64 // 16
+    first, second = method.peft.layers
+    keep = {first: [1, 2], second: [0, 1, 3]}  # live units in both layers on this batch (so every slice shows)
+    with torch.no_grad():
+        for name, _layer, a in method.peft.children():
+            drop = [u for u in range(width) if u not in keep[name]]
+            a.down.weight[drop] = 0.0
+            a.down.bias[drop] = 0.0
+            a.up.weight[:, drop] = 0.0
+    ids = ids_for(model)
+    zeroed = logits(model, ids)
+    plan = empty_plan(method)
+    plan.ranks = keep
+    method.apply_plan(plan)
+    for name, _layer, a in method.peft.children():
+        k = len(keep[name])
+        assert tuple(a.down.weight.shape) == (k, 64) and tuple(a.down.bias.shape) == (k,)
+        assert tuple(a.up.weight.shape) == (64, k) and tuple(a.up.bias.shape) == (64,)
+    torch.testing.assert_close(logits(model, ids), zeroed, rtol=1e-5, atol=1e-6)
+
+
+def test_pfeiffer_removing_a_zeroed_module_keeps_the_logits():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", base_method="pfeiffer")
+    randomize_bottlenecks(method)
+    names = list(method.peft.layers)
+    gone = names[0]
+    with torch.no_grad():  # a zero up projection: the module adds nothing
+        method.peft.child(gone).up.weight.zero_()
+        method.peft.child(gone).up.bias.zero_()
+    ids = ids_for(model)
+    before = logits(model, ids)
+    plan = empty_plan(method)
+    plan.modules = names[1:]
+    method.apply_plan(plan)
+    assert not hasattr(model.get_submodule(gone), "adapter")
+    assert sorted(method.peft.layers) == sorted(names[1:])
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
+
+
+def test_adapter_importance_is_the_output_ratio_of_the_adapter():
+    model = fresh("tiny-llama")
+    method = leantune.apply(model, "light_peft", base_method="pfeiffer")
+    randomize_bottlenecks(method)
+    ids = ids_for(model)
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    captured = {n: [] for n in method.peft.layers}
+    hooks = [a.register_forward_hook(lambda m, args, out, c=captured[n]: c.append((args[0].detach(), out.detach())))
+             for n, _layer, a in method.peft.children()]
+    method.importance.active = True
+    _lm_loss(model, ids, mask).backward()
+    method.importance.end_step()
+    for h in hooks:
+        h.remove()
+    got = method.importance.module_scores()
+    for n, [(z, term)] in captured.items():
+        ratio = term.norm(dim=-1) / z.norm(dim=-1)
+        assert got[n] == pytest.approx(float(ratio[mask.bool()].mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize(("name", "base_method"), [("tiny-gpt2", "houlsby"), ("tiny-bert", "parallel"),
+                                                   ("tiny-llama", "scaled_parallel")])
+def test_adapters_prune_in_flight_and_load_back(name, base_method, tmp_path):
+    model = fresh(name)
+    method = leantune.apply(model, "light_peft", base_method=base_method)
+    randomize_bottlenecks(method)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in method.masks.parameters():
+            p.copy_(torch.rand(p.shape, generator=g))
+        method.importance.module_sum.copy_(torch.rand(len(method.importance.names), generator=g, dtype=torch.float64))
+        for n in method.importance.names:
+            method.importance.rank_sum[n].copy_(torch.rand(method.importance.rank_sum[n].shape, generator=g,
+                                                           dtype=torch.float64))
+    method.importance.steps.fill_(1)
+    plan = method.prune()
+    assert 0 < plan.counts["modules_kept"] < plan.counts["modules_total"]
+    assert plan.counts["ranks_kept"] == sum(a.down.weight.shape[0] for _, _, a in method.peft.children())
+    ids = ids_for(model)
+    expected = logits(model, ids)
+    leantune.save(model, tmp_path / "a")
+    base = fresh(name)
+    leantune.load(base, tmp_path / "a")
+    torch.testing.assert_close(logits(base, ids), expected, rtol=0, atol=0)
+    from leantune.export import save_merged as export_merged
+
+    with pytest.raises(ValueError, match="cannot be merged"):
+        export_merged(model, None, tmp_path / "merged")
+
+
+def test_light_peft_picks_prunable_methods_by_their_capabilities():
+    from leantune.methods import ConfigError, make_config
+
+    assert make_config("light_peft", {"base_method": "pfeiffer", "bottleneck": "8"}).base_options == {"bottleneck": 8}
+    assert make_config("light_peft", {"r": 4, "format_version": 1}).base_config().r == 4  # a format-1 config
+    for bad, match in [({"base_method": "compacter"}, "cannot be pruned"), ({"dora": True}, "cannot be pruned"),
+                       ({"base_method": "pfeiffer", "r": 4}, "unknown option"), ({"base_method": "nope"}, "unknown")]:
+        with pytest.raises(ConfigError, match=match):
+            make_config("light_peft", bad)

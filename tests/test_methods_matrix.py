@@ -25,6 +25,7 @@ EXPLICIT = [
     ("bitfit", {}),
     ("ln_tuning", {}),
     ("lisa", {"gamma": 1, "keep_base": True}),  # like full: remove() needs the opt-in copy of the base
+    ("light_peft", {"base_method": "pfeiffer"}),
 ]
 CASES = EXPLICIT + [(cls.name, {}) for cls in list_methods() if cls.name not in {n for n, _ in EXPLICIT}]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]

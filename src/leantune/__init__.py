@@ -10,10 +10,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from . import train as _train_package  # noqa: E402,F401  loaded now: a later import would replace train() below
 from .api import apply, load, load_peft, merge, remove, save, unmerge  # noqa: E402
+from .files import __version__  # noqa: E402
 from .methods import Method, MethodConfig, get_method, list_methods, make_config, register  # noqa: E402
 from .models import load_model  # noqa: E402
 

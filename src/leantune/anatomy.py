@@ -14,7 +14,17 @@ rows of a fused ``qkv`` are ordered (see ``QKV_LAYOUTS``); a fused ``gate_up`` i
 ``prune/`` ask :meth:`Anatomy.head_rows`, :meth:`Anatomy.ffn_rows` and :meth:`Anatomy.head_columns` for indices.
 Head counts and sizes are read from the weights where the config may not tell the truth (Falcon's multi-query
 attention has one KV head whatever ``num_kv_heads`` says).
+
+Placement points (where an attached module reads or writes, :meth:`Anatomy.placements`), each a linear role, a
+side of it (``in``: its input, ``out``: its output) and a feature range on that side:
+  ``attn_out``  after the attention output projection (the output of ``o``, before the residual add)
+  ``ffn_out``   after the FFN (the output of ``down``, before the residual add)
+  ``ffn_in``    the FFN's input (the input of ``up``); "beside the FFN" reads here and writes at ``ffn_out``
+  ``keys``      the keys (the output of ``k``; rows of a fused ``qkv``)
+  ``values``    the values (the output of ``v``; rows of a fused ``qkv``)
+  ``ffn_act``   the FFN's intermediate activation (the input of ``down``)
 """
+
 
 from __future__ import annotations
 
@@ -27,6 +37,15 @@ from torch import nn
 LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
 FUSED_ROLES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # a fused role stands for these roles
 ALL_LINEAR = "all-linear"
+# placement point -> (linear role, side): the default for every family (FamilySpec.placements overrides)
+PLACEMENTS: dict[str, tuple[str, str]] = {
+    "attn_out": ("o", "out"),
+    "ffn_out": ("down", "out"),
+    "ffn_in": ("up", "in"),
+    "keys": ("k", "out"),
+    "values": ("v", "out"),
+    "ffn_act": ("down", "in"),
+}
 
 # Row order of a fused qkv projection (heads of head_dim rows each; g = query heads per KV head):
 QKV_LAYOUTS = {
@@ -67,6 +86,9 @@ class FamilySpec:
     # says otherwise). A shared expert, where there is one, plays the gate/up/down roles.
     experts: str | None = None
     router: str | None = None
+    # placement point -> (role, side) where it differs from PLACEMENTS, or None where the family has no such point
+    # (an attached method that needs it refuses at apply)
+    placements: dict[str, tuple[str, str] | None] = field(default_factory=dict)
 
 
 _ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
@@ -325,6 +347,33 @@ def known_family(model_type: str | None) -> FamilySpec | None:
     return FAMILIES.get(model_type)
 
 
+class PlacementError(UnsupportedModelError):
+    """A method needs a placement point that this model family does not define."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One placement point in one block: the features ``[start, stop)`` of ``module``'s input (``side="in"``) or
+    output (``side="out"``); the whole side unless the layer is fused (GPT-2's keys: rows of ``c_attn``)."""
+
+    point: str
+    block: int
+    name: str  # the layer's qualified name in the model
+    module: nn.Module
+    side: str
+    start: int
+    stop: int
+    width: int  # the layer's full size on that side
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.stop == self.width
+
+
 @dataclass
 class Block:
     index: int
@@ -406,6 +455,54 @@ class Anatomy:
                 for part, attr in (("gate_up", "gate_up_proj"), ("down", "down_proj")):
                     out.append((f"{self.name_of(b.experts)}.{attr}", part, b.index, getattr(b.experts, attr)))
         return out
+
+    def placement_role(self, point: str) -> tuple[str, str] | None:
+        """(role, side) of a placement point in this family, or None where it has none."""
+        if point not in PLACEMENTS:
+            raise ValueError(f"unknown placement point {point!r}; known: {', '.join(PLACEMENTS)}")
+        return self.spec.placements.get(point, PLACEMENTS[point])
+
+    def missing_placements(self, points) -> list[str]:
+        """The points of ``points`` this model does not define."""
+        out = []
+        for point in points:
+            where = self.placement_role(point)
+            if where is None or any(b.linear(where[0]) is None for b in self.blocks):
+                out.append(point)
+        return out
+
+    def placements(self, point: str) -> list[Placement]:
+        """The point in every block (PlacementError, with what to do, where the family has none)."""
+        missing = self.missing_placements([point])
+        if missing:
+            raise PlacementError(
+                f"model_type {self.model_type!r} defines no placement point {point!r} (needed here); describe it in "
+                f"its FamilySpec: placements={{{point!r}: (role, 'in' or 'out')}}"
+            )
+        role, side = self.placement_role(point)
+        out = []
+        for block in self.blocks:
+            mod = block.linear(role)
+            in_f, out_f = in_out_features(mod)
+            width = in_f if side == "in" else out_f
+            start, stop = 0, width
+            if role in ("q", "k", "v") and "qkv" in block.linears and side == "out":
+                start, stop = self._qkv_rows(role, out_f, point)
+            out.append(Placement(point, block.index, self.name_of(mod), mod, side, start, stop, width))
+        return out
+
+    def _qkv_rows(self, role: str, out_f: int, point: str) -> tuple[int, int]:
+        """A fused qkv layer's output rows of q, k or v, in this family's layout (:meth:`head_rows`); a placement
+        reads or writes one contiguous range, so a layout that interleaves the parts per head refuses."""
+        rows = self.head_rows(role)
+        start, stop = int(rows[0]), int(rows[-1]) + 1
+        if stop - start != len(rows) or not torch.equal(rows, torch.arange(start, stop)) or stop > out_f:
+            raise PlacementError(
+                f"model_type {self.model_type!r}: its fused qkv layer keeps the {role} rows interleaved per head "
+                f"({self.qkv_layout!r} layout), so placement {point!r} is not one range of its outputs; use a method "
+                "that targets linear roles (lora, s2ft) on this family"
+            )
+        return start, stop
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
         mods = [n for b in self.blocks for n in b.norms]

@@ -220,14 +220,14 @@ def evaluate(
 @app.command()
 def export(
     adapter: Path = typer.Argument(..., help="adapter folder (leantune or PEFT)"),
-    fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT LoRA folder)"),
+    fmt: str = typer.Option(..., "--format", help="merged (a plain transformers model) | peft (a PEFT folder: LoRA; IA3 for ia3, LoKr for krona)"),
     output_dir: Path = typer.Option(..., "--output-dir", help="a new or empty folder"),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
 ):
     """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
-    from .export import export_adapter
+    from .pipeline import export_adapter
 
     try:
         _use_family_specs(family_spec)

@@ -2,8 +2,8 @@
 
 ``merged``: a plain Hugging Face model folder (config, safetensors weights, tokenizer) with the fine-tune folded
 into the weights, which ``transformers`` loads by itself (``AutoModelForCausalLM.from_pretrained``); any method
-whose ``merge_and_unload()`` is implemented. ``peft``: a Hugging Face PEFT LoRA folder (see
-:mod:`leantune.interop.peft`); methods with exact LoRA factors.
+whose ``merge_and_unload()`` is implemented. The ``peft`` format (:mod:`leantune.interop.peft`) and
+``leantune export`` (``pipeline.export_adapter``, which loads the base and the adapter first) build on it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-FORMATS = ("merged", "peft")
 
 
 def check_plain_architecture(model: nn.Module) -> None:
@@ -35,7 +33,7 @@ def check_plain_architecture(model: nn.Module) -> None:
         )
 
 
-def _empty_output(directory: Path) -> None:
+def empty_output(directory: Path) -> None:
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ValueError(f"output folder {str(directory)!r} exists and is not empty; choose a new or empty folder")
 
@@ -50,7 +48,7 @@ def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> di
     if method is None:
         raise ValueError("this model carries no leantune method: load or apply one first")
     directory = Path(directory)
-    _empty_output(directory)
+    empty_output(directory)
     own = method.save_merged(directory, tokenizer)
     if own is not None:
         return {"output_dir": str(directory), **own}
@@ -65,31 +63,3 @@ def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> di
         tokenizer.save_pretrained(directory)
     return {"output_dir": str(directory), "kind": "huggingface",
             "reason": "the merged weights fit the model's own config: transformers loads the folder by itself"}
-
-
-def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None) -> dict:
-    """``leantune export``: load the base (``model_name``, default the one the adapter names) with the adapter and
-    write ``fmt`` to ``output_dir``; returns a summary."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    from .pipeline import load_for_inference
-
-    out = Path(output_dir)
-    _empty_output(out)
-    model, tokenizer = load_for_inference(model_name, adapter)
-    method = model.leantune_method
-    name = method.name
-    if fmt == "peft":
-        from .interop.peft import export_peft
-
-        export_peft(model, out)
-    else:
-        merged = save_merged(model, tokenizer, out)
-    return {
-        **({"kind": merged["kind"], "reason": merged["reason"]} if fmt == "merged" else {}),
-        "format": fmt,
-        "method": name,
-        "adapter": str(adapter),
-        "output_dir": str(out),
-        "files": sorted(p.name for p in out.iterdir()),
-    }

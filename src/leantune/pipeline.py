@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from . import io
+from . import export, io
 from .api import apply
 from .data.encode import encode_examples
 from .data.evaluate import eval_loss, generate_accuracy
@@ -80,9 +81,7 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
     if save_merged:
         if not result.output_dir:
             raise ValueError("--save-merged needs --output-dir (the merged model goes to OUTPUT_DIR/merged)")
-        from .export import save_merged as _save_merged
-
-        merged = _save_merged(model, tokenizer, Path(result.output_dir) / "merged")
+        merged = export.save_merged(model, tokenizer, Path(result.output_dir) / "merged")
     return {
         "method": method.name,
         "model": model_name,
@@ -186,3 +185,32 @@ def _is_peft(adapter: str) -> bool:
     from .interop.peft import is_peft_folder
 
     return is_peft_folder(adapter)
+
+
+EXPORT_FORMATS = ("merged", "peft")
+
+
+def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None) -> dict:
+    """``leantune export``: load the base (``model_name``, default the one the adapter names) with the adapter and
+    write ``fmt`` to ``output_dir``; returns a summary."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(output_dir)
+    export.empty_output(out)
+    model, tokenizer = load_for_inference(model_name, adapter)
+    method = model.leantune_method
+    name = method.name
+    if fmt == "peft":
+        from .interop.peft import export_peft
+
+        export_peft(model, out)
+    else:
+        merged = export.save_merged(model, tokenizer, out)
+    return {
+        **({"kind": merged["kind"], "reason": merged["reason"]} if fmt == "merged" else {}),
+        "format": fmt,
+        "method": name,
+        "adapter": str(adapter),
+        "output_dir": str(out),
+        "files": sorted(p.name for p in out.iterdir()),
+    }

@@ -16,20 +16,21 @@ import time
 def finetune_check(task_name: str = "builtin:world", method: str = "lora", steps: int = 150, lr: float | None = None,
                    batch_size: int = 16, seed: int = 0, limit: int = 200, base: str = "builtin:base",
                    with_base: bool = True) -> dict:
-    import leantune
+    from leantune.api import apply
     from leantune.data import encode_examples
     from leantune.data.tasks import forgetting, get_task
+    from leantune.models import load_model
     from leantune.train.loop import TrainConfig, train
 
     task = get_task(task_name, seed=seed)
-    model, tokenizer = leantune.load_model(base, dtype="float32")  # a folder would load in its fp16 otherwise
+    model, tokenizer = load_model(base, dtype="float32")  # a folder would load in its fp16 otherwise
     row: dict = {"task": task_name, "method": method, "steps": steps, "batch_size": batch_size, "seed": seed}
     if with_base:
         row["base_accuracy"] = task.accuracy(model, tokenizer, "test", limit)["accuracy"]
         row["base_accuracy_shifted"] = task.accuracy(model, tokenizer, "shifted", limit)["accuracy"]
     before = forgetting(model, tokenizer)
     kwargs = {"r": 16, "alpha": 32} if method == "lora" else {}
-    leantune.apply(model, method, **kwargs)
+    apply(model, method, **kwargs)
     data = encode_examples(tokenizer, task.split("train"), max_length=128, source=task_name)
     t0 = time.perf_counter()
     result = train(model, data, TrainConfig(max_steps=steps, lr=lr, batch_size=batch_size, seed=seed,

@@ -3,10 +3,16 @@ all call :func:`generate_accuracy`."""
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .encode import Example, bos_prefix
-from .tasks import normalize
+
+
+def normalize(text: str) -> str:
+    """Whitespace runs become one space, ends stripped: what exact match compares."""
+    return re.sub(r"\s+", " ", text).strip()
 
 
 @torch.no_grad()

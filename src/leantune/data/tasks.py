@@ -17,16 +17,12 @@ They ask for what ``builtin:base`` learned in pretraining (see ``leantune.base.c
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 
 from .encode import Example
+from .evaluate import generate_accuracy, normalize
 
 TASK_PREFIX = "builtin:"
-
-
-def normalize(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
 
 
 @dataclass
@@ -48,8 +44,6 @@ class Task:
 
     def accuracy(self, model, tokenizer, split: str = "test", limit: int | None = None) -> dict:
         """Greedy generation + :meth:`score` on a split (the first ``limit`` examples when given)."""
-        from .evaluate import generate_accuracy
-
         examples = self.split(split)[:limit] if limit else self.split(split)
         return generate_accuracy(model, tokenizer, examples, max_new_tokens=self.max_new_tokens, scorer=self.score)
 

@@ -6,6 +6,9 @@ The format: tensor keys ``base_model.model.<module>.lora_A.weight`` (r x in), ``
 ``lora_alpha / r * B A`` (``/ sqrt(r)`` with ``use_rslora``), its r and alpha overridden per module by
 ``rank_pattern`` / ``alpha_pattern`` (regular expressions matched against the module name, as PEFT does). GPT-2's
 Conv1D layers store (in, out), but the factors keep the Linear orientation; the config says ``fan_in_fan_out``.
+
+Methods with another PEFT equivalent say so in ``Method.peft_adapter()`` ((IA)³ as IA3, KronA as LoKr with full
+factors) and :func:`save_peft_adapter` writes that adapter type; reading back is for LoRA folders only.
 """
 
 from __future__ import annotations
@@ -151,6 +154,15 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
     method = getattr(model, "leantune_method", None)
     if method is None:
         raise ValueError("this model carries no leantune method: load or apply one first")
+    other = method.peft_adapter()
+    if other is not None:
+        config = dict(other["config"])
+        for key, names in other.get("module_fields", {}).items():  # module lists named like the targets
+            config[key] = _short_targets(model, set(names))
+        return save_peft_adapter(directory, config, other["weights"],
+                                 base_model_name_or_path=base_model_name_or_path or _model_name(model),
+                                 task_type="CAUSAL_LM" if method.anatomy.causal else None,
+                                 target_modules=_short_targets(model, set(other["weights"])))
     factors = method.lora_factors()
     if factors is None:
         raise ValueError(
@@ -159,15 +171,36 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         )
     named = dict(model.named_modules())
     layers = [named[n] for n in factors["modules"]]
-    from ..models import model_name
-
     return save_peft_lora(
         directory, **factors,
         fan_in_fan_out=all(is_conv1d(m) for m in layers),
-        base_model_name_or_path=base_model_name_or_path or model_name(model),
+        base_model_name_or_path=base_model_name_or_path or _model_name(model),
         task_type="CAUSAL_LM" if method.anatomy.causal else None,
         target_modules=_short_targets(model, set(factors["modules"])),
     )
+
+
+def _model_name(model: nn.Module) -> str | None:
+    from ..models import model_name
+
+    return model_name(model)
+
+
+def save_peft_adapter(directory: str | os.PathLike, config: dict, weights: dict[str, dict[str, torch.Tensor]], *,
+                      base_model_name_or_path: str | None, task_type: str | None, target_modules: list[str]) -> Path:
+    """Write a PEFT adapter folder of any type from its config fields and its tensors by module: keys
+    ``base_model.model.<module>.<tensor name>``. Weights first, the config last, each atomically."""
+    if not weights:
+        raise ValueError("save_peft_adapter: no modules to write")
+    tensors = {f"{PREFIX}{name}.{part}": t.detach().contiguous() for name, parts in weights.items()
+               for part, t in parts.items()}
+    full = {"task_type": task_type, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+            "target_modules": list(target_modules), "inference_mode": True, **config}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(full, indent=2) + "\n")
+    return directory
 
 
 def _short_targets(model: nn.Module, names: set[str]) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..train.hooks import TrainContext
+from ..hooks import TrainContext
 from ..train.loop import TrainConfig, build_adamw, token_loss_sum
 
 

@@ -9,19 +9,23 @@ trainable and *changed* parameter counts, ``state()`` (the tensors that are the 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+import pkgutil
 import re
 import types
 import typing
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..anatomy import Anatomy, anatomy
+from ..files import fingerprint
 from ..precision import MasterWeights
 
 FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
@@ -200,9 +204,21 @@ def register(name: str):
     return deco
 
 
-def get_method(name: str) -> type[Method]:
-    from . import _load_builtin_methods
+_loaded = False
 
+
+def _load_builtin_methods() -> None:
+    """Import every module of the methods package once: each registers its methods (by name, through importlib,
+    so this module imports none of them)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
+            if info.name != "base" and not info.name.startswith("_"):
+                importlib.import_module(f"{__package__}.{info.name}")
+
+
+def get_method(name: str) -> type[Method]:
     _load_builtin_methods()
     if name not in _REGISTRY:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_REGISTRY))} (see `leantune methods`)")
@@ -210,8 +226,6 @@ def get_method(name: str) -> type[Method]:
 
 
 def list_methods() -> list[type[Method]]:
-    from . import _load_builtin_methods
-
     _load_builtin_methods()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
@@ -257,8 +271,6 @@ class Method:
             raise RuntimeError(
                 f"this model already carries method {model.leantune_method.name!r}; load a fresh base model"
             )
-        from ..io import fingerprint
-
         anat = anat or anatomy(model)
         self.check_model(anat)  # a refusal leaves the model as it was
         self.base_fingerprint = fingerprint(model)
@@ -368,8 +380,16 @@ class Method:
         "dropout": float}``."""
         return None
 
+    def peft_adapter(self) -> dict | None:
+        """The fine-tune as another PEFT adapter type (not LoRA), for a PEFT export, or None: ``{"config": {PEFT
+        config fields, "peft_type" included, without the model's name, task or targets}, "weights": {qualified
+        module name: {PEFT tensor name: tensor}}, "module_fields": {config field: [qualified module names]}}`` (the
+        exporter names those modules the way it names the targets). Raises ValueError (saying why) where this model's layers
+        have no PEFT equivalent."""
+        return None
+
     def schedule(self):
-        """A hook object for the training loop (see leantune.train.hooks), or None."""
+        """A hook object for the training loop (see leantune.hooks), or None."""
         return None
 
     def _release(self) -> nn.Module:

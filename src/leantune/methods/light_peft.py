@@ -7,37 +7,44 @@ important adapter modules are dropped and half of the remaining ranks are cut; t
 optimizer. The prune plan sits in the config (``plan``), so ``leantune.load(fresh_base, dir)`` rebuilds the
 pruned model from the original base + plan + adapter.
 
-The wrapped PEFT method is pluggable: a ``PeftPruner`` builds it and knows how to drop its modules, cut its
-ranks and follow the base's slices. Register one in ``PEFT_PRUNERS`` (bottleneck adapters will join here).
+The wrapped PEFT method is any registered method whose capabilities say ``prunable`` (LoRA, the bottleneck
+adapters houlsby / pfeiffer / parallel / scaled_parallel), picked by name (``base_method``); it implements the
+pruning interface itself (``methods/attached.py``: units for importance, widths, keep_widths, follow_slice,
+drop_modules) and says which options Light-PEFT wraps it with (``prune_defaults``; LoRA: the paper's r = 8, α = 16).
+Options this config does not know go to the wrapped method (``-o r=4``, ``-o bottleneck=8``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..anatomy import is_conv1d
 from ..prune import importance as imp
 from ..prune.masks import FoundationMasks
 from ..prune.plan import PrunePlan, select_channels, select_heads, select_modules, select_ranks
 from ..prune.schedule import EarlyPruneSchedule
 from ..prune.surgery import apply_foundation_plan
-from .base import Capabilities, ConfigError, Method, MethodConfig, register, warn_once
-from .lora import Lora, LoraConfig
+from .base import (
+    Capabilities,
+    ConfigError,
+    Method,
+    MethodConfig,
+    get_method,
+    list_methods,
+    register,
+    warn_once,
+)
 
 
 @dataclass
 class LightPeftConfig(MethodConfig):
-    base_method: str = "lora"  # the wrapped PEFT method (see PEFT_PRUNERS)
-    # options of the wrapped LoRA (the paper: r=8 on all linear layers)
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: str = "all-linear"
-    rslora: bool = False
+    FORMAT_VERSION = 2  # 2: the wrapped method's options in base_options (1 had LoRA's r/alpha/... at the top)
+
+    base_method: str = "lora"  # the wrapped PEFT method: any registered method with capabilities.prunable
+    base_options: dict | None = None  # its options, over its prune_defaults (unknown top-level options go here)
     # estimation phase: a step count, or (when 0) a fraction of the run; at least 20 steps either way
     estimation_steps: int = 0
     estimation_fraction: float = 0.04
@@ -56,11 +63,45 @@ class LightPeftConfig(MethodConfig):
     module_score: str = "output_ratio"  # "output_ratio": ‖ΔW·x‖ / ‖W·x‖; "taylor": Σ of the module's rank scores
     plan: dict | None = None  # filled in by pruning; set, the method rebuilds the pruned model at apply
 
+    @classmethod
+    def from_dict(cls, d: dict, method: str | None = None) -> LightPeftConfig:
+        """Options that are not Light-PEFT's own are the wrapped method's (``r=4``, ``targets=q,v``)."""
+        d = dict(d)
+        own = {f.name for f in dataclasses.fields(cls)} | {"format_version"}
+        passed = {k: d.pop(k) for k in list(d) if k not in own}
+        if passed:
+            d["base_options"] = {**(d.get("base_options") or {}), **passed}
+        cfg = super().from_dict(d, method)
+        if cfg.base_options:  # stored as the wrapped config read them (CLI strings become numbers)
+            base = cfg.base_config()
+            cfg.base_options = {k: getattr(base, k) for k in cfg.base_options}
+        return cfg
+
+    def base_config(self) -> MethodConfig:
+        """The wrapped method's config: its prune_defaults, then base_options."""
+        cls = self.base_class()
+        if self.base_options is not None and not isinstance(self.base_options, dict):
+            raise ConfigError(f"light_peft: base_options must be a mapping of {cls.name}'s options, got "
+                              f"{self.base_options!r}")
+        try:
+            return cls.config_cls.from_dict({**cls.prune_defaults, **(self.base_options or {})}, method=cls.name)
+        except ConfigError as e:
+            raise ConfigError(f"light_peft (base_method={cls.name!r}): {e}") from None
+
+    def base_class(self):
+        try:
+            cls = get_method(self.base_method)
+        except KeyError as e:
+            raise ConfigError(f"light_peft: {e.args[0]}") from None
+        if not (hasattr(cls, "prune_units") and cls().capabilities.prunable):
+            prunable = sorted(m.name for m in list_methods() if hasattr(m, "prune_units") and m().capabilities.prunable)
+            raise ConfigError(f"light_peft: base_method {self.base_method!r} cannot be pruned (its capabilities say "
+                              f"so); use one of {prunable}")
+        return cls
+
     def validate(self):
-        if self.base_method not in PEFT_PRUNERS:
-            raise ConfigError(
-                f"light_peft: base_method {self.base_method!r} cannot be pruned yet; use one of {sorted(PEFT_PRUNERS)}"
-            )
+        if not isinstance(self.base_method, str):
+            raise ConfigError(f"light_peft: base_method must be a method name, got {self.base_method!r}")
         for name in ("head_ratio", "ffn_ratio"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -82,101 +123,11 @@ class LightPeftConfig(MethodConfig):
             raise ConfigError(f"light_peft: module_score is 'output_ratio' or 'taylor', got {self.module_score!r}")
         if self.mask_l1 < 0:
             raise ConfigError(f"light_peft: mask_l1 must be >= 0, got {self.mask_l1}")
-        PEFT_PRUNERS[self.base_method].validate(self)
+        if not self.base_class()(self.base_config()).capabilities.prunable:
+            raise ConfigError(f"light_peft: {self.base_method} with options {self.base_options} cannot be pruned "
+                              "(its capabilities say so)")
         if self.plan is not None and not isinstance(self.plan, dict):
             raise ConfigError(f"light_peft: plan must be a prune plan (a JSON object), got {type(self.plan).__name__}")
-
-
-# -- the wrapped PEFT method --------------------------------------------------------------------------------
-
-
-class LoraPruner:
-    """LoRA as the wrapped method: A (r, in) is the down projection, B (out, r) the up projection."""
-
-    @staticmethod
-    def validate(cfg: LightPeftConfig) -> None:
-        try:
-            LoraPruner.lora_config(cfg).validate()
-        except ConfigError as e:
-            raise ConfigError(f"light_peft: {e}") from None
-
-    @staticmethod
-    def lora_config(cfg: LightPeftConfig) -> LoraConfig:
-        return LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, rslora=cfg.rslora)
-
-    def __init__(self, model: nn.Module, anat, cfg: LightPeftConfig):
-        self.method = Lora(self.lora_config(cfg))
-        self.method.model, self.method.anatomy = model, anat
-        self.method._apply(model, anat)
-
-    @property
-    def layers(self) -> dict[str, nn.Module]:
-        return self.method.layers
-
-    def units(self) -> dict[str, imp.AdapterUnit]:
-        def delta(mod):
-            return lambda x: F.linear(F.linear(x.to(mod.lora.A.dtype), mod.lora.A), mod.lora.B) * mod.lora.scale
-
-        def exact(mod):  # with dropout on, the output's term is ΔW·dropout(x), not ΔW·x
-            return lambda: not (mod.lora.training and isinstance(mod.lora.dropout, nn.Dropout))
-
-        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·dropout(x)
-        return {n: imp.AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True, term_is_exact=exact(m))
-                for n, m in self.layers.items()}
-
-    def ranks(self) -> dict[str, int]:
-        return {n: m.lora.A.shape[0] for n, m in self.layers.items()}
-
-    def drop_modules(self, names) -> None:
-        """Take these LoRA branches off their layers (hook and weights)."""
-        names = set(names)
-        hooks = []
-        for (name, mod), hook in zip(list(self.layers.items()), self.method._hooks, strict=True):
-            if name in names:
-                hook.remove()
-                del mod.lora
-                del self.layers[name]
-            else:
-                hooks.append(hook)
-        self.method._hooks = hooks
-
-    @torch.no_grad()
-    def keep_ranks(self, name: str, idx: list[int]) -> None:
-        """Keep ranks ``idx``: rows of A, columns of B; the scale stays α / r_original."""
-        lora = self.layers[name].lora
-        i = torch.tensor(idx, dtype=torch.long, device=lora.A.device)
-        lora.A = nn.Parameter(lora.A[i].contiguous(), requires_grad=lora.A.requires_grad)
-        lora.B = nn.Parameter(lora.B[:, i].contiguous(), requires_grad=lora.B.requires_grad)
-
-    @torch.no_grad()
-    def follow_slice(self, layer: nn.Module, side: str, idx: torch.Tensor) -> None:
-        """The base layer lost output rows (B follows) or input columns (A follows)."""
-        lora = getattr(layer, "lora", None)
-        if lora is None:
-            return
-        idx = idx.to(lora.A.device)
-        if side == "out":
-            lora.B = nn.Parameter(lora.B[idx].contiguous(), requires_grad=lora.B.requires_grad)
-        else:
-            lora.A = nn.Parameter(lora.A[:, idx].contiguous(), requires_grad=lora.A.requires_grad)
-
-    @torch.no_grad()
-    def merged_weights(self) -> dict[str, torch.Tensor]:
-        """New tensors W + scale·B·A for every adapted layer (the live weights are not touched)."""
-        out = {}
-        for name, mod in self.layers.items():
-            w = mod.weight
-            delta = mod.lora.delta_weight().float()
-            delta = delta.t() if is_conv1d(mod) else delta  # Conv1D stores (in, out)
-            out[f"{name}.weight"] = (w.float() + delta).to(w.dtype) if not mod.lora.merged else w.detach().clone()
-        return out
-
-    def adapter_prefixes(self) -> list[str]:
-        """State-dict prefixes of the adapter's own modules (left out of a merged export)."""
-        return [f"{n}.lora." for n in self.layers]
-
-
-PEFT_PRUNERS: dict[str, type] = {"lora": LoraPruner}
 
 
 # -- the method ---------------------------------------------------------------------------------------------
@@ -186,22 +137,24 @@ PEFT_PRUNERS: dict[str, type] = {"lora": LoraPruner}
 class LightPeft(Method):
     family = "pruning"
     description = (
-        "Light-PEFT: LoRA + foundation masks for a short estimation phase, then heads, FFN channels, LoRA modules "
-        "and ranks pruned in flight; training goes on with the smaller model."
+        "Light-PEFT: a PEFT method (LoRA, or a bottleneck adapter: base_method) + foundation masks for a short "
+        "estimation phase, then heads, FFN channels, adapter modules and ranks/widths pruned in flight; training "
+        "goes on with the smaller model."
     )
     config_cls = LightPeftConfig
     default_lr = 5e-4
 
     @property
     def capabilities(self) -> Capabilities:
+        wrapped = self.config.base_class()(self.config.base_config()).capabilities
         return Capabilities(
-            mergeable=True,
+            mergeable=wrapped.mergeable,
             restores_base=False,
             mixed_batch=False,  # the base itself is pruned: it cannot be shared with other adapters
             prunable=False,
             needs_schedule=self.config.plan is None,
             schedule_ends=self.config.plan is None,
-            inference_overhead="extra_ffn",
+            inference_overhead=wrapped.inference_overhead,
             changes_trainable=self.config.plan is None,
             fsdp=False,
             fsdp_refusal="Light-PEFT slices parameters to new shapes in flight, which FSDP's shards cannot follow",
@@ -228,7 +181,9 @@ class LightPeft(Method):
 
     def _apply(self, model, anat):
         cfg = self.config
-        self.peft = PEFT_PRUNERS[cfg.base_method](model, anat, cfg)
+        self.peft = cfg.base_class()(cfg.base_config())  # the wrapped method, applied to the same model
+        self.peft.model, self.peft.anatomy = model, anat
+        self.peft._apply(model, anat)
         self.masks: FoundationMasks | None = None
         self.importance: imp.AdapterImportance | None = None
         self.plan: PrunePlan | None = None
@@ -237,11 +192,11 @@ class LightPeft(Method):
             return
         self.masks = FoundationMasks(anat, heads=cfg.head_ratio > 0, ffn=cfg.ffn_ratio > 0,
                                      taylor=cfg.foundation_score == "taylor")
-        self.importance = imp.AdapterImportance(model, self.peft.units())
+        self.importance = imp.AdapterImportance(model, self.peft.prune_units())
 
     # -- what trains --------------------------------------------------------------------------------------
     def trainable_parameters(self):
-        yield from self.peft.method.trainable_parameters()
+        yield from self.peft.trainable_parameters()
         if self.masks is not None:
             yield from self.masks.named.items()
 
@@ -252,10 +207,10 @@ class LightPeft(Method):
         return {n: {"lr_scale": scale[n.rsplit(".", 1)[1]]} for n in self.masks.named}
 
     def num_changed(self) -> int:
-        return self.peft.method.num_changed()
+        return self.peft.num_changed()
 
     def state(self) -> dict[str, torch.Tensor]:
-        out = dict(self.peft.method.state())
+        out = dict(self.peft.state())
         if not self.pruned:  # in the middle of estimation (a checkpoint): masks and importance sums too
             out.update(self.masks.named)
             out.update(self.importance.state("light_peft.importance"))
@@ -287,7 +242,7 @@ class LightPeft(Method):
             module_scores = self.importance.module_scores()
         plan.modules = select_modules(module_scores, cfg.module_keep)
         plan.ranks = select_ranks({n: rank_scores[n] for n in plan.modules}, cfg.rank_keep)
-        ranks = self.peft.ranks()
+        ranks = self.peft.prune_widths()
         heads = [len(h) for h in plan.heads] if plan.heads else [anat.n_heads] * n_layers
         ffn = [len(c) for c in plan.ffn] if plan.ffn else [anat.intermediate] * n_layers
         plan.counts = {
@@ -311,7 +266,7 @@ class LightPeft(Method):
         if self.pruned:
             raise RuntimeError("light_peft: the model is already pruned")
         before_base = sum(p.numel() for n, p in self._model().named_parameters() if not p.requires_grad)
-        before_trainable = sum(p.numel() for _, p in self.peft.method.trainable_parameters())
+        before_trainable = sum(p.numel() for _, p in self.peft.trainable_parameters())
         plan = self.make_plan()
         self.apply_plan(plan)
         after_base = sum(p.numel() for n, p in self._model().named_parameters() if not p.requires_grad)
@@ -339,20 +294,20 @@ class LightPeft(Method):
             self.peft.drop_modules([n for n in self.peft.layers if n not in set(plan.modules)])
         apply_foundation_plan(self.anatomy, plan, self.peft.follow_slice)
         for name, idx in (plan.ranks or {}).items():
-            r = self.peft.ranks()[name]
+            r = self.peft.prune_widths()[name]
             if idx[-1] >= r:
                 raise ValueError(f"light_peft: the plan keeps rank {idx[-1]} of {name!r}, which has rank {r}")
-            self.peft.keep_ranks(name, idx)
+            self.peft.keep_widths(name, idx)
         self.plan = plan
         self.config.plan = plan.to_dict()
 
     # -- merge / remove -----------------------------------------------------------------------------------
     def merge(self) -> None:
-        self.peft.method.merge()
+        self.peft.merge()
         self.merged = True
 
     def unmerge(self) -> None:
-        self.peft.method.unmerge()
+        self.peft.unmerge()
         self.merged = False
 
     def remove(self) -> nn.Module:
@@ -363,7 +318,7 @@ class LightPeft(Method):
             )
         self.masks.detach()
         self.importance.close()
-        model = self.peft.method.remove()
+        model = self.peft.remove()
         model.__dict__.pop("leantune_method", None)
         self.model = None
         return model
@@ -384,7 +339,7 @@ class LightPeft(Method):
         if self.masks is not None:
             self.masks.detach()
             self.importance.close()
-        model = self.peft.method.unload()
+        model = self.peft.unload()
         if fitted is not None:  # in place: every attention module holds this same config object
             current = model.config.to_dict()
             for key, value in fitted.to_dict().items():
@@ -402,12 +357,17 @@ class LightPeft(Method):
         config, else a leantune folder (``leantune.prune.load_merged``); says which and why."""
         from ..prune.export import save_merged
 
+        if not self.capabilities.mergeable:
+            raise ValueError(f"light_peft: base_method {self.config.base_method!r} cannot be merged into the base "
+                             "weights; save the adapter instead (leantune.load rebuilds the pruned model)")
         out = save_merged(self._model(), directory, tokenizer)
         return {"kind": out.kind, "reason": out.reason}
 
     def base_state_dict(self, merged: bool = True) -> dict[str, torch.Tensor]:
         """The (pruned) base model's own tensors without the adapter's modules; ``merged``: with the adapter folded
         into copies of the adapted weights (the live model is left untouched)."""
+        if merged and not self.capabilities.mergeable:
+            raise ValueError(f"light_peft: base_method {self.config.base_method!r} has no merged form; pass merged=False")
         prefixes = tuple(self.peft.adapter_prefixes())
         state = {k: v for k, v in self._model().state_dict().items() if not k.startswith(prefixes)}
         if merged:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..anatomy import Anatomy
-from ..train.hooks import TrainContext, TrainHook
+from ..hooks import TrainContext, TrainHook
 from .base import Capabilities, ConfigError, Method, MethodConfig, check_state_keys, register, warn_once
 
 ALWAYS_ON_PARTS = ("embed", "head", "final_norm", "rest")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,10 @@ from torch.nn.utils import parametrize
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
 from ..precision import trainable_dtype
+from ..prune.importance import AdapterUnit
 from . import fused
-from .base import Capabilities, ConfigError, Method, MethodConfig, register
+from .attached import AttachedMethod
+from .base import Capabilities, ConfigError, MethodConfig, register
 
 
 @dataclass
@@ -173,7 +176,8 @@ def _set_stored(mod: nn.Module, new_2d: torch.Tensor) -> None:
 
 
 @register("lora")
-class Lora(Method):
+class Lora(AttachedMethod):
+    child_name = "lora"
     family = "reparametrization"
     description = "LoRA: a trainable low-rank update B·A beside each targeted linear layer (rsLoRA, DoRA flags)."
     config_cls = LoraConfig
@@ -185,7 +189,7 @@ class Lora(Method):
             mergeable=True,
             restores_base=False,
             mixed_batch=not self.config.dora,
-            prunable=True,
+            prunable=not self.config.dora,  # DoRA's row norm spans the input columns Light-PEFT removes
             inference_overhead="extra_ffn",
         )
 
@@ -195,17 +199,16 @@ class Lora(Method):
 
     def _apply(self, model, anat):
         cfg = self.config
-        self.layers: dict[str, nn.Module] = {}
+        self._start()
         self.experts: dict[str, nn.Module] = {}  # experts module name -> module carrying lora_<param> pairs
-        self._hooks = []
+        self._expert_hooks = []
         targets = anat.linears(cfg.targets)
         if not targets and not cfg.experts:
             raise ValueError(f"lora: no layers for targets {cfg.targets!r} in this {anat.model_type} model")
         for name, _role, _i, mod in targets:
             in_f, out_f = in_out_features(mod)
-            mod.add_module("lora", LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora))
-            self._hooks.append(fused.override_forward(mod, _lora_forward))
-            self.layers[name] = mod
+            self.attach(name, mod, LoraAdapter(in_f, out_f, cfg.r, cfg.scale, cfg.dropout, weight_2d(mod), cfg.dora),
+                        _lora_forward)
         for b in anat.blocks if cfg.experts else ():
             if b.experts is None:
                 continue
@@ -213,7 +216,7 @@ class Lora(Method):
                 pair = ExpertLora(getattr(b.experts, attr), cfg.r, cfg.scale)
                 b.experts.add_module(f"lora_{attr}", pair)
                 parametrize.register_parametrization(b.experts, attr, _ExpertDelta(pair), unsafe=True)
-            self._hooks.append(fused.override_forward(b.experts, _experts_forward))
+            self._expert_hooks.append(fused.override_forward(b.experts, _experts_forward))
             self.experts[anat.name_of(b.experts)] = b.experts
 
     def _expert_pairs(self):
@@ -223,9 +226,7 @@ class Lora(Method):
                 yield name, attr, mod, getattr(mod, f"lora_{attr}")
 
     def trainable_parameters(self):
-        for name, mod in self.layers.items():
-            for pname, p in mod.lora.named_parameters():
-                yield f"{name}.lora.{pname}", p
+        yield from self._named_child_parameters()
         for name, attr, _mod, pair in self._expert_pairs():
             yield f"{name}.lora_{attr}.A", pair.A
             yield f"{name}.lora_{attr}.B", pair.B
@@ -287,23 +288,17 @@ class Lora(Method):
             pair.merged = False
         self.merged = False
 
-    def remove(self) -> nn.Module:
-        """Take LoRA off (unmerging first if merged): the base model back, within float rounding."""
-        self.unmerge()
-        return self.unload()
-
     def unload(self) -> nn.Module:
         """Take the LoRA modules and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
         self._model()  # raises unless applied
-        for h in self._hooks:
+        for h in self._expert_hooks:
             h.remove()
-        for mod in self.layers.values():
-            del mod.lora
         for _name, attr, mod, _pair in list(self._expert_pairs()):
             # the original weight becomes the parameter again (merged values after merge_and_unload)
             parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
             delattr(mod, f"lora_{attr}")
-        return self._release()
+        self.experts, self._expert_hooks = {}, []
+        return super().unload()
 
     def lora_factors(self) -> dict:
         cfg = self.config
@@ -317,3 +312,53 @@ class Lora(Method):
             "magnitudes": {n: m.lora.magnitude.data for n, m in self.layers.items()} if cfg.dora else None,
             "dropout": cfg.dropout,
         }
+
+    # -- Light-PEFT's pruning interface -----------------------------------------------------------------------------
+    prune_defaults: ClassVar[dict] = {"r": 8, "alpha": 16.0}  # the Light-PEFT paper: r = 8 on all linear layers
+
+    def prune_units(self) -> dict[str, AdapterUnit]:
+        """A (r, in) is the down projection, B (out, r) the up projection."""
+
+        def delta(mod):
+            return lambda x: F.linear(F.linear(x.to(mod.lora.A.dtype), mod.lora.A), mod.lora.B) * mod.lora.scale
+
+        def exact(mod):  # with dropout on, the output's term is ΔW·dropout(x), not ΔW·x
+            return lambda: not (mod.lora.training and isinstance(mod.lora.dropout, nn.Dropout))
+
+        # LoRA's forward adds its term itself, so the output forward hooks see is W·x + b + ΔW·dropout(x)
+        return {n: AdapterUnit(m, m.lora.A, m.lora.B, delta(m), output_has_delta=True, term_is_exact=exact(m))
+                for n, m in self.layers.items()}
+
+    def prune_widths(self) -> dict[str, int]:
+        return {n: m.lora.A.shape[0] for n, m in self.layers.items()}
+
+    @torch.no_grad()
+    def keep_widths(self, name: str, idx: list[int]) -> None:
+        """Keep ranks ``idx``: rows of A, columns of B; the scale stays α / r_original."""
+        lora = self.layers[name].lora
+        i = torch.tensor(idx, dtype=torch.long, device=lora.A.device)
+        lora.A = nn.Parameter(lora.A[i].contiguous(), requires_grad=lora.A.requires_grad)
+        lora.B = nn.Parameter(lora.B[:, i].contiguous(), requires_grad=lora.B.requires_grad)
+
+    @torch.no_grad()
+    def follow_slice(self, layer: nn.Module, side: str, idx: torch.Tensor) -> None:
+        """The base layer lost output rows (B follows) or input columns (A follows)."""
+        lora = getattr(layer, "lora", None)
+        if lora is None:
+            return
+        idx = idx.to(lora.A.device)
+        if side == "out":
+            lora.B = nn.Parameter(lora.B[idx].contiguous(), requires_grad=lora.B.requires_grad)
+        else:
+            lora.A = nn.Parameter(lora.A[:, idx].contiguous(), requires_grad=lora.A.requires_grad)
+
+    @torch.no_grad()
+    def merged_weights(self) -> dict[str, torch.Tensor]:
+        """New tensors W + scale·B·A for every adapted layer (the live weights are not touched)."""
+        out = {}
+        for name, mod in self.layers.items():
+            w = mod.weight
+            delta = mod.lora.delta_weight().float()
+            delta = delta.t() if is_conv1d(mod) else delta  # Conv1D stores (in, out)
+            out[f"{name}.weight"] = (w.float() + delta).to(w.dtype) if not mod.lora.merged else w.detach().clone()
+        return out

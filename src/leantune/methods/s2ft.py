@@ -32,7 +32,8 @@ from torch import nn
 from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
 from ..precision import trainable_dtype
 from . import fused
-from .base import Capabilities, ConfigError, Method, MethodConfig, register
+from .attached import AttachedMethod
+from .base import Capabilities, ConfigError, MethodConfig, register
 
 S2FT_ROLES = ("o", "down", "v", "up")
 _SIDE = {"o": "in", "down": "in", "v": "out", "up": "out"}  # which axis of the (out, in) weight is sliced
@@ -203,11 +204,12 @@ def _s2ft_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
 
 
 @register("s2ft")
-class S2FT(Method):
+class S2FT(AttachedMethod):
     """S²FT on a model. Besides the config: ``calibration`` (batches of ``input_ids`` / ``attention_mask`` /
     ``labels`` tensors) runs the data-driven selection at ``apply``; ``exclude`` (an s2ft state dict, adapter folder
     or S2FT method) keeps the new selection disjoint from that adapter's indices, for later fusion."""
 
+    child_name = "s2ft"
     family = "selective"
     description = ("S²FT: whole attention heads (o) and FFN channels (down) train as dense blocks in the original "
                    "coordinates; partial backprop; adapters switch by index_add_, fuse, and export as LoRA.")
@@ -226,8 +228,7 @@ class S2FT(Method):
     # -- apply: structure, budget, selection ---------------------------------------------------------------
     def _apply(self, model, anat):
         cfg = self.config
-        self.layers: dict[str, nn.Module] = {}
-        self._hooks = []
+        self._start()
         per_block = self._targets(anat)
         lora_params = self._lora_params(anat)
         for block in anat.blocks:
@@ -237,9 +238,8 @@ class S2FT(Method):
                 if counts[t["name"]] == 0:
                     continue
                 mod = t["module"]
-                mod.add_module("s2ft", S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)))
-                self._hooks.append(fused.override_forward(mod, _s2ft_forward))
-                self.layers[t["name"]] = mod
+                self.attach(t["name"], mod, S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)),
+                            _s2ft_forward)
         if not self.layers:
             raise ValueError(f"s2ft: the budget selects nothing on this {anat.model_type} model ({cfg}); "
                              "raise lora_r, ratio, heads or channels")
@@ -439,10 +439,6 @@ class S2FT(Method):
         return _SelectionGuard() if self.config.selection in DATA_SELECTIONS else None
 
     # -- what trains, what changes ---------------------------------------------------------------------------
-    def trainable_parameters(self):
-        for name, mod in self.layers.items():
-            yield f"{name}.s2ft.delta", mod.s2ft.delta
-
     def num_changed(self) -> int:
         return sum(m.s2ft.delta.numel() for m in self.layers.values())
 
@@ -510,20 +506,6 @@ class S2FT(Method):
         for mod in self.layers.values():
             mod.s2ft.restore(mod)
         self.merged = False
-
-    def remove(self) -> nn.Module:
-        """Take S²FT off: the base model back, bitwise (merged columns are restored first)."""
-        self.unmerge()
-        return self.unload()
-
-    def unload(self) -> nn.Module:
-        """Take the slices and hooks off, keeping the weights as they are (merged by merge_and_unload)."""
-        self._model()  # raises unless applied
-        for h in self._hooks:
-            h.remove()
-        for mod in self.layers.values():
-            del mod.s2ft
-        return self._release()
 
     # -- LoRA / PEFT export --------------------------------------------------------------------------------
     def to_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

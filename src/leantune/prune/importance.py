@@ -4,7 +4,7 @@ Module level: ``‖ΔW·x‖ / ‖W·x‖`` per token (padding excluded), averag
 Rank level: first-order Taylor, ``|mean(A⊙∇A) over rank i's row| + |mean(B⊙∇B) over its column|``, with the
 step's whole gradient (all micro-batches). Both are averaged over the steps during which ``active`` is set (the
 second half of estimation). An adapter unit is any pair of a down projection (r, in) and an up projection
-(out, r): LoRA's A and B, or an adapter's bottleneck.
+(out, r): LoRA's A and B, or an adapter's bottleneck (whose module ratio is ‖adapter(z)‖ / ‖z‖, z its input).
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ class AdapterUnit:
     # whether that term is exactly delta(x) right now; when it is not (dropout on the adapter's input while
     # training), output - delta(x) is not W·x + b, so W·x is computed from the layer's weight instead
     term_is_exact: Callable[[], bool] = lambda: True
+    # an adapter module whose output is its term and whose input z is what it adapts (a bottleneck adapter): the
+    # ratio is ‖term‖ / ‖z‖, read by a hook on this module instead of the layer
+    term_module: nn.Module | None = None
 
 
 class AdapterImportance:
@@ -46,7 +49,8 @@ class AdapterImportance:
         for i, (name, u) in enumerate(units.items()):
             # prepend: before an adapter that adds its term in a hook of its own, the output is still W·x + b; an
             # adapter that adds it in the layer's forward says so (output_has_delta) and it is taken off here
-            self._hooks.append(u.layer.register_forward_hook(self._module_hook(i, u), prepend=True))
+            watched = u.term_module if u.term_module is not None else u.layer
+            self._hooks.append(watched.register_forward_hook(self._module_hook(i, u), prepend=True))
             self._hooks.append(u.down.register_hook(self._grad_hook(name, u.down, dim=1, down=True)))
             self._hooks.append(u.up.register_hook(self._grad_hook(name, u.up, dim=0, down=False)))
 
@@ -66,15 +70,18 @@ class AdapterImportance:
                 return None
             with torch.no_grad():
                 x = args[0]
-                delta = u.delta(x).float()
-                if u.output_has_delta and not u.term_is_exact():
-                    base = F.linear(x.float(), weight_2d(module).float())  # W·x as the layer computed it
+                if u.term_module is not None:
+                    delta, base = output.float(), x.float()
                 else:
-                    base = output.float()
-                    if u.output_has_delta:
-                        base = base - delta
-                    if getattr(module, "bias", None) is not None:
-                        base = base - module.bias.float()
+                    delta = u.delta(x).float()
+                    if u.output_has_delta and not u.term_is_exact():
+                        base = F.linear(x.float(), weight_2d(module).float())  # W·x as the layer computed it
+                    else:
+                        base = output.float()
+                        if u.output_has_delta:
+                            base = base - delta
+                        if getattr(module, "bias", None) is not None:
+                            base = base - module.bias.float()
                 ratio = delta.norm(dim=-1) / base.norm(dim=-1).clamp_min(1e-12)
                 mask = self._token_mask
                 if mask is not None and mask.shape == ratio.shape:

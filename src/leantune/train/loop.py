@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.encode import IGNORE, collate
+from ..hooks import TrainContext, TrainHook
 from . import checkpoint as ckpt
 from . import parallel
-from .hooks import TrainContext, TrainHook
 
 
 class NonFiniteLossError(RuntimeError):
