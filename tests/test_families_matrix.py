@@ -46,6 +46,10 @@ REFUSALS = {
     ("olmo2", "light_peft"): "whole-projection q/k norms",
     **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
     **{(f, "s2ft"): "not per expert" for f in ("mixtral", "qwen2_moe")},
+    # an FFN made of experts has no single FFN input/output/activation to attach an adapter or a scale to
+    **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
+                                                               "compacter", "compacter_pp", "ia3")},
+    ("gpt_neox", "ia3"): "interleaved per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
@@ -122,7 +126,11 @@ def test_family_method_cell(family, method, tmp_path):
         peft_note = "peft"
 
     # merge equals unmerged, then the merged export reloads in transformers alone
-    assert m.capabilities.mergeable
+    if not m.capabilities.mergeable:  # an adapter that stays beside the base (bottleneck adapters, Compacter)
+        with pytest.raises(NotImplementedError):
+            m.merge()
+        _record(family, method, "works", f"not mergeable (the adapter stays beside the base); PEFT export: {peft_note}")
+        return
     m.merge()
     torch.testing.assert_close(logits(model, batch), tuned, rtol=0, atol=MERGE_ATOL)
     m.unmerge()

@@ -194,6 +194,9 @@ class BottleneckAdapters(AttachedMethod):
     def placement_points(cls) -> tuple[str, ...]:
         return ("ffn_in", "ffn_out") if cls.beside else cls.points
 
+    def required_points(self) -> tuple[str, ...]:
+        return self.placement_points()
+
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(mergeable=False, restores_base=True, prunable=True, inference_overhead="extra_ffn")

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..anatomy import Anatomy, anatomy
 from . import fused
 from .base import Method
 
@@ -33,10 +34,21 @@ class AttachedMethod(Method):
         self.layers: dict[str, nn.Module] = {}  # qualified layer name -> the base layer that carries a child
         self._handles: dict[str, list] = {}  # layer name -> what to undo when it is detached
 
+    def required_points(self) -> tuple[str, ...]:
+        """The anatomy placement points this method's modules sit at (none for methods that target roles)."""
+        return ()
+
+    def apply(self, model: nn.Module, anat: Anatomy | None = None) -> AttachedMethod:
+        """Refuse a family without one of :meth:`required_points` (or with a layout they cannot read) before
+        the model is touched, then apply."""
+        anat = anat or anatomy(model)
+        self.require_points(anat, self.required_points())
+        return super().apply(model, anat)
+
     def require_points(self, anat, points) -> None:
-        """Refuse, before anything is attached, a model whose family lacks one of these placement points."""
-        for point in anat.missing_placements(points):
-            anat.placements(point)  # raises PlacementError with what to do
+        """Raise PlacementError (saying what to do) unless every point is defined and readable in this model."""
+        for point in points:
+            anat.placements(point)
 
     # -- attach / detach ----------------------------------------------------------------------------------
     def attach(self, name: str, layer: nn.Module, child: nn.Module, forward: Callable | None = None) -> nn.Module:

@@ -102,6 +102,9 @@ class IA3(AttachedMethod):
     def placement_points(cls, config: IA3Config | None = None) -> tuple[str, ...]:
         return tuple((config or cls.config_cls()).point_list)
 
+    def required_points(self) -> tuple[str, ...]:
+        return tuple(self.config.point_list)
+
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn")
