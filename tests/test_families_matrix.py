@@ -6,7 +6,7 @@ transformers with those logits -> a LoRA-shaped fine-tune loads in ``peft`` with
 or refuses at ``apply`` with its reason (``REFUSALS``: the part of the message that names what is missing).
 Methods registered later join with their default config; a family joins by adding its tiny model to ``FAMILIES``.
 
-Each cell's outcome is written to ``$LEANTUNE_MATRIX_OUT`` (JSON lines) when set: ``scripts/family_table.py``
+Each cell's outcome is written to ``$LEANTUNE_MATRIX_OUT`` (JSON lines) when set: ``benchmarks/family_table.py``
 turns them into docs/models.md.
 """
 
