@@ -236,3 +236,54 @@ def test_mica_init_imports_as_plain_lora(tmp_path):
     model, _ = leantune.load_model(base_folder)
     leantune.load(model, folder)
     torch.testing.assert_close(logits_of(model, probe()), theirs, atol=1e-5, rtol=1e-5)
+
+
+# -- exports vLLM loads --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method,options", [("lora", {"r": 4, "alpha": 8}), ("lora", {"r": 12, "rslora": True}),
+                                            ("s2ft", {"budget": "count", "heads": 1, "channels": 5})])
+def test_vllm_export_pads_to_a_rank_vllm_accepts_with_the_same_logits(tmp_path, method, options):
+    from leantune.interop.peft import VLLM_RANKS
+
+    model, _ = base("tiny-llama")
+    m = leantune.apply(model, method, **options)
+    randomize([p for n, p in m.trainable_parameters() if n.endswith((".B", ".delta"))], seed=3)
+    ours = logits_of(model, probe())
+    export_peft(model, tmp_path / "vllm", target="vllm")
+    cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
+    top = max(a.shape[0] for a, _ in m.lora_factors()["modules"].values())
+    assert cfg["r"] == min(r for r in VLLM_RANKS if r >= top)  # LoRA r=4 -> 8, r=12 -> 16; S²FT's k -> the next
+    assert cfg["lora_alpha"] == cfg["r"] and not cfg["rank_pattern"] and not cfg["alpha_pattern"]
+    assert cfg["use_dora"] is False and cfg["use_rslora"] is False and not cfg["modules_to_save"]
+    fresh, _ = base("tiny-llama")
+    theirs = logits_of(peft.PeftModel.from_pretrained(fresh, tmp_path / "vllm"), probe())
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,method,options,message", [
+    ("tiny-llama", "lora", {"r": 4, "dora": True}, "vLLM does not load DoRA"),
+    ("tiny-gpt2", "lora", {"r": 4}, "Conv1D"),
+    ("tiny-llama", "ia3", {}, "vLLM serves LoRA adapters only"),
+    ("tiny-llama", "bitfit", {}, "no exact LoRA form"),
+])
+def test_vllm_export_refuses_what_vllm_cannot_load(tmp_path, name, method, options, message):
+    model, _ = base(name)
+    leantune.apply(model, method, **options)
+    with pytest.raises(ValueError, match=message):
+        export_peft(model, tmp_path / "out", target="vllm")
+
+
+def test_cli_vllm_export_prints_the_serve_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    model, _ = base("tiny-llama")
+    leantune.apply(model, "lora", r=4)
+    leantune.save(model, tmp_path / "ad")
+    res = CliRunner().invoke(app, ["export", str(tmp_path / "ad"), "--format", "peft", "--target", "vllm",
+                                   "--output-dir", str(tmp_path / "vllm")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["rank"] == 8 and out["serve"].startswith("vllm serve builtin:tiny-llama --enable-lora --max-lora-rank 8")

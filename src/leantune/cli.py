@@ -225,13 +225,15 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="base model (default: the adapter's)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
+    target: str = typer.Option("peft", "--target", help="peft | vllm: with --format peft, a folder vLLM loads "
+                               "(rank padded to one vLLM accepts, no DoRA) and the `vllm serve` line, or why not"),
 ):
     """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
     from .pipeline import export_adapter
 
     try:
         _use_family_specs(family_spec)
-        res = export_adapter(str(adapter), fmt, output_dir, model_name=model)
+        res = export_adapter(str(adapter), fmt, output_dir, model_name=model, target=target)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
     typer.echo(json.dumps(res, indent=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from .data.encode import encode_examples
 from .data.evaluate import eval_loss, generate_accuracy
 from .data.tasks import get_task
 from .models import load_model
+from .models import model_name as name_of
 from .train.loop import TrainConfig, seed_everything, train
 
 
@@ -139,7 +141,6 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
     """``leantune eval``: greedy generation with exact match (whitespace-normalized) and the mean token loss on
     one split of a built-in task (default ``test``) or of your data (see ``data.files.split_rows``)."""
     from .anatomy import anatomy
-    from .models import model_name as name_of
 
     if bool(task) == bool(data_path):
         raise ValueError("give exactly one of --task (a built-in task) or --data (your file or folder)")
@@ -190,24 +191,36 @@ def _is_peft(adapter: str) -> bool:
 EXPORT_FORMATS = ("merged", "peft")
 
 
-def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None) -> dict:
+def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None,
+                   target: str = "peft") -> dict:
     """``leantune export``: load the base (``model_name``, default the one the adapter names) with the adapter and
-    write ``fmt`` to ``output_dir``; returns a summary."""
+    write ``fmt`` to ``output_dir``; returns a summary. ``target="vllm"`` (with ``fmt="peft"``): a folder vLLM
+    loads (rank padded to one vLLM accepts, no DoRA) and the ``vllm serve`` line for it, or the reason it cannot."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+    if target != "peft" and fmt != "peft":
+        raise ValueError(f"--target {target} applies to --format peft")
     out = Path(output_dir)
     export.empty_output(out)
     model, tokenizer = load_for_inference(model_name, adapter)
     method = model.leantune_method
     name = method.name
+    serve = {}
     if fmt == "peft":
         from .interop.peft import export_peft
 
-        export_peft(model, out)
+        export_peft(model, out, target=target)
+        if target == "vllm":
+            rank = json.loads((out / "adapter_config.json").read_text())["r"]
+            base = name_of(model) or "BASE"
+            serve = {"target": "vllm", "rank": rank,
+                     "serve": f"vllm serve {base} --enable-lora --max-lora-rank {rank} --lora-modules "
+                              f"{out.name}={out.resolve()}"}
     else:
         merged = export.save_merged(model, tokenizer, out)
     return {
         **({"kind": merged["kind"], "reason": merged["reason"]} if fmt == "merged" else {}),
+        **serve,
         "format": fmt,
         "method": name,
         "adapter": str(adapter),

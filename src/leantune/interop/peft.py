@@ -148,12 +148,67 @@ def _json_number(x: float):
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+# the LoRA ranks vLLM's engine accepts (--max-lora-rank); an adapter of another rank is refused at load
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_factors(model: nn.Module) -> dict:
+    """The carried fine-tune's LoRA factors in the form vLLM serves: every module at one rank from
+    :data:`VLLM_RANKS` (zero rows of A and columns of B pad it: the update is unchanged), each module's scale folded
+    into B (so ``lora_alpha = r``, no ``rank_pattern`` or ``alpha_pattern``), no DoRA, ``nn.Linear`` layers only.
+    Raises ValueError with the reason for what vLLM would refuse."""
+    method = model.leantune_method
+    if method.peft_adapter() is not None:
+        raise ValueError(f"vLLM serves LoRA adapters only, and a {method.name!r} adapter exports as another PEFT type; "
+                         "export --format merged and serve the merged model")
+    factors = method.lora_factors()
+    if factors is None:
+        raise ValueError(f"method {method.name!r} has no exact LoRA form, so vLLM cannot serve it as an adapter; "
+                         "export --format merged")
+    if factors.get("magnitudes"):
+        raise ValueError("vLLM does not load DoRA adapters (use_dora); export --format merged, or train without dora")
+    named = dict(model.named_modules())
+    conv = sorted(n for n in factors["modules"] if is_conv1d(named[n]))
+    if conv:
+        raise ValueError(f"vLLM serves LoRA on nn.Linear layers; {conv[0]} is a GPT-2-style Conv1D (fan_in_fan_out), "
+                         "whose adapters vLLM does not load: export --format merged")
+    top = max(int(a.shape[0]) for a, _ in factors["modules"].values())
+    rank = next((r for r in VLLM_RANKS if r >= top), None)
+    if rank is None:
+        raise ValueError(f"rank {top} is above vLLM's largest LoRA rank {VLLM_RANKS[-1]}; export --format merged")
+    alpha, rslora = factors.get("alpha"), factors.get("use_rslora", False)
+    modules = {}
+    for name, (a, b) in factors["modules"].items():
+        r = int(a.shape[0])
+        scale = 1.0 if alpha is None else (alpha[name] if isinstance(alpha, dict) else alpha) / (
+            math.sqrt(r) if rslora else r)
+        a2 = a.new_zeros(rank, a.shape[1])
+        b2 = b.new_zeros(b.shape[0], rank)
+        a2[:r], b2[:, :r] = a, b * scale
+        modules[name] = (a2, b2)
+    return {"modules": modules, "alpha": None, "use_rslora": False, "dropout": factors.get("dropout", 0.0),
+            "rank": rank}
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None,
+                target: str = "peft") -> Path:
     """Write the fine-tune that ``model`` carries as a PEFT LoRA folder (methods with exact LoRA factors:
-    LoRA, rsLoRA, DoRA; others through their ``lora_factors()``)."""
+    LoRA, rsLoRA, DoRA; others through their ``lora_factors()``). ``target="vllm"``: in the form vLLM loads
+    (:func:`vllm_factors`), or a ValueError saying why it cannot be."""
     method = getattr(model, "leantune_method", None)
     if method is None:
         raise ValueError("this model carries no leantune method: load or apply one first")
+    if target not in ("peft", "vllm"):
+        raise ValueError(f"unknown export target {target!r}; use peft or vllm")
+    if target == "vllm":
+        factors = vllm_factors(model)
+        factors.pop("rank")
+        return save_peft_lora(
+            directory, **factors, fan_in_fan_out=False,
+            base_model_name_or_path=base_model_name_or_path or _model_name(model),
+            task_type="CAUSAL_LM" if method.anatomy.causal else None,
+            target_modules=_short_targets(model, set(factors["modules"])),
+        )
     other = method.peft_adapter()
     if other is not None:
         config = dict(other["config"])
