@@ -30,6 +30,7 @@ CASES = {
     "fsdp-full": (6, "fsdp", ["--method", "full"]),
     "fsdp-lora": (6, "fsdp", ["--method", "lora"]),
     "fsdp-lisa": (10, "fsdp", ["--method", "lisa", "-o", "gamma=1", "-o", "period=3"]),
+    "fsdp-houlsby": (4, "fsdp", ["--method", "houlsby"]),  # an attached module method, sharded with its block
 }
 RESUME = ["--lr-schedule", "constant", "--save-every", "3"]
 LISA = ["--method", "lisa", "-o", "gamma=1", "-o", "period=3"]
@@ -64,9 +65,7 @@ def runs(tmp_path_factory):
     jobs = [two(out, name, steps, strategy, flags) for name, (steps, strategy, flags) in CASES.items()]
     jobs.append(two(out, "resume-2to1", 6, "fsdp", [*RESUME, *LISA]))
     jobs.append(two(out, "resume-1to2", 10, "fsdp", [*RESUME, "--method", "lora"]))
-    jobs.append(["train", *COMMON, "--batch-size", "4", "--max-steps", "1", "--distributed", "fsdp",
-                 "--output-dir", str(out / "refused"), "--method", "light_peft"])
-    (out / "runs.json").write_text(json.dumps(jobs[:-1]))
+    (out / "runs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "LEANTUNE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     worker = Path(__file__).with_name("distributed_worker.py")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -75,8 +74,10 @@ def runs(tmp_path_factory):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     # 2 -> 1: the FSDP checkpoint at step 6 goes on for four more steps in one process
     cli(["--batch-size", "8", "--max-steps", "10", "--output-dir", str(out / "resume-2to1"), *RESUME, *LISA])
-    refused = subprocess.run([*launch, "-m", "leantune.cli", *jobs[-1]], env=env, capture_output=True, text=True,
-                             timeout=300)
+    refused = {m: subprocess.run([*launch, "-m", "leantune.cli", "train", *COMMON, "--batch-size", "4", "--max-steps",
+                                  "1", "--distributed", "fsdp", "--output-dir", str(out / f"refused-{m}"), "--method", m],
+                                 env=env, capture_output=True, text=True, timeout=300)
+               for m in ("light_peft", "compacter")}
     return out, refused
 
 
@@ -138,10 +139,14 @@ def test_lisa_optimizer_state_is_the_active_blocks_share_on_every_rank(runs, str
         assert all(h["held"] < f["held"] for h, f in zip(half, full, strict=True))
 
 
-def test_a_method_that_cannot_shard_refuses_fsdp_at_start(runs):
+@pytest.mark.parametrize("method,why", [("light_peft", "slices parameters to new shapes"),
+                                        ("compacter", "slow weights are shared by every block")])
+def test_a_method_that_cannot_shard_refuses_fsdp_at_start(runs, method, why):
     _, refused = runs
-    assert refused.returncode != 0
-    assert "method 'light_peft' cannot train under FSDP" in refused.stdout + refused.stderr
+    done = refused[method]
+    assert done.returncode != 0
+    assert f"method {method!r} cannot train under FSDP" in done.stdout + done.stderr
+    assert why in done.stdout + done.stderr
 
 
 def test_python_m_leantune_cli_is_the_cli():

@@ -291,7 +291,9 @@ class _CompacterBase(BottleneckAdapters):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=False, restores_base=True, prunable=False, inference_overhead="extra_ffn")
+        return Capabilities(mergeable=False, restores_base=True, prunable=False, inference_overhead="extra_ffn",
+                            fsdp=False, fsdp_refusal="Compacter's slow weights are shared by every block's adapters, "
+                            "and FSDP shards each block as its own unit")
 
     def _apply(self, model, anat):
         like = next(model.parameters())
