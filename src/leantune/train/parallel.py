@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dist import sum_over_ranks
+
 STRATEGIES = ("auto", "no", "ddp", "fsdp")
 
 
@@ -51,9 +53,7 @@ class Parallel:
         """A number summed over all ranks (token counts, loss sums)."""
         if self.world == 1:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(t)
-        return float(t)
+        return float(sum_over_ranks(torch.tensor([float(value)], dtype=torch.float64)))
 
     def full_state(self, method) -> dict[str, torch.Tensor]:
         """The method's tensors, whole, on every rank (a collective under FSDP: call it on all ranks)."""
@@ -73,9 +73,6 @@ class Parallel:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
-
-    def _comm_device(self) -> torch.device:
-        return self.acc.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class DDP(Parallel):
