@@ -39,6 +39,7 @@ FAMILIES = {
     "deberta-v2": "builtin:tiny-deberta",
     "mixtral": "builtin:tiny-mixtral",
     "qwen2_moe": "builtin:tiny-qwen2-moe",
+    "t5": "builtin:tiny-t5",
 }
 METHODS = sorted(cls.name for cls in list_methods())
 # (family, method) -> words of the refusal at apply
@@ -54,7 +55,7 @@ REFUSALS = {
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
     **{(f, "bitfit"): "has no switch that gives them a bias" for f in ("gemma", "gemma2", "gemma3_text", "phi3",
-                                                                         "olmo2", "mixtral", "qwen2_moe")},
+                                                                         "olmo2", "mixtral", "qwen2_moe", "t5")},
     **{(f, "light_peft"): "without a prune plan" for f in FAMILIES},  # a merged export is of the pruned model
 }
 EXPORT_NOTES = {  # why, for docs/models.md
@@ -75,8 +76,10 @@ def _record(family: str, method: str, outcome: str, detail: str = "") -> None:
 
 
 def _plain_class(model):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
+    if model.config.is_encoder_decoder:
+        return AutoModelForSeq2SeqLM
     return AutoModelForCausalLM if not type(model).__name__.endswith("MaskedLM") else AutoModelForMaskedLM
 
 

@@ -390,10 +390,14 @@ class S2FT(AttachedMethod):
     @torch.no_grad()
     def _activation_scores(self, batches) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
-        current: dict[str, torch.Tensor | None] = {"mask": None}
+        current: dict[str, dict] = {"masks": {}}
+        # an encoder-decoder's decoder layers see the decoder's tokens: their padding is the decoder_attention_mask
+        anat = self.anatomy
+        first = anat.blocks[0].stack if anat.blocks else ""
+        decoder_side = {anat.name_of(m) for b in anat.blocks if b.stack != first for m in b.linears.values()}
 
         def record(name, t):
-            mask = current["mask"]
+            mask = current["masks"]["decoder" if name in decoder_side else "input"]
             if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
                 t = t * mask[..., None].to(t.dtype)
             sq = t.float().pow(2).reshape(-1, t.shape[-1]).sum(0)
@@ -407,7 +411,7 @@ class S2FT(AttachedMethod):
                 handles.append(mod.register_forward_hook(lambda m, a, o, name=name: record(name, o)))
         try:
             for b in batches:
-                current["mask"] = b.get("attention_mask")
+                current["masks"] = {"input": b.get("attention_mask"), "decoder": b.get("decoder_attention_mask")}
                 self.model(**b)
         finally:
             for h in handles:
