@@ -51,6 +51,7 @@ REFUSALS = {
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},
     ("gpt_neox", "ia3"): "interleaved per head",
+    ("t5", "light_peft"): "relative position bias with one column per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
