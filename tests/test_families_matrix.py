@@ -46,7 +46,6 @@ METHODS = sorted(cls.name for cls in list_methods())
 REFUSALS = {
     ("olmo2", "light_peft"): "whole-projection q/k norms",
     **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
-    **{(f, "s2ft"): "not per expert" for f in ("mixtral", "qwen2_moe")},
     # an FFN made of experts has no single FFN input/output/activation to attach an adapter or a scale to
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},
