@@ -299,17 +299,24 @@ def bench(
     default_lrs: bool = typer.Option(False, "--default-lrs", help="each method's own default LR, also on builtin:base"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="survey: the survey's 16 configurations + BitFit, "
+                                        "S2FT, LISA, Light-PEFT (20 rows); with --quick one task, else all three"),
 ):
     """Methods head to head on one base, task and budget: quality, memory, FLOPs, time, inference overhead."""
     from .measure.bench import JobFailed, config_from_options, run_bench
 
     try:
         _use_family_specs(family_spec)
+        preset = None
+        if suite:
+            from .measure.suite import suite_config
+
+            preset = suite_config(suite, quick=quick)
         cfg = config_from_options(
             quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
             batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,
             sweep=sweep, efficiency_model=efficiency_model, timing_rounds=timing_rounds,
-            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs,
+            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs, preset=preset,
         )
         _, failed = run_bench(cfg)
     except (ValueError, KeyError, JobFailed) as e:
