@@ -108,3 +108,24 @@ def test_several_tasks_rank_each_task_and_the_mean(tmp_path, monkeypatch):
     assert rank["rank"] == {"w": {"a": 1, "b": 2, "c": 2}, "x": {"a": 3, "b": 1, "c": 2}}
     assert rank["mean_accuracy"] == pytest.approx({"a": 0.5, "b": 0.6, "c": 0.4})
     assert rank["order"] == ["b", "a", "c"]
+
+
+def test_several_tasks_write_a_folder_each_and_the_ranking(tmp_path, monkeypatch):
+    _in_process(monkeypatch)
+    entries = [entry_for_name("lora"), entry_for_name("bitfit"), {**entry_for_name("lora"), "label": "nope",
+                                                                 "method": "not_a_method"}]
+    cfg = replace(suite_config("survey"), entries=entries, base="builtin:tiny-llama",
+                  tasks=["builtin:arith", "builtin:listops"], budget=Budget(max_steps=2, batch_size=2, seeds=1,
+                                                                             eval_samples=2),
+                  timing=TimingPlan(warmup_rounds=0, rounds=1, infer_warmup_rounds=0, infer_rounds=1),
+                  efficiency_model=parse_efficiency_model(TINY_EFF), output_dir=str(tmp_path), threads=1)
+    per_task, failed = bench.run_bench(cfg)
+    assert not failed and set(per_task) == {"builtin:arith", "builtin:listops"}
+    for folder in ("arith", "listops"):
+        res = json.loads((tmp_path / folder / "results.json").read_text())
+        assert [r["label"] for r in res["runs"]] == ["lora", "bitfit"]
+    top = json.loads((tmp_path / "results.json").read_text())
+    assert top["tasks"] == ["builtin:arith", "builtin:listops"] and sorted(top["ranking"]["order"]) == ["bitfit", "lora"]
+    assert [u["label"] for u in top["unavailable"]] == ["nope"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| nope | method not available in this build |" in md and "(arith/results.md)" in md

@@ -209,22 +209,36 @@ def write_plots(results: dict, out: Path) -> list[str]:
     groups = aggregate(results)
     if not groups:
         return []
-    names = [_shown(g) if _shown(g) != g["method"] or g["impl"] == "leantune" else f"{g['method']} ({g['impl']})"
-             for g in groups.values()]
+    many = len(groups) > 8  # a suite: a larger figure, its labels, and labels stacked apart where points crowd
+    names = [label_of(g) if many else (_shown(g) if _shown(g) != g["method"] or g["impl"] == "leantune"
+                                       else f"{g['method']} ({g['impl']})") for g in groups.values()]
     made = []
-    many = len(names) > 8  # a suite: a larger figure so that every point's label can be read
 
     def scatter(xkey, xlabel, fname, xfmt):
         fig, ax = plt.subplots(figsize=(11, 7.5) if many else (6.4, 4.4))
-        for i, (name, g) in enumerate(zip(names, groups.values(), strict=True)):
-            x = xfmt(g)
-            if x is None:
-                continue
-            m, s = mean_std(g["acc"])
+        points = [(name, xfmt(g), mean_std(g["acc"])) for name, g in zip(names, groups.values(), strict=True)]
+        points = [(n, x, ms) for n, x, ms in points if x is not None]
+        xs, ys = [x for _, x, _ in points], [ms[0] for _, _, ms in points]
+        span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
+        span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+        # crowded points (a chain of neighbours closer than a label's width) share a stack of label slots,
+        # alternately above and below: the k-th point of a chain gets slot k
+        slot, prev, k = {}, None, 0
+        for i in sorted(range(len(points)), key=lambda i: points[i][1]):
+            _, x, (m, _s) = points[i]
+            near = prev is not None and x - prev[0] < 0.12 * span_x and abs(m - prev[1]) < 0.05 * span_y
+            k = k + 1 if near else 0
+            slot[i], prev = k, (x, m)
+        for i, (name, x, (m, s)) in enumerate(points):
             ax.errorbar(x, m, yerr=s or 0, fmt="o", capsize=3)
-            # labels alternate above and below their point: neighbours with equal accuracy stay readable
-            ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12),
-                        fontsize=8 if many else 9)
+            if many:
+                k = slot[i]
+                dy = 5 + 11 * (k // 2) if k % 2 == 0 else -12 - 11 * (k // 2)
+                ax.annotate(name, (x, m), textcoords="offset points", xytext=(6, dy), fontsize=8,
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if k > 1 else None)
+            else:  # labels alternate above and below their point: neighbours with equal accuracy stay readable
+                ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12),
+                            fontsize=9)
         ax.axhline(results["base"]["accuracy"], color="grey", ls="--", lw=1, label="untuned base")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"accuracy ({results['task']})")
