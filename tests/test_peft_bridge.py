@@ -105,7 +105,7 @@ def test_bad_options_are_named(options, message):
         leantune.apply(tiny()[0], "peft", **options)
 
 
-def test_peft_export_is_peft_files_and_cli_trains_it(tmp_path):
+def test_cli_trains_evaluates_and_exports_it(tmp_path):
     from typer.testing import CliRunner
 
     from leantune.cli import app
@@ -121,3 +121,7 @@ def test_peft_export_is_peft_files_and_cli_trains_it(tmp_path):
     assert res.exit_code == 0, res.output
     assert {p.name for p in (tmp_path / "exp").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert not (tmp_path / "exp" / "leantune.json").exists()
+    res = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--task", "builtin:arith", "--limit", "2"])
+    assert res.exit_code == 0 and "accuracy" in res.output, res.output
+    res = CliRunner().invoke(app, ["export", str(out), "--format", "merged", "--output-dir", str(tmp_path / "m")])
+    assert res.exit_code == 0 and (tmp_path / "m" / "config.json").exists(), res.output
