@@ -125,3 +125,10 @@ def test_cli_trains_evaluates_and_exports_it(tmp_path):
     assert res.exit_code == 0 and "accuracy" in res.output, res.output
     res = CliRunner().invoke(app, ["export", str(out), "--format", "merged", "--output-dir", str(tmp_path / "m")])
     assert res.exit_code == 0 and (tmp_path / "m" / "config.json").exists(), res.output
+
+
+def test_what_trains_is_float32_on_a_bf16_base():
+    model, _ = leantune.load_model("builtin:tiny-llama", dtype="bfloat16")
+    method = leantune.apply(model, "peft", peft_type="LOHA", r=4, target_modules="q,v")
+    assert {p.dtype for _, p in method.trainable_parameters()} == {torch.float32}
+    assert {p.dtype for n, p in model.named_parameters() if "hada" not in n} == {torch.bfloat16}
