@@ -285,7 +285,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="the demo: 1 seed, short budget (about 10 min on 2 CPU cores)"),
     base: Optional[str] = typer.Option(None, "--base", help="base model for quality (default builtin:base)"),
     task: Optional[str] = typer.Option(None, "--task", help="built-in task (default builtin:world)"),
-    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft"),
+    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft "
+                                            "(peft:<type>: any PEFT type, e.g. peft:loha)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per quality run"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per method (quick: 1, default: 3)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
