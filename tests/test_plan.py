@@ -127,6 +127,15 @@ def test_cuda_plan_adds_the_named_allowance_and_rounds_blocks():
     assert cpu.needed == cpu.memory["step_peak"]
 
 
+def test_cuda_plan_traces_adamw_foreach_temporary():
+    """On CUDA AdamW runs foreach, holding sqrt(v) for every trainable tensor at once: full fine-tuning's peak
+    is then at least weights + gradients + optimizer state + one more float32 copy of what trains."""
+    full = planner.plan_method("builtin:tiny-llama", "full", {}, planner.PlanSettings(2, 16, device="cuda")).memory
+    assert full["step_peak"] >= full["weights"] + full["optimizer"] + 2 * full["grads"]
+    cpu = planner.plan_method("builtin:tiny-llama", "full", {}, planner.PlanSettings(2, 16, device="cpu")).memory
+    assert cpu["step_peak"] < full["weights"] + full["optimizer"] + 2 * full["grads"]
+
+
 def test_shipped_configs_have_the_published_sizes():
     """The configs leantune ships build models of the published parameter counts (meta device, no memory)."""
     expected = {"meta-llama/Llama-3.1-8B": 8_030_261_248, "Qwen/Qwen2.5-7B": 7_615_616_512,
@@ -154,6 +163,18 @@ def test_an_8b_plan_allocates_nothing(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["weights"] >= 8_030_261_248 * 2  # the whole bf16 model was planned (plus LoRA's fp32 factors)
     assert res["rss"] * 1024 < 2 * 2**30
+
+
+def test_cli_plot_draws_peak_against_length(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "peaks.png"
+    proc = subprocess.run([sys.executable, "-m", "leantune.cli", "plan", "--model", "builtin:tiny-llama", "--method",
+                           "lora", "--compare", "--seq-len", "32", "--plot", str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "lora" in proc.stdout and "step_peak" in proc.stdout
 
 
 def test_cli_compare_json_lists_every_method(tmp_path):

@@ -199,6 +199,8 @@ def _config_from_file(path: Path):
         raise ValueError(f"{path}: no model_type, so transformers cannot tell which architecture it describes")
     data = dict(data)
     model_type = data.pop("model_type")
+    if "torch_dtype" in data and "dtype" not in data:  # published configs use the older name
+        data["dtype"] = data.pop("torch_dtype")
     try:
         return AutoConfig.for_model(model_type, **data)
     except ValueError as e:
@@ -345,6 +347,23 @@ def _batch(vocab: int, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def _cuda_stepper():
+    from .step import Stepper
+
+    class CudaStepper(Stepper):
+        """The bench's stepper with AdamW as it runs on CUDA: the ``foreach`` implementation (PyTorch's default
+        there), which holds a full-size temporary of the square roots during the step; the traced tensors live on
+        the CPU, where the per-tensor loop would be chosen."""
+
+        def _build_optimizer(self):
+            opt = super()._build_optimizer()
+            for group in opt.param_groups:
+                group["foreach"] = True
+            return opt
+
+    return CudaStepper
+
+
 class _Session:
     """A model with its method and a warmed-up stepper, ready to take measured steps at any batch and length."""
 
@@ -371,7 +390,8 @@ class _Session:
             if settings.gradient_checkpointing:
                 enable_gradient_checkpointing(self.model)
             batch = self.batch(settings.batch_size, settings.seq_len)
-            self.stepper = Stepper(self.model, max_steps=max_steps, batch=batch)
+            stepper_cls = _cuda_stepper() if (fake and settings.device == "cuda") else Stepper
+            self.stepper = stepper_cls(self.model, max_steps=max_steps, batch=batch)
             if fake:
                 self._values.enabled = False
             self.settle_steps = 0
