@@ -15,7 +15,8 @@ draw has the same size), Light-PEFT after pruning. Light-PEFT's prune depends on
 adapter modules and ranks kept are the most expensive ones those amounts allow (:func:`light_peft_bound`).
 
 What fake tensors cannot see is the named ``ALLOWANCE`` below, added for a device-memory verdict, never to the
-breakdown itself.
+breakdown itself. The planner knows no method by name (it reads capabilities); a quantized base slots in as one
+more way to build the model (``ModelSource.build``).
 """
 
 from __future__ import annotations
@@ -474,7 +475,7 @@ def measure_real(source: ModelSource, method: str, options: dict, settings: Plan
 # -- Light-PEFT: the most expensive prune its amounts allow ---------------------------------------------------
 
 
-def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings) -> dict:
+def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings, method: str = "light_peft") -> dict:
     """A prune plan that keeps, within Light-PEFT's configured amounts (head_ratio, ffn_ratio, module_keep,
     rank_keep), the most expensive parts: per layer the head shape with the most KV groups, FFN channels packed
     into the first layers (whole layers are the widest adapter modules), the adapter modules with the most
@@ -487,7 +488,7 @@ def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings)
 
     with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter():
         model = source.build(plan_dtype(source, settings))
-        m = apply(model, "light_peft", **options)
+        m = apply(model, method, **options)
         cfg, anat = m.config, m.anatomy
         L, H, KV, inter = len(anat.blocks), anat.n_heads, anat.n_kv_heads, anat.intermediate
         plan = PrunePlan(L, H, KV, anat.head_dim, inter)
@@ -532,9 +533,9 @@ def prune_plan_from(adapter_dir: str | os.PathLike) -> dict:
 
     meta = read_meta(adapter_dir)
     plan = (meta.get("config") or {}).get("plan")
-    if meta.get("method") != "light_peft" or not plan:
-        raise ValueError(f"--prune-plan {str(adapter_dir)!r}: not a pruned light_peft adapter (method "
-                         f"{meta.get('method')!r}); give the folder a Light-PEFT run wrote")
+    if not plan:
+        raise ValueError(f"--prune-plan {str(adapter_dir)!r}: its {meta.get('method')!r} adapter holds no prune plan; "
+                         "give the folder a Light-PEFT run wrote after it pruned")
     return plan
 
 
@@ -563,9 +564,6 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
     cfg = cls.config_cls.from_dict(options, method=method)  # a bad option fails here, before any model is built
     notes: list[str] = []
     caps = cls(cfg).capabilities
-    if method == "lisa" or (caps.changes_trainable and caps.needs_schedule and not caps.schedule_ends):
-        notes.append(f"planned with gamma={getattr(cfg, 'gamma', '?')} active blocks (the state every period "
-                     "of the schedule has)")
     if caps.schedule_ends:
         if prune_plan is not None:
             options = {**options, "plan": prune_plan}
@@ -573,7 +571,7 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
         elif not bound:
             notes.append("measured after its schedule ran (small steps until it pruned), as the bench does")
         else:
-            options = {**options, "plan": light_peft_bound(source, options, settings)}
+            options = {**options, "plan": light_peft_bound(source, options, settings, method)}
             notes.append("after pruning; an upper bound for the configured amounts (the most expensive heads, "
                          "channels, modules and ranks kept); --prune-plan ADAPTER_DIR plans a finished run exactly")
     if settings.distributed == "fsdp" and not caps.fsdp:
@@ -633,6 +631,10 @@ def plan_method(model: str | ModelSource, method: str, options: dict | None = No
         caps = session.method.capabilities
         anat = session.method.anatomy
         largest = max(sum(p.numel() * p.element_size() for p in b.module.parameters()) for b in anat.blocks)
+        if caps.changes_trainable and not caps.schedule_ends:  # a schedule that redraws what trains (LISA)
+            active = sum(any(p.requires_grad for p in b.module.parameters()) for b in anat.blocks)
+            notes.append(f"planned with {active} of {len(anat.blocks)} blocks training: the schedule's first draw "
+                         "(every draw trains as many)")
         memory = _distribute(memory, settings, caps, notes, largest)
         plan = MethodPlan(method, _label(type(session.method), opts), opts, memory, notes)
         plan.needed = memory["step_peak"] + allowance_bytes(memory["step_peak"], settings)
