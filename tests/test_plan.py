@@ -78,6 +78,25 @@ def test_light_peft_bound_holds_over_the_real_prune(model):
         assert predicted[key] <= 1.25 * measured[key], key
 
 
+@pytest.mark.parametrize("method", ["lora", "lisa"])
+def test_plan_matches_the_bench_efficiency_job(tmp_path, method):
+    """The bench's own efficiency job (measure/run.py, a real CPU step read by the bench's meters) on a small
+    efficiency model: the plan of the same model, method and batch gives its figures."""
+    from leantune.measure.effmodel import EfficiencyModel
+    from leantune.measure.run import job_efficiency
+
+    eff = EfficiencyModel(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, seq_len=32,
+                          batch_size=2)
+    options = planner.method_options(method, None, bench_settings=True)
+    spec = {"run": {"method": method, "impl": "leantune", "options": options, "lr": None},
+            "efficiency_model": {**eff.__dict__}, "max_steps": 50, "adapter_dir": str(tmp_path / "a"), "device": "cpu"}
+    bench = job_efficiency(spec)["memory"]
+    plan = planner.plan_method(planner.efficiency_source(eff), method, options,
+                               planner.PlanSettings(eff.batch_size, eff.seq_len, device="cpu")).memory
+    for key in ("weights", "grads", "optimizer", "activations"):
+        assert plan[key] == pytest.approx(bench[key], rel=0.05), key
+
+
 def test_light_peft_with_a_finished_runs_plan_is_exact(tmp_path):
     """--prune-plan: the plan of a run that pruned, planned exactly."""
     from leantune import io
@@ -135,6 +154,20 @@ def test_cuda_plan_traces_adamw_foreach_temporary():
     assert full["step_peak"] >= full["weights"] + full["optimizer"] + 2 * full["grads"]
     cpu = planner.plan_method("builtin:tiny-llama", "full", {}, planner.PlanSettings(2, 16, device="cpu")).memory
     assert cpu["step_peak"] < full["weights"] + full["optimizer"] + 2 * full["grads"]
+
+
+def test_data_parallel_plans_derive_from_the_traced_step():
+    one = planner.plan_method("builtin:tiny-llama", "lora", {}, planner.PlanSettings(2, 16, device="cpu")).memory
+    ddp = planner.plan_method("builtin:tiny-llama", "lora", {}, planner.PlanSettings(
+        2, 16, device="cpu", distributed="ddp", world_size=2)).memory
+    assert ddp["step_peak"] == one["step_peak"] + one["grads"]
+    fsdp = planner.plan_method("builtin:tiny-llama", "full", {}, planner.PlanSettings(
+        2, 16, device="cpu", distributed="fsdp", world_size=4)).memory
+    assert fsdp["optimizer"] * 4 <= planner.plan_method(
+        "builtin:tiny-llama", "full", {}, planner.PlanSettings(2, 16, device="cpu")).memory["optimizer"] + 4
+    with pytest.raises(ValueError, match="FSDP"):
+        planner.plan_method("builtin:tiny-llama", "compacter", {}, planner.PlanSettings(
+            2, 16, device="cpu", distributed="fsdp", world_size=2))
 
 
 def test_shipped_configs_have_the_published_sizes():

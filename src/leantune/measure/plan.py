@@ -128,6 +128,12 @@ class ModelSource:
     config_dtype: torch.dtype | None = None
 
 
+def efficiency_source(eff) -> ModelSource:
+    """The bench's efficiency model (an ``EfficiencyModel``), from its config (its ``build()`` moves the model,
+    which fake tensors refuse)."""
+    return _hf_source(EFFICIENCY if eff == type(eff)() else f"efficiency:{eff.name}", eff.config())
+
+
 def shipped_config(name: str) -> Path | None:
     """The config.json shipped for a hub id (``meta-llama/Llama-3.1-8B``), or None."""
     if name.count("/") != 1 or ".." in name:
@@ -146,8 +152,7 @@ def resolve_model(name: str) -> ModelSource:
     if name == EFFICIENCY:
         from .effmodel import EfficiencyModel
 
-        eff = EfficiencyModel()  # the bench's model, from its config (its build() moves it, which fake tensors refuse)
-        return _hf_source(name, eff.config())
+        return efficiency_source(EfficiencyModel())
     if name.startswith("builtin:"):
         from ..models import BUILTIN_MODELS, byte_tokenizer
 
