@@ -645,19 +645,17 @@ def plan_method(model: str | ModelSource, method: str, options: dict | None = No
         plan.needed = memory["step_peak"] + allowance_bytes(memory["step_peak"], settings)
         if device_memory is not None:
             plan.fits = plan.needed <= device_memory
-            plan.max_batch_size = _largest(lambda b: _needed(session, settings, b, settings.seq_len), device_memory,
+            def needed(b: int, n: int) -> int:
+                peak = _distribute(session.measure(b, n), settings, caps, [], largest)["step_peak"]
+                return peak + allowance_bytes(peak, settings)
+
+            plan.max_batch_size = _largest(lambda b: needed(b, settings.seq_len), device_memory,
                                            start=settings.batch_size, cap=1 << 16)
-            cap = source.max_positions or (1 << 20)
-            plan.max_seq_len = _largest(lambda n: _needed(session, settings, settings.batch_size, n), device_memory,
-                                        start=settings.seq_len, cap=cap)
+            plan.max_seq_len = _largest(lambda n: needed(settings.batch_size, n), device_memory,
+                                        start=settings.seq_len, cap=source.max_positions or (1 << 20))
     finally:
         session.close()
     return plan
-
-
-def _needed(session: _Session, settings: PlanSettings, batch_size: int, seq_len: int) -> int:
-    peak = session.measure(batch_size, seq_len)["step_peak"]
-    return peak + allowance_bytes(peak, settings)
 
 
 def _largest(needed, budget: int, start: int, cap: int) -> int | None:
