@@ -344,6 +344,28 @@ class _SmallValues(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _moves_in_place():
+    """``module.to(device)`` where every tensor is already there (PEFT moving the layers it adds) is a no-op, but
+    on fake parameters PyTorch swaps each tensor for a copy of itself, which fails once anything holds a weak
+    reference to it. Such a call returns the module unchanged; a real move or cast goes through."""
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        device, dtype, _, fmt = torch._C._nn._parse_to(*args, **kwargs)
+        tensors = [*self.parameters(), *self.buffers()]
+        same = fmt is None and all((device is None or t.device == torch.device(device))
+                                   and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
+                                   for t in tensors)
+        return self if same else real_to(self, *args, **kwargs)
+
+    torch.nn.Module.to = to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = real_to
+
+
 # -- one planned (or measured) step -------------------------------------------------------------------------
 
 
@@ -389,6 +411,7 @@ class _Session:
             self._values = self._stack.enter_context(_SmallValues(fake_mode))
             self._stack.enter_context(self.meter)
             self._stack.enter_context(_masks_as_real())
+            self._stack.enter_context(_moves_in_place())
         try:
             self.model = source.build(plan_dtype(source, settings))
             torch.manual_seed(0)
