@@ -175,8 +175,11 @@ def allocator_peak(fn) -> tuple[object, int]:
     """``(fn(), peak)``: the high-water mark of the CPU allocator's bytes while ``fn()`` runs, above what was
     allocated when it began, from the profiler's memory events (every allocation and free, in order). Around a
     marked region, ``fn`` may call :func:`peak_region` to have the peak read only inside it."""
+    import gc
+
     from torch.profiler import ProfilerActivity, profile
 
+    gc.collect()  # an earlier model freed by the collector inside the window would count as negative bytes
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = list(prof.profiler.kineto_results.events())
