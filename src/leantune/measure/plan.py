@@ -344,11 +344,16 @@ class _SmallValues(TorchDispatchMode):
         return out
 
 
+def _convert(t: torch.Tensor, device, dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+
 @contextlib.contextmanager
 def _moves_in_place():
-    """``module.to(device)`` where every tensor is already there (PEFT moving the layers it adds) is a no-op, but
-    on fake parameters PyTorch swaps each tensor for a copy of itself, which fails once anything holds a weak
-    reference to it. Such a call returns the module unchanged; a real move or cast goes through."""
+    """``module.to(...)`` on fake parameters (PEFT moving and casting the layers it adds): PyTorch swaps each
+    tensor for its converted copy, which fails once anything holds a weak reference to it. A call that changes
+    nothing returns the module; one that fails to swap sets new parameter objects, as PyTorch did before swapping
+    existed (the layers are new: nothing holds their parameters yet)."""
     real_to = torch.nn.Module.to
 
     def to(self, *args, **kwargs):
@@ -357,7 +362,21 @@ def _moves_in_place():
         same = fmt is None and all((device is None or t.device == torch.device(device))
                                    and (dtype is None or not t.is_floating_point() or t.dtype == dtype)
                                    for t in tensors)
-        return self if same else real_to(self, *args, **kwargs)
+        if same:
+            return self
+        try:
+            return real_to(self, *args, **kwargs)
+        except RuntimeError as e:
+            if "swap" not in str(e):
+                raise
+        for m in self.modules():  # the conversion PyTorch made before swapping: new parameter objects
+            for k, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[k] = torch.nn.Parameter(_convert(p, device, dtype), requires_grad=p.requires_grad)
+            for k, b in m._buffers.items():
+                if b is not None:
+                    m._buffers[k] = _convert(b, device, dtype)
+        return self
 
     torch.nn.Module.to = to
     try:
