@@ -213,3 +213,11 @@ def test_cli_trains_t5_lora_on_arith_and_evaluates(tmp_path):
 
     assert eval_loss(fresh, tok, get_task("builtin:arith").split("test")[:8], 1024)["loss"] == pytest.approx(
         res["loss"], rel=1e-5)
+
+
+def test_plan_of_a_t5_step_matches_the_measured_step():
+    from test_plan import _check, _plan_and_measure
+
+    predicted, measured = _plan_and_measure(T5, "lora", 2, 16)  # 16 tokens on each side of the encoder-decoder
+    _check(predicted, measured, "lora on tiny-t5 at 2x16")
+    assert measured["activations"] > 0
