@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 class Capabilities:
     mergeable: bool = False  # merge() folds the change into the base weights: no inference overhead after
     restores_base: bool = False  # unmerge()/remove() gives the base back bitwise
-    mixed_batch: bool = False  # several adapters can serve one batch side by side
+    mixed_batch: bool = False  # several adapters serve one batch side by side (bank_terms() gives their form)
     prunable: bool = False  # Light-PEFT can prune it
     needs_schedule: bool = False  # the training loop must call its schedule hook
     schedule_ends: bool = False  # the schedule finishes partway (estimate, then prune); its steady state is after
@@ -386,6 +386,14 @@ class Method:
         module name: {PEFT tensor name: tensor}}, "module_fields": {config field: [qualified module names]}}`` (the
         exporter names those modules the way it names the targets). Raises ValueError (saying why) where this model's layers
         have no PEFT equivalent."""
+        return None
+
+    def bank_terms(self) -> dict[str, list] | None:
+        """The fine-tune as bank terms (``methods/terms.py``: low-rank, column / row blocks, scales, biases) by
+        qualified module name, for an adapter bank that computes many adapters in one batch (``serve/bank.py``);
+        None where it has no such form. A method that returns terms says ``mixed_batch`` in its capabilities. The
+        bank calls it on the method applied to its base and loaded (never merged), then calls ``remove()``, which
+        must give that base back bitwise."""
         return None
 
     def schedule(self):

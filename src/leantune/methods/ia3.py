@@ -18,6 +18,7 @@ from ..anatomy import Placement, is_conv1d, weight_2d
 from ..precision import trainable_dtype
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .terms import InScale, OutScale
 
 
 @dataclass
@@ -107,7 +108,7 @@ class IA3(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn")
+        return Capabilities(mergeable=True, restores_base=False, mixed_batch=True, inference_overhead="extra_ffn")
 
     def _apply(self, model, anat):
         self._start()
@@ -157,6 +158,18 @@ class IA3(AttachedMethod):
         if self.merged:
             self._rescale(invert=True)
             self.merged = False
+
+    def bank_terms(self) -> dict:
+        """Per layer, the full-width scale of its input and/or its output (ones where nothing is scaled)."""
+        out = {}
+        for name, _layer, c in self.children():
+            terms = []
+            if (v := c.vector("in")) is not None:
+                terms.append(InScale(v.detach()))
+            if (v := c.vector("out")) is not None:
+                terms.append(OutScale(v.detach()))
+            out[name] = terms
+        return out
 
     def peft_adapter(self) -> dict:
         """A PEFT IA3 adapter: ``ia3_l`` per layer, (out, 1) on k/v layers (ones on a fused layer's q rows),

@@ -31,6 +31,7 @@ from ..prune.importance import AdapterUnit
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .terms import LowRank
 
 
 @dataclass
@@ -188,7 +189,7 @@ class Lora(AttachedMethod):
         return Capabilities(
             mergeable=True,
             restores_base=False,
-            mixed_batch=not self.config.dora,
+            mixed_batch=not self.config.dora and not self.config.experts,  # bank_terms(): one low-rank term a layer
             prunable=not self.config.dora,  # DoRA's row norm spans the input columns Light-PEFT removes
             inference_overhead="extra_ffn",
         )
@@ -299,6 +300,11 @@ class Lora(AttachedMethod):
             delattr(mod, f"lora_{attr}")
         self.experts, self._expert_hooks = {}, []
         return super().unload()
+
+    def bank_terms(self) -> dict | None:
+        if self.config.dora or self.experts:
+            return None  # DoRA's row norm and the expert parametrizations are no additive per-layer term
+        return {n: [LowRank(m.lora.A.data, m.lora.B.data, m.lora.scale)] for n, m in self.layers.items()}
 
     def lora_factors(self) -> dict:
         cfg = self.config

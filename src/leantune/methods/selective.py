@@ -22,6 +22,7 @@ from .base import (
     register,
     unique_parameters,
 )
+from .terms import Bias
 
 
 class SelectiveMethod(Method):
@@ -139,6 +140,19 @@ class BitFit(SelectiveMethod):
     description = "BitFit: only bias terms train; zero biases are added where a targeted layer has none."
     config_cls = BitFitConfig
     default_lr = 1e-3
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True)
+
+    def bank_terms(self) -> dict:
+        """Per module, its bias change (the whole bias where BitFit added one)."""
+        out = {}
+        for n, p in self.trainable_parameters():
+            base = self.snapshot.get(n)
+            delta = p.detach().float() - (base.float() if base is not None else 0.0)
+            out[n.removesuffix(".bias")] = [Bias(delta)]
+        return out
 
     def _select(self, model, anat):
         out = {}
