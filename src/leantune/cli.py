@@ -318,6 +318,48 @@ def bench(
         raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="the base model every adapter was trained on"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH: an adapter folder served as NAME, repeatable"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="the most tokens one request may generate"),
+    max_prompt_tokens: int = typer.Option(1024, "--max-prompt-tokens", help="the longest prompt, in tokens"),
+    queue_size: int = typer.Option(256, "--queue-size", help="requests waiting or running; more get 429"),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds from arrival to the last token"),
+    max_batch: int = typer.Option(32, "--max-batch", help="rows decoded together in one step"),
+    admin_token_env: Optional[str] = typer.Option(None, "--admin-token-env", help="name of an environment variable "
+                                                  "holding the admin token; turns on POST/DELETE /admin/adapters"),
+    base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16"),
+):
+    """An OpenAI-compatible server: the base and every adapter, requests batched together (docs/serving.md)."""
+    import os
+
+    from .serve.server import require_serve_extra
+
+    try:
+        require_serve_extra()
+    except ImportError as e:
+        _fail(str(e))
+    from .serve.engine import Limits
+    from .serve.server import create_app, load_bank, parse_adapters, run
+
+    token = None
+    if admin_token_env:
+        token = os.environ.get(admin_token_env)
+        if not token:
+            _fail(f"--admin-token-env {admin_token_env}: that environment variable is empty or unset")
+    try:
+        limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(64, max_new_tokens),
+                        max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
+                        request_timeout_s=request_timeout, max_batch=max_batch)
+        bank, tok = load_bank(model, parse_adapters(adapter), base_dtype)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    run(create_app(bank, tok, limits, admin_token=token, base_name=model), host=host, port=port)
+
+
 base_app = typer.Typer(no_args_is_help=True, help="The built-in pretrained base model (builtin:base).")
 app.add_typer(base_app, name="base")
 

@@ -1,0 +1,173 @@
+"""The generation engine behind the server: one thread that owns the adapter bank and decodes every request it holds
+in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
+joins at the next one).
+
+Decoding is greedy. Each step runs the rows' whole sequences (prompt + tokens so far, left-padded, positions from
+the mask) through the bank; there is no KV cache across steps yet, so a step costs the rows' full length. Requests
+whose adapters are served through the switch only (no mixed-batch form) step as their own group, in turn with the
+mixed group.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .bank import AdapterBank
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, and how many may wait (documented in docs/serving.md)."""
+
+    max_new_tokens: int = 256  # the most tokens a request may generate
+    default_new_tokens: int = 64  # when the request names none (at most max_new_tokens)
+    max_prompt_tokens: int = 1024  # prompt tokens (after the chat template and BOS)
+    queue_size: int = 256  # requests waiting or running; one more is refused with 429
+    request_timeout_s: float = 120.0  # from arrival to the last token
+    max_batch: int = 32  # rows decoded together in one step
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "default_new_tokens", "max_prompt_tokens", "queue_size", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"serve limit {name} must be a positive integer, got {value!r}")
+        self.default_new_tokens = min(self.default_new_tokens, self.max_new_tokens)
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request timeout must be > 0 seconds, got {self.request_timeout_s!r}")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    adapter: str | None
+    max_new_tokens: int
+    on_token: Callable[[int | None, str | None], None]  # (token, None) per token; (None, finish reason or error)
+    deadline: float
+    tokens: list[int] = field(default_factory=list)
+    number: int = 0
+
+
+class Engine:
+    def __init__(self, bank: AdapterBank, pad_token_id: int, eos_token_id: int | None, limits: Limits | None = None):
+        self.bank = bank
+        self.pad, self.eos = pad_token_id, eos_token_id
+        self.limits = limits or Limits()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._lock = threading.Condition()
+        self._stop = False
+        self._numbers = itertools.count()
+        self._turn = 0
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="leantune-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every request it holds, then end the thread."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def submit(self, req: Request) -> None:
+        with self._lock:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(self._active) >= self.limits.queue_size:
+                raise QueueFull(f"{self.limits.queue_size} requests are already waiting or running (--queue-size)")
+            req.number = next(self._numbers)
+            self._waiting.append(req)
+            self._lock.notify_all()
+
+    def call(self, fn: Callable) -> Future:
+        """Run ``fn()`` in the engine's thread between two steps (adapters added or removed at run time)."""
+        fut: Future = Future()
+        with self._lock:
+            self._calls.append((fn, fut))
+            self._lock.notify_all()
+        return fut
+
+    def uses(self, adapter: str) -> bool:
+        with self._lock:
+            return any(r.adapter == adapter for r in itertools.chain(self._waiting, self._active))
+
+    # -- the thread ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._active or self._calls or self._stop):
+                    self._lock.wait()
+                calls = list(self._calls)
+                self._calls.clear()
+                while self._waiting and len(self._active) < self.limits.max_batch:
+                    self._active.append(self._waiting.popleft())
+                if self._stop and not (self._active or calls):
+                    return
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001  handed to the caller
+                    fut.set_exception(e)
+            if self._active:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001  every request of the step is told, the engine goes on
+                    with self._lock:
+                        failed, self._active = self._active, []
+                    for r in failed:
+                        r.on_token(None, f"error: {type(e).__name__}: {e}")
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for r in [r for r in self._active if r.deadline < now]:
+            self._finish(r, "timeout")
+        if not self._active:
+            return
+        groups = self.bank.groups([r.adapter for r in self._active])
+        self._turn = (self._turn + 1) % len(groups)
+        rows = [self._active[i] for i in groups[self._turn]]
+        seqs = [r.prompt + r.tokens for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s):] = torch.tensor(s)
+            mask[j, width - len(s):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = next(self.bank.model.parameters()).device
+        logits = self.bank.forward(ids.to(device), [r.adapter for r in rows], attention_mask=mask.to(device),
+                                   position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
+        nxt = logits[:, -1].argmax(-1).tolist()
+        self.steps += 1
+        for r, tok in zip(rows, nxt, strict=True):
+            if self.eos is not None and tok == self.eos:
+                self._finish(r, "stop")
+                continue
+            r.tokens.append(tok)
+            r.on_token(tok, None)
+            if len(r.tokens) >= r.max_new_tokens:
+                self._finish(r, "length")
+
+    def _finish(self, r: Request, reason: str) -> None:
+        with self._lock:
+            self._active.remove(r)
+        r.on_token(None, reason)
