@@ -236,3 +236,31 @@ def test_unknown_adapter_is_a_clear_error():
     bank = AdapterBank(base())
     with pytest.raises(KeyError, match="no adapter named 'nope'"):
         bank.forward(ids(), ["nope", None])
+
+
+def test_serve_without_the_extra_says_how_to_install(monkeypatch):
+    from typer.testing import CliRunner
+
+    import leantune.serve.server as server
+    from leantune.cli import app
+
+    monkeypatch.setattr(server, "FastAPI", None)  # as if fastapi were not installed
+    result = CliRunner().invoke(app, ["serve", "--model", "builtin:tiny-llama"])
+    assert result.exit_code == 2
+    assert "pip install 'leantune[serve]'" in result.output
+
+
+def test_mixed_batch_under_autograd_equals_the_no_grad_path(tmp_path):
+    folders = {n: make_adapter(tmp_path / n, "builtin:tiny-llama", m, i, **o) for i, (n, (m, o)) in
+               enumerate({"l": ("lora", {"r": 4}), "s": ("s2ft", {"budget": "count", "heads": 1, "channels": 6,
+                                                                  "targets": "o,down,v,up"}),
+                          "i": ("ia3", {}), "b": ("bitfit", {})}.items())}
+    bank = AdapterBank(base())
+    for n, f in folders.items():
+        bank.add(n, f)
+    names = ["l", "s", "i", "b", None]
+    x = ids(6, b=5)
+    want = bank.forward(x, names)
+    with torch.enable_grad(), bank.using(names):  # the out-of-place path
+        got = bank.model(input_ids=x).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

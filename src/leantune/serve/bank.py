@@ -390,35 +390,38 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
         h = (x3.to(g.dtype) * g).to(x.dtype).view(x.shape)
     y = base_forward(h, *args, **kwargs)
     y3 = y.reshape(n, -1, y.shape[-1])
+    # the terms go into the layer's fresh output in place (no full-width temporary); with autograd on, out of place
+    inplace = not torch.is_grad_enabled()
     if OutScale in slots:
         (v,) = stacks[OutScale].tensors
-        y3 = (y3.to(v.dtype) * v.index_select(0, slots[OutScale])[:, None, :]).to(y.dtype)
-    extra = None
+        g = v.index_select(0, slots[OutScale])[:, None, :]
+        y3 = y3.mul_(g) if inplace and y3.dtype == g.dtype else (y3.to(g.dtype) * g).to(y.dtype)
     for kind in (LowRank, Columns, Rows, Bias):
         if kind not in slots:
             continue
         s, ts = slots[kind], stacks[kind].tensors
-        xt = x3 if x3.dtype == ts[-1].dtype else x3.to(ts[-1].dtype)
+        dt = ts[-1].dtype
+        xt = x3 if x3.dtype == dt else x3.to(dt)
+        direct = inplace and y3.dtype == dt
+        target = y3 if direct else torch.zeros((*y3.shape[:-1], y3.shape[-1]), dtype=dt, device=y3.device)
         if kind is LowRank:  # BGMV: each row's A and B gathered, two batched products
             at, bt = ts
-            term = torch.bmm(torch.bmm(xt, at.index_select(0, s)), bt.index_select(0, s))
+            target.baddbmm_(torch.bmm(xt, at.index_select(0, s)), bt.index_select(0, s))
         elif kind is Columns:  # the row's k input columns, times its D block
-            idx, dt = ts
+            idx, d = ts
             ri = idx.index_select(0, s)
             cols = torch.gather(xt, 2, ri[:, None, :].expand(n, xt.shape[1], ri.shape[1]))
-            term = torch.bmm(cols, dt.index_select(0, s))
+            target.baddbmm_(cols, d.index_select(0, s))
         elif kind is Rows:  # x times the row's D block, into its k output rows
-            idx, dt = ts
+            idx, d = ts
             ri = idx.index_select(0, s)
-            part = torch.bmm(xt, dt.index_select(0, s))
-            term = part.new_zeros((n, xt.shape[1], y3.shape[-1]))
-            term.scatter_add_(2, ri[:, None, :].expand_as(part), part)
+            part = torch.bmm(xt, d.index_select(0, s))
+            target.scatter_add_(2, ri[:, None, :].expand_as(part), part)
         else:
             (b,) = ts
-            term = b.index_select(0, s)[:, None, :]
-        extra = term if extra is None else extra + term
-    if extra is not None:
-        y3 = y3 + extra.to(y3.dtype)
+            target.add_(b.index_select(0, s)[:, None, :])
+        if not direct:
+            y3 = y3 + target.to(y3.dtype)
     return y3.reshape(*y.shape[:-1], y3.shape[-1])
 
 
