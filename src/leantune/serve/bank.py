@@ -145,7 +145,19 @@ class AdapterBank:
         if not m.capabilities.mergeable:
             raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} has no mixed-batch form and cannot "
                              "be merged, so a bank cannot serve it; serve it alone")
-        plain = m.merge_and_unload()
+        probe = torch.randint(3, scratch.get_input_embeddings().num_embeddings, (1, 8), generator=torch.Generator()
+                              .manual_seed(0)).to(next(scratch.parameters()).device)
+        with torch.no_grad():
+            want = scratch(input_ids=probe).logits.float()
+            plain = m.merge_and_unload()
+            got = plain(input_ids=probe).logits.float()
+        # the switch serves the merged form: it must compute what the method computes (an fp32 merge rounds ~1e-6)
+        tol = (1e-4 if got.dtype == torch.float32 and next(plain.parameters()).dtype == torch.float32 else 5e-2)
+        err = float((got - want).abs().max())
+        if err > tol * (1 + float(want.abs().max())):
+            raise ValueError(f"adapter {name!r}: method {m.name!r}'s merged form does not compute what the adapter "
+                             f"computes (max |logit difference| {err:.3g} on a probe), so a bank cannot switch it in; "
+                             "serve it alone")
         base = dict(self.model.named_parameters())
         replace = {}
         for n, p in plain.named_parameters():

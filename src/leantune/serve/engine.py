@@ -72,6 +72,7 @@ class Engine:
         self._numbers = itertools.count()
         self._turn = 0
         self.steps = 0
+        self.tokens = 0  # generated tokens, EOS included (for throughput figures)
         self._thread = threading.Thread(target=self._run, name="leantune-engine", daemon=True)
 
     def start(self) -> None:
@@ -158,6 +159,7 @@ class Engine:
                                    position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
         nxt = logits[:, -1].argmax(-1).tolist()
         self.steps += 1
+        self.tokens += len(rows)
         for r, tok in zip(rows, nxt, strict=True):
             if self.eos is not None and tok == self.eos:
                 self._finish(r, "stop")
