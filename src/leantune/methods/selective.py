@@ -7,7 +7,7 @@ bitwise from a snapshot of the selected tensors taken at ``apply``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -143,7 +143,7 @@ class BitFit(SelectiveMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True)
+        return replace(super().capabilities, mixed_batch=True)  # bank_terms(): a bias change per module
 
     def bank_terms(self) -> dict:
         """Per module, its bias change (the whole bias where BitFit added one)."""
