@@ -141,6 +141,9 @@ class Engine:
         now = time.monotonic()
         for r in [r for r in self._active if r.deadline < now]:
             self._finish(r, "timeout")
+        known = set(self.bank.names())
+        for r in [r for r in self._active if r.adapter is not None and r.adapter not in known]:
+            self._finish(r, f"error: adapter {r.adapter!r} was removed while the request waited")
         if not self._active:
             return
         groups = self.bank.groups([r.adapter for r in self._active])
