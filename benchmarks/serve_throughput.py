@@ -1,6 +1,6 @@
 """Many adapters on one base: the adapter bank's mixed batch against one merged adapter and PEFT's mixed batch.
 
-    python benchmarks/serve_throughput.py --output-dir DIR [--rounds 7] [--threads 2] [--skip-server]
+    python benchmarks/serve_throughput.py --output-dir DIR [--rounds 7] [--threads 1] [--clock cpu|wall] [--skip-server]
 
 On the bench's efficiency model (random-init LLaMA-style, hidden 512, 8 layers, GQA, ~30M parameters;
 ``measure/effmodel.py``), for each mix:
@@ -22,7 +22,8 @@ p50 / p99 latency under the load test's mix (200 concurrent requests across 8 Lo
 merge + unmerge (two full ``B·A`` products) for one width x width layer, widths 512 to 8192 (plot).
 
 Writes DIR/serve.json, DIR/serve.md (the table) and DIR/switch.png. Ratios within one run; absolute figures depend
-on the machine and its load.
+on the machine and its load. Timings are the process's CPU seconds by default (``--clock cpu``, one thread): on a
+machine shared with other jobs, wall time mostly measures their load; the server's figures are wall time.
 """
 
 from __future__ import annotations
@@ -82,14 +83,19 @@ def build_peft(adapters):
     return model.eval()
 
 
+CLOCK = {"clock": time.process_time}
+
+
 def interleaved(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each function, interleaved (one untimed warm-up round)."""
+    """Median seconds of each function, interleaved (one untimed warm-up round), on ``CLOCK`` (``--clock``: the
+    process's CPU time by default, which other processes on a shared machine disturb far less than wall time)."""
+    clock = CLOCK["clock"]
     times = {n: [] for n in fns}
     for r, order in round_orders(list(fns), rounds + 1):
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if r > 0:
                 times[name].append(dt)
     return {n: statistics.median(t) for n, t in times.items()}
@@ -262,7 +268,9 @@ def _switch_one(w: int, runs: int, r: int) -> dict:
 
 
 def table(res: dict) -> str:
-    lines = ["| mix | prefill tok/s mixed | merged | PEFT mixed | mixed / merged | mixed / PEFT | decode tok/s mixed "
+    unit = "CPU-s" if res.get("clock") == "cpu" else "s"
+    lines = [f"Tokens per {unit} ({res.get('threads')} thread(s), medians of {res.get('rounds')} interleaved rounds).", "",
+             "| mix | prefill tok/s mixed | merged | PEFT mixed | mixed / merged | mixed / PEFT | decode tok/s mixed "
              "| merged | PEFT | decode mixed / merged | decode mixed / PEFT |", "|" + "---|" * 11]
     for name in MIXES:
         if name not in res:
@@ -315,14 +323,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output-dir", required=True, type=Path)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mixes", default=",".join(MIXES), help="comma list of " + ", ".join(MIXES))
     ap.add_argument("--widths", default="512,1024,2048,4096,8192")
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu: the process's CPU seconds (with --threads 1, robust on a shared machine); wall: elapsed")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    CLOCK["clock"] = time.process_time if args.clock == "cpu" else time.perf_counter
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    res: dict = {"model": SPEC.describe(), "threads": args.threads, "rounds": args.rounds}
+    res: dict = {"model": SPEC.describe(), "threads": args.threads, "rounds": args.rounds, "clock": args.clock}
     with tempfile.TemporaryDirectory() as tmp:
         for name in [m.strip() for m in args.mixes.split(",") if m.strip()]:
             kind, n, batch, seq = MIXES[name]
