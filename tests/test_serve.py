@@ -141,11 +141,13 @@ def test_200_concurrent_requests_across_8_adapters_each_get_their_own_output(ser
     live, folders, _ = served
     want = {n: dict(zip(PROMPTS, expected(f, PROMPTS), strict=True)) for n, f in folders.items()}
     assert len({tuple(v.values()) for v in want.values()}) == len(folders)  # the adapters answer differently
-    jobs = [(list(folders)[i % 8], PROMPTS[(i // 8) % 4], i % 3 == 0) for i in range(200)]
+    # a third streaming; a quarter stop after 2 tokens, so rows leave the batch (and its KV cache) mid-decode
+    jobs = [(list(folders)[i % 8], PROMPTS[(i // 8) % 4], i % 3 == 0, 2 if i % 4 == 1 else TOKENS) for i in range(200)]
     with ThreadPoolExecutor(max_workers=200) as pool:
-        got = list(pool.map(lambda j: complete(live.port, j[0], j[1], stream=j[2]), jobs))
+        got = list(pool.map(lambda j: complete(live.port, j[0], j[1], stream=j[2], max_tokens=j[3]), jobs))
     assert len(got) == 200
-    wrong = [(j, g) for j, g in zip(jobs, got, strict=True) if g != want[j[0]][j[1]]]
+    wrong = [(j, g) for j, g in zip(jobs, got, strict=True)
+             if not (g == want[j[0]][j[1]] if j[3] == TOKENS else want[j[0]][j[1]].startswith(g.rstrip("\ufffd")))]
     assert not wrong, wrong[:3]
 
 
@@ -228,7 +230,7 @@ def test_shutdown_finishes_requests_in_flight(served):
                 time.sleep(0.2)
         with ThreadPoolExecutor(max_workers=4) as pool:
             futures = [pool.submit(call, port, "POST", "/v1/completions",
-                                   {"model": "a", "prompt": f"request {i}", "max_tokens": 64}) for i in range(4)]
+                                   {"model": "a", "prompt": f"request {i}", "max_tokens": 200}) for i in range(4)]
             while json.loads(call(port, "GET", "/health")[2])["in_flight"] == 0:
                 time.sleep(0.01)
             proc.send_signal(signal.SIGTERM)
@@ -243,4 +245,4 @@ def test_shutdown_finishes_requests_in_flight(served):
         assert status == 200, payload
         body = json.loads(payload)
         assert body["choices"][0]["finish_reason"] in ("length", "stop")
-        assert body["usage"]["completion_tokens"] == 64 or body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == 200 or body["choices"][0]["finish_reason"] == "stop"

@@ -2,10 +2,11 @@
 in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
 joins at the next one).
 
-Decoding is greedy. Each step runs the rows' whole sequences (prompt + tokens so far, left-padded, positions from
-the mask) through the bank; there is no KV cache across steps yet, so a step costs the rows' full length. Requests
-whose adapters are served through the switch only (no mixed-batch form) step as their own group, in turn with the
-mixed group.
+Decoding is greedy, with a KV cache per group of rows: while the group's rows stay the same (or only lose finished
+rows, dropped from the cache), a step feeds each row its last token; when a request joins, the step prefills every
+row's whole sequence (prompt + tokens so far, left-padded, positions from the mask) and that becomes the group's
+cache. Requests whose adapters are served through the switch only (no mixed-batch form) step as their own group,
+in turn with the mixed group.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class Limits:
             raise ValueError(f"request timeout must be > 0 seconds, got {self.request_timeout_s!r}")
 
 
+@dataclass
+class _Cohort:
+    """A group's KV cache: its rows in cache order, and the attention mask over the cached positions."""
+
+    rows: list
+    cache: object
+    mask: torch.Tensor
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -71,6 +81,7 @@ class Engine:
         self._stop = False
         self._numbers = itertools.count()
         self._turn = 0
+        self._cohorts: dict = {}
         self.steps = 0
         self.tokens = 0  # generated tokens, EOS included (for throughput figures)
         self._thread = threading.Thread(target=self._run, name="leantune-engine", daemon=True)
@@ -149,17 +160,10 @@ class Engine:
         groups = self.bank.groups([r.adapter for r in self._active])
         self._turn = (self._turn + 1) % len(groups)
         rows = [self._active[i] for i in groups[self._turn]]
-        seqs = [r.prompt + r.tokens for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s):] = torch.tensor(s)
-            mask[j, width - len(s):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        device = next(self.bank.model.parameters()).device
-        logits = self.bank.forward(ids.to(device), [r.adapter for r in rows], attention_mask=mask.to(device),
-                                   position_ids=positions.to(device), use_cache=False, logits_to_keep=1)
+        key = self._group_key(rows)
+        keys = {self._group_key([self._active[i] for i in g]) for g in groups}
+        self._cohorts = {k: c for k, c in self._cohorts.items() if k in keys}  # groups with no rows left: freed
+        rows, logits = self._decode(key, rows)
         nxt = logits[:, -1].argmax(-1).tolist()
         self.steps += 1
         self.tokens += len(rows)
@@ -171,6 +175,46 @@ class Engine:
             r.on_token(tok, None)
             if len(r.tokens) >= r.max_new_tokens:
                 self._finish(r, "length")
+
+    def _group_key(self, rows: list[Request]):
+        """The mixed group (None) or the switch-only adapter a group of rows runs on."""
+        a = rows[0].adapter
+        return a if a is not None and not self.bank.adapters[a].mixed else None
+
+    def _decode(self, key, rows: list[Request]):
+        """One step for ``rows``: a decode step on the group's KV cache when every row is in it (rows that finished
+        are dropped from it), else a prefill of every row's whole sequence that becomes the group's cache."""
+        device = next(self.bank.model.parameters()).device
+        co = self._cohorts.get(key)
+        if co is not None and {id(r) for r in rows} <= {id(r) for r in co.rows} and all(r.tokens for r in rows):
+            keep = [i for i, r in enumerate(co.rows) if any(r is x for x in rows)]
+            if len(keep) < len(co.rows):
+                idx = torch.tensor(keep, device=device)
+                co.cache.batch_select_indices(idx)
+                co.mask = co.mask[idx]
+                co.rows = [co.rows[i] for i in keep]
+            rows = co.rows
+            ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+            co.mask = torch.cat([co.mask, co.mask.new_ones(len(rows), 1)], dim=1)
+            positions = co.mask.sum(-1, keepdim=True) - 1
+            with self.bank.using([r.adapter for r in rows]):
+                out = self.bank.model(input_ids=ids, attention_mask=co.mask, position_ids=positions,
+                                      past_key_values=co.cache, use_cache=True, logits_to_keep=1)
+            return rows, out.logits
+        seqs = [r.prompt + r.tokens for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s):] = torch.tensor(s)
+            mask[j, width - len(s):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.bank.using([r.adapter for r in rows]):
+            out = self.bank.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  logits_to_keep=1)
+        self._cohorts[key] = _Cohort(list(rows), out.past_key_values, mask)
+        return rows, out.logits
 
     def _finish(self, r: Request, reason: str) -> None:
         with self._lock:
