@@ -267,3 +267,35 @@ def test_quantize_does_not_apply_twice_or_after_a_method():
     leantune.apply(full, "lora")
     with pytest.raises(ValueError, match="before applying a method"):
         quantize_model(full, "nf4")
+
+
+# -- the bench's quantized rows ---------------------------------------------------------------------------------
+
+
+def test_bench_names_quantized_rows_and_refuses_a_method_that_cannot():
+    from leantune.measure.bench import quantized_names, resolve_runs
+
+    assert quantized_names(["full", "lora", "peft:lora", "s2ft"], "nf4") == ["full", "lora", "lora+nf4", "peft:lora",
+                                                                              "s2ft", "s2ft+nf4"]
+    runs, _ = resolve_runs(["lora", "lora+nf4"])
+    assert [(r["key"], r["quantize"]) for r in runs] == [("lora@leantune", None), ("lora+nf4@leantune", "nf4")]
+    with pytest.raises(ValueError, match="full does not train on a quantized base"):
+        resolve_runs(["full+nf4"])
+    with pytest.raises(ValueError, match="one of nf4, fp4, int8"):
+        resolve_runs(["lora+q3"])
+
+
+def test_efficiency_model_built_quantized_counts_its_weights_at_their_real_size():
+    from leantune.measure.effmodel import EfficiencyModel
+    from leantune.measure.memory import weight_bytes
+
+    spec = EfficiencyModel(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=256, seq_len=16)
+    full, quant = spec.build(), spec.build(quantize="nf4")
+    assert len(packed_layers(quant)) == 14 and not any(p.is_meta for p in quant.parameters())
+    fp32_blocks = sum(p.numel() * 4 for layer in full.model.layers for n, p in layer.named_parameters()
+                      if "norm" not in n)
+    assert weight_bytes(quant) == tensor_bytes(quant)["total"] - sum(b.numel() * b.element_size()
+                                                                     for b in quant.buffers())
+    assert tensor_bytes(quant)["quantized"] <= 0.35 * fp32_blocks
+    leantune.apply(quant, "lora", r=4)
+    train_steps(quant, {k: v for k, v in spec.batch().items()}, steps=1)  # it trains

@@ -328,6 +328,8 @@ def bench(
     keep_adapters: bool = typer.Option(False, "--keep-adapters", help="keep the trained adapters under work/"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each job"),
     default_lrs: bool = typer.Option(False, "--default-lrs", help="each method's own default LR, also on builtin:base"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8: also a row on a quantized "
+                                           "base for each method that trains on one (or name rows lora+nf4)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
 ):
@@ -340,7 +342,7 @@ def bench(
             quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
             batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,
             sweep=sweep, efficiency_model=efficiency_model, timing_rounds=timing_rounds,
-            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs,
+            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs, quantize=quantize,
         )
         _, failed = run_bench(cfg)
     except (ValueError, KeyError, JobFailed) as e:

@@ -248,6 +248,11 @@ def tensor_bytes(model: nn.Module) -> dict[str, int]:
     return {"quantized": quantized, "other": other, "total": quantized + other}
 
 
+def scale_bytes(model: nn.Module) -> int:
+    """Bytes of the quantization scales of every quantized layer (kept beside the packed weight, not parameters)."""
+    return sum(_stats_bytes(m) for m in model.modules() if is_quantized_layer(m))
+
+
 def _stats_bytes(mod: nn.Module) -> int:
     w = mod.weight
     scb = getattr(w, "SCB", None)

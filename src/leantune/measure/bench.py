@@ -114,6 +114,9 @@ def resolve_runs(names: list[str], strict: bool = True, lrs: dict[str, float] | 
     runs, notes = [], []
     for raw in names:
         impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
+        method, _, quant = method.partition("+")  # "lora+nf4": on a quantized base
+        if quant:
+            _check_quantized_run(raw, impl, method, quant)
         if impl not in ("leantune", "peft"):
             raise ValueError(f"method {raw!r}: the part before ':' names an implementation, leantune or peft")
         if impl == "peft":
@@ -136,8 +139,9 @@ def resolve_runs(names: list[str], strict: bool = True, lrs: dict[str, float] | 
                 continue
         settings = BENCH_SETTINGS.get(method, {})
         options = dict(settings.get("options", {}))
-        runs.append({"key": f"{method}@{impl}", "method": method, "impl": impl, "lr": (lrs or {}).get(method),
-                     "options": options, "settle": impl == "leantune" and _schedule_ends(method, options)})
+        runs.append({"key": f"{method}{'+' + quant if quant else ''}@{impl}", "method": method, "impl": impl,
+                     "lr": (lrs or {}).get(method), "options": options, "quantize": quant or None,
+                     "settle": impl == "leantune" and _schedule_ends(method, options)})
     keys = [r["key"] for r in runs]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
@@ -145,6 +149,32 @@ def resolve_runs(names: list[str], strict: bool = True, lrs: dict[str, float] | 
     if not runs:
         raise ValueError(f"no method to run from {names!r}; see `leantune methods`")
     return runs, notes
+
+
+def _check_quantized_run(raw: str, impl: str, method: str, quant: str) -> None:
+    from ..methods import get_method
+    from ..quant import QUANT_TYPES
+
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"method {raw!r}: after '+' comes a quantization, one of {', '.join(QUANT_TYPES)}")
+    if impl != "leantune":
+        raise ValueError(f"method {raw!r}: quantized rows run leantune's methods only")
+    caps = get_method(method)().capabilities
+    if not caps.quantized_base:
+        raise ValueError(f"method {raw!r}: {method} does not train on a quantized base: {caps.quantized_refusal}")
+
+
+def quantized_names(names: list[str], quant: str) -> list[str]:
+    """``--quantize nf4``: after each leantune method that trains on a quantized base, its ``+nf4`` row."""
+    from ..methods import get_method
+
+    out = []
+    for raw in names:
+        out.append(raw)
+        impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
+        if impl == "leantune" and "+" not in method and get_method(method)().capabilities.quantized_base:
+            out.append(f"{raw}+{quant}")
+    return out
 
 
 def method_class(run: dict):
@@ -432,7 +462,8 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
 
 
 def _label(run: dict) -> str:
-    return f"{run['method']} ({run['impl']})"
+    quant = f"+{run['quantize']}" if run.get("quantize") else ""
+    return f"{run['method']}{quant} ({run['impl']})"
 
 
 def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
@@ -577,7 +608,8 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
                         batch_size: int | None = None, eval_samples: int | None = None,
                         output_dir: str | None = None, sweep: bool = False, efficiency_model: str | None = None,
                         timing_rounds: int | None = None, keep_adapters: bool = False, threads: int | None = None,
-                        default_lrs: bool = False, device: str | None = None) -> BenchConfig:
+                        default_lrs: bool = False, device: str | None = None,
+                        quantize: str | None = None) -> BenchConfig:
     """The CLI's flags -> a BenchConfig (``--quick`` picks the demo preset; flags override it)."""
     cfg = quick_config() if quick else BenchConfig()
     budget, timing = cfg.budget, cfg.timing
@@ -589,6 +621,8 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
             raise ValueError(f"--timing-rounds must be >= 1, got {timing_rounds}")
         timing = replace(timing, rounds=timing_rounds, infer_rounds=timing_rounds)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else cfg.methods
+    if quantize:
+        names = quantized_names(names, quantize.strip().lower())
     return replace(cfg, base=base or cfg.base, task=task or cfg.task, methods=names, budget=budget, timing=timing,
                    efficiency_model=parse_efficiency_model(efficiency_model, cfg.efficiency_model),
                    output_dir=output_dir or ("bench-quick" if quick else cfg.output_dir), sweep=sweep,
