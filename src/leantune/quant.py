@@ -32,6 +32,7 @@ QUANT_TYPES = ("nf4", "fp4", "int8")
 INSTALL_HINT = "pip install 'leantune[quant]' (or: pip install bitsandbytes>=0.49)"
 ATTR = "leantune_quantization"
 _ORIGINAL = "_leantune_quantized_as"  # on a layer dequantized in place: how to quantize it again
+_CONV1D = "_leantune_conv1d_class"  # on a quantized layer made from a Conv1D: that class
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,10 @@ def quantize_model(model: nn.Module, quantize) -> nn.Module:
         if tied is not None and mod.weight is tied:
             continue  # a head tied to the embedding stays as it is (the embedding cannot be 4-bit)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, quantize_layer(mod, cfg))
+        q = quantize_layer(mod, cfg)
+        if is_conv1d(mod):  # GPT-2's Conv1D, quantized as (out, in): a full dequantization gives its class back
+            q.__dict__[_CONV1D] = type(mod)
+        setattr(model.get_submodule(parent) if parent else model, child, q)
     model.__dict__[ATTR] = cfg
     return model
 
@@ -221,6 +225,12 @@ def dequantize_model_(model: nn.Module) -> int:
         if is_quantized_layer(mod):
             dequantize_layer_(mod)
             mod.__dict__.pop(_ORIGINAL, None)
+            conv1d = mod.__dict__.pop(_CONV1D, None)
+            if conv1d is not None:  # back to GPT-2's (in, out) layout, so the architecture is the plain one
+                w = mod.weight.detach()
+                mod.__class__ = conv1d
+                mod.nf, mod.nx = w.shape
+                mod.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
             n += 1
     model.__dict__.pop(ATTR, None)
     return n
