@@ -24,7 +24,7 @@ from leantune.data.tasks import get_task
 from leantune.hooks import TrainHook
 from leantune.methods.base import ConfigError
 from leantune.models import byte_tokenizer, load_model
-from leantune.quant import dequantize_model_, quantize_model, tensor_bytes
+from leantune.quant import QuantizeConfig, dequantize_model_, quantize_model, tensor_bytes
 from leantune.train.loop import TrainConfig, train
 
 pytest.importorskip("bitsandbytes")
@@ -300,3 +300,33 @@ def test_efficiency_model_built_quantized_counts_its_weights_at_their_real_size(
     assert tensor_bytes(quant)["quantized"] <= 0.35 * fp32_blocks
     leantune.apply(quant, "lora", r=4)
     train_steps(quant, {k: v for k, v in spec.batch().items()}, steps=1)  # it trains
+
+
+# -- the pipeline (what the CLI walks) -----------------------------------------------------------------------
+
+
+def test_train_records_the_quantization_and_eval_reloads_the_base_that_way(tmp_path):
+    from leantune.pipeline import load_for_inference, run_evaluation, run_training
+
+    out = tmp_path / "run"
+    summary = run_training(model_name="builtin:tiny-llama", method_name="lora", method_options={"r": 4},
+                           task="builtin:arith", data_path=None, max_length=48, eval_samples=2,
+                           train_config=TrainConfig(max_steps=2, batch_size=4, progress=False, output_dir=str(out)),
+                           quantize={"type": "int8"})
+    assert summary["quantization"]["type"] == "int8"
+    res = run_evaluation(model_name=None, adapter=str(out), task="builtin:arith", data_path=None, limit=2)
+    assert res["quantization"]["type"] == "int8"
+    model, _ = load_for_inference(None, str(out))
+    assert packed_layers(model) and type(model.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    full, _ = load_for_inference(None, str(out), quantize="none")
+    assert not packed_layers(full)
+
+
+def test_cli_quantize_flags_need_a_quantization():
+    from leantune.cli import quantize_options
+
+    assert quantize_options(None, None, None, None, None) is None
+    assert quantize_options("nf4", None, False, None, None) == {**QuantizeConfig().to_dict(), "double_quant": False}
+    assert quantize_options({"type": "nf4"}, "none", None, None, None) is None
+    with pytest.raises(ValueError, match="--quantize-head given without --quantize"):
+        quantize_options(None, None, None, None, True)
