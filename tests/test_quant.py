@@ -330,3 +330,20 @@ def test_cli_quantize_flags_need_a_quantization():
     assert quantize_options({"type": "nf4"}, "none", None, None, None) is None
     with pytest.raises(ValueError, match="--quantize-head given without --quantize"):
         quantize_options(None, None, None, None, True)
+
+
+def test_flops_of_a_4bit_base_count_its_products_as_the_matmuls_they_stand_for():
+    from leantune.measure.effmodel import EfficiencyModel
+    from leantune.measure.flops import FlopCount
+
+    spec = EfficiencyModel(hidden=128, layers=1, heads=4, kv_heads=2, intermediate=256, vocab=256, seq_len=16)
+    totals = []
+    for kind in (None, "nf4"):
+        model = spec.build(quantize=kind)
+        leantune.apply(model, "lora", r=4)
+        with FlopCount() as fwd:
+            loss = model(**spec.batch()).loss
+        with FlopCount() as bwd:
+            loss.backward()
+        totals.append((fwd.total, bwd.total))
+    assert totals[0] == totals[1]
