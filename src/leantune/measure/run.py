@@ -121,6 +121,10 @@ def job_efficiency(spec: dict) -> dict:
     torch.set_flush_denormal(True)
     eff = EfficiencyModel(**spec["efficiency_model"])
     run = spec["run"]
+    if run.get("quantize"):  # its library is part of the process before any weights, as torch is
+        from ..quant import bitsandbytes
+
+        bitsandbytes()
     before_model = peak_bytes(device)  # the process with its libraries, before any weights exist
     model = eff.build(device, quantize=run.get("quantize"))
     torch.manual_seed(0)
