@@ -486,8 +486,10 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
                 continue
             forgetting = (q["heldout_loss"] - base["heldout_loss"]
                           if q.get("heldout_loss") is not None and base.get("heldout_loss") is not None else None)
-            out_runs.append({
-                "method": run["method"], "impl": run["impl"], "config": full_config(run),
+            quant = run.get("quantize")
+            out_runs.append({  # a quantized row is its own method in the report: "lora+nf4"
+                "method": f"{run['method']}+{quant}" if quant else run["method"], "impl": run["impl"],
+                **({"quantize": quant} if quant else {}), "config": full_config(run),
                 "trainable_params": e["trainable_params"], "changed_params": e["changed_params"],
                 "adapter_bytes": e["adapter_bytes"], "memory": e["memory"],
                 "train_flops_per_step": e["train_flops_per_step"], "train_flops": e["train_flops"],
