@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
+from ..anatomy import in_out_features, is_conv1d, is_quantized_layer, resolve_roles, weight_2d
 from ..precision import trainable_dtype
 from ..prune.importance import AdapterUnit
 from ..quant import refuse_quantized_merge
@@ -96,7 +96,7 @@ def _lora_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torc
         # linear saves its input and weight for backward, never its output, so writing into it is safe)
         a = F.linear(lora.dropout(x).to(lora.A.dtype), lora.A).to(output.dtype)
         a2d, b_t = a.reshape(-1, a.shape[-1]), lora.B.t().to(output.dtype)
-        if output.is_contiguous() and output._base is None:  # not a view (LLM.int8's output is one)
+        if output.is_contiguous() and not is_quantized_layer(module):  # LLM.int8's output: a custom Function's view
             output.view(-1, output.shape[-1]).addmm_(a2d, b_t, alpha=lora.scale)
             return output
         out = torch.addmm(output.reshape(-1, output.shape[-1]), a2d, b_t, alpha=lora.scale)
