@@ -654,6 +654,9 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: block {i} has no module at {path!r} (role {role!r})"
                 )
+            inner = getattr(mod, "base_layer", None)  # a layer wrapped in place by PEFT (the bridge): its original
+            if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) and (isinstance(inner, nn.Linear) or is_conv1d(inner)):
+                mod = inner
             if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: {path!r} (role {role!r}) is a {type(mod).__name__}, not a "

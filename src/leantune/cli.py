@@ -316,7 +316,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="the demo: 1 seed, short budget (about 10 min on 2 CPU cores)"),
     base: Optional[str] = typer.Option(None, "--base", help="base model for quality (default builtin:base)"),
     task: Optional[str] = typer.Option(None, "--task", help="built-in task (default builtin:world)"),
-    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft"),
+    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft "
+                                            "(peft:<type>: any PEFT type, e.g. peft:loha)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per quality run"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per method (quick: 1, default: 3)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -332,17 +333,24 @@ def bench(
                                            "base for each method that trains on one (or name rows lora+nf4)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="survey: the survey's 16 configurations + BitFit, "
+                                        "S2FT, LISA, Light-PEFT (20 rows); with --quick one task, else all three"),
 ):
     """Methods head to head on one base, task and budget: quality, memory, FLOPs, time, inference overhead."""
     from .measure.bench import JobFailed, config_from_options, run_bench
 
     try:
         _use_family_specs(family_spec)
+        preset = None
+        if suite:
+            from .measure.suite import suite_config
+
+            preset = suite_config(suite, quick=quick)
         cfg = config_from_options(
             quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
             batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,
             sweep=sweep, efficiency_model=efficiency_model, timing_rounds=timing_rounds,
-            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs, quantize=quantize,
+            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs, preset=preset, quantize=quantize,
         )
         _, failed = run_bench(cfg)
     except (ValueError, KeyError, JobFailed) as e:

@@ -43,9 +43,12 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         raise ValueError("this model carries no leantune method: call leantune.apply(model, ...) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_NAME
     tensors = method.state() if state is None else state
-    atomic_save_tensors(tensors, weights, metadata={"format": "pt", "leantune_method": method.name})
+    if method.peft_native:  # PEFT's own files; leantune.json (written last) names and checksums the weights
+        weights = directory / method.write_peft_files(directory, tensors)
+    else:
+        weights = directory / WEIGHTS_NAME
+        atomic_save_tensors(tensors, weights, metadata={"format": "pt", "leantune_method": method.name})
     from .models import model_name
 
     meta = {
@@ -58,7 +61,7 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         "changed_params": method.num_changed(),
         "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint,
                  **_quantization(model)},
-        "weights": {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
+        "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
     }
     if extra:
         meta.update(extra)

@@ -27,8 +27,9 @@ def _device(spec: dict) -> torch.device:
 
 
 def apply_run(model, run: dict):
-    """Attach the run's method: leantune's registry by name, or PEFT's LoRA for the anchor."""
-    if run["impl"] == "peft":
+    """Attach the run's method: leantune's registry by name (the PEFT bridge too: method ``peft``), or PEFT's
+    LoRA for the anchor."""
+    if run["impl"] == "peft" and run["method"] != "peft":
         if run["method"] != "lora":
             raise ValueError(f"the PEFT anchor runs LoRA only, not {run['method']!r}")
         from .peft_anchor import apply_peft_lora

@@ -251,6 +251,8 @@ class Method:
     description: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 1e-4
+    # The adapter folder holds PEFT's own files, written by write_peft_files (the PEFT bridge), not adapter.safetensors
+    peft_native: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -400,6 +402,11 @@ class Method:
         exporter names those modules the way it names the targets). Raises ValueError (saying why) where this model's layers
         have no PEFT equivalent."""
         return None
+
+    def write_peft_files(self, directory: Path, state: dict[str, torch.Tensor]) -> str:
+        """Where ``peft_native``: write ``state`` as PEFT's adapter_config.json + adapter_model.safetensors into
+        ``directory`` and return the weights file's name (io.save and the PEFT export call it)."""
+        raise NotImplementedError(f"method {self.name!r} does not write PEFT's files itself")
 
     def schedule(self):
         """A hook object for the training loop (see leantune.hooks), or None."""
