@@ -359,6 +359,58 @@ def bench(
         raise typer.Exit(1)
 
 
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="hub id, local folder, config.json, builtin:NAME or "
+                              "builtin:efficiency (no weights are read)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method name (see `leantune methods`)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value, repeatable"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: int = typer.Option(512, "--seq-len", "--max-length", help="tokens per example"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16"),
+    base_dtype: str = typer.Option("auto", "--base-dtype", help="auto (the config's) | fp32 | bf16 | fp16"),
+    distributed: str = typer.Option("no", "--distributed", help="no | ddp | fsdp"),
+    world_size: int = typer.Option(1, "--world-size", help="processes (with --distributed)"),
+    device: str = typer.Option("cuda", "--device", help="cuda (default) or cpu: what to plan for"),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="e.g. 24GB: what fits, per method"),
+    prune_plan: Optional[Path] = typer.Option(None, "--prune-plan", help="a finished Light-PEFT run's adapter "
+                                              "folder: plan its real prune instead of the bound"),
+    compare: bool = typer.Option(False, "--compare", help="every method side by side (and a plot with --plot)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="with --compare: peak memory vs sequence length, PNG"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output (bytes)"),
+):
+    """Training memory per method from the model's config alone: weights, gradients, optimizer state, saved
+    activations and the step's peak, traced with fake tensors (nothing is allocated)."""
+    from .measure import plan as planner
+    from .measure.plan_report import plot_peaks, render
+
+    try:
+        settings = planner.PlanSettings(
+            batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision, base_dtype=base_dtype, device=device, distributed=distributed,
+            world_size=world_size)
+        budget = planner.parse_bytes(device_memory) if device_memory else None
+        options = parse_options(option)
+        if not compare and not method:
+            raise ValueError("give --method NAME, or --compare for every method")
+        if plot is not None and not compare:
+            raise ValueError("--plot draws every method: use it with --compare")
+        progress = None if as_json else (lambda name: typer.echo(f"planning {name} ...", err=True))
+        if compare:
+            methods_ = [method] if method else None
+            plans = planner.compare_methods(model, settings, methods_, options, budget, progress=progress)
+        else:
+            pp = planner.prune_plan_from(prune_plan) if prune_plan else None
+            plans = [planner.plan_method(model, method, options, settings, prune_plan=pp, device_memory=budget)]
+        if plot is not None:
+            plot_peaks(model, settings, plans, plot)
+    except (ValueError, KeyError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    typer.echo(render(model, settings, plans, budget, as_json=as_json))
+
+
 base_app = typer.Typer(no_args_is_help=True, help="The built-in pretrained base model (builtin:base).")
 app.add_typer(base_app, name="base")
 

@@ -144,6 +144,14 @@ def _pretrained_base(_vocab: int):
     return load_base()
 
 
+def _efficiency_model(_vocab: int):
+    from .measure.effmodel import EfficiencyModel  # the bench's default efficiency model, its own 2048 tokens
+
+    return EfficiencyModel().build()
+
+
+register_builtin_model("efficiency", _efficiency_model, "the bench's efficiency model: random-init 8-layer LLaMA, "
+                       "hidden 512, GQA 8q/2kv, vocabulary 2048 (what `leantune bench` measures memory on)")
 register_builtin_model("base", _pretrained_base, "pretrained 4-layer LLaMA (GQA 8q/2kv, ~3.3M params) on leantune's "
                        "synthetic corpus; shipped weights, rebuild with `leantune base build`")
 
