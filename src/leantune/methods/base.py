@@ -27,6 +27,7 @@ from torch import nn
 from ..anatomy import Anatomy, anatomy
 from ..files import fingerprint
 from ..precision import MasterWeights
+from ..quant import quantization_of
 
 FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
 OVERHEADS = ("none", "extra_ffn", "extra_input", "gating")
@@ -48,6 +49,8 @@ class Capabilities:
     changes_trainable: bool = False  # what trains changes during the run (data parallelism cannot fix it at wrap)
     fsdp: bool = True  # trains under FSDP2 (train/parallel.py); when not, fsdp_refusal says why
     fsdp_refusal: str = ""
+    quantized_base: bool = False  # trains on a bitsandbytes-quantized base (leantune.quant); else quantized_refusal
+    quantized_refusal: str = "it has not been made to work on a quantized base"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,6 +278,7 @@ class Method:
             )
         anat = anat or anatomy(model)
         self.check_model(anat)  # a refusal leaves the model as it was
+        self.check_quantized(model)
         self.base_fingerprint = fingerprint(model)
         self.model = model
         self.anatomy = anat
@@ -291,6 +295,15 @@ class Method:
     def check_model(self, anat: Anatomy) -> None:
         """Refuse, before anything changes, a model whose family or layout this method (with this config) cannot
         handle: raise ``ConfigError`` naming what is missing. The default takes every model."""
+
+    def check_quantized(self, model: nn.Module) -> None:
+        """Refuse a quantized base (``--quantize``) unless the capabilities say ``quantized_base``."""
+        quant = quantization_of(model)
+        caps = self.capabilities
+        if quant is not None and not caps.quantized_base:
+            raise ConfigError(f"method {self.name!r} cannot train on a {quant.type}-quantized base: "
+                              f"{caps.quantized_refusal}. Load the base without --quantize, or use a method that "
+                              "supports it (lora, dora, ia3, the adapters, bitfit, ln_tuning, s2ft, lisa)")
 
     def _apply(self, model: nn.Module, anat: Anatomy) -> None:
         raise NotImplementedError

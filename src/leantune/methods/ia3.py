@@ -16,6 +16,7 @@ from torch import nn
 
 from ..anatomy import Placement, is_conv1d, weight_2d
 from ..precision import trainable_dtype
+from ..quant import refuse_quantized_merge
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 from .terms import InScale, OutScale
@@ -108,7 +109,8 @@ class IA3(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=False, mixed_batch=True, inference_overhead="extra_ffn")
+        return Capabilities(mergeable=True, restores_base=False, mixed_batch=True, inference_overhead="extra_ffn",
+                            quantized_base=True)
 
     def _apply(self, model, anat):
         self._start()
@@ -134,6 +136,7 @@ class IA3(AttachedMethod):
     @torch.no_grad()
     def _rescale(self, invert: bool) -> None:
         for _name, layer, c in self.children():
+            refuse_quantized_merge(layer, "ia3")
             w2d = weight_2d(layer)
             for point, (side, start, stop, _w) in c.segments.items():
                 vec = c.scale(point).detach()

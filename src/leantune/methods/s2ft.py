@@ -31,6 +31,7 @@ from torch import nn
 
 from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
 from ..precision import trainable_dtype
+from ..quant import refuse_quantized_merge
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
@@ -161,6 +162,7 @@ class S2FTSlice(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, mod: nn.Module) -> None:
+        refuse_quantized_merge(mod, "s2ft")
         w, dim, delta = self._stored(mod)
         self.saved = w.index_select(dim, self.indices)  # a new tensor: the original values, for a bitwise unmerge
         w.index_add_(dim, self.indices, delta.to(w.dtype))
@@ -224,7 +226,13 @@ class S2FT(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True, inference_overhead="extra_ffn")
+        # on a quantized layer the block is a term beside Q(W)x (the unfused path: fused.py's functions need a
+        # plain weight); selection="gradient" needs W's own gradient, which a 4-bit/8-bit weight does not get
+        gradient = self.config.selection == "gradient"
+        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True, inference_overhead="extra_ffn",
+                            quantized_base=not gradient,
+                            quantized_refusal="selection='gradient' needs the gradient of the base weight itself, "
+                            "which a quantized weight does not get; use selection random, weight or activation")
 
     # -- apply: structure, budget, selection ---------------------------------------------------------------
     def _apply(self, model, anat):
