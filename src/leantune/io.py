@@ -59,13 +59,22 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         "capabilities": method.capabilities.to_dict(),
         "trainable_params": method.num_trainable(),
         "changed_params": method.num_changed(),
-        "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint},
+        "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint,
+                 **_quantization(model)},
         "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
     }
     if extra:
         meta.update(extra)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return directory
+
+
+def _quantization(model: nn.Module) -> dict:
+    """``{"quantization": {...}}`` for a quantized base (eval, generate and export load it the same way)."""
+    from .quant import quantization_of
+
+    q = quantization_of(model)
+    return {"quantization": q.to_dict()} if q is not None else {}
 
 
 def _float_dtype(model: nn.Module) -> str | None:

@@ -161,11 +161,13 @@ register_builtin_model("base", _pretrained_base, "pretrained 4-layer LLaMA (GQA 
                        "synthetic corpus; shipped weights, rebuild with `leantune base build`")
 
 
-def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None):
+def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None, quantize=None):
     """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id.
 
     ``dtype`` (``--base-dtype``): ``"auto"``/None keeps the checkpoint's dtype (an fp16 one is upcast to fp32
-    when no GPU is present), ``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) loads the base in that dtype."""
+    when no GPU is present), ``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) loads the base in that dtype.
+    ``quantize`` (``--quantize``): ``"nf4"``/``"fp4"``/``"int8"`` or a dict of ``quant.QuantizeConfig`` fields
+    converts the frozen linear layers with bitsandbytes after loading (leantune/quant.py)."""
     dtype = base_dtype(dtype)
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
@@ -190,6 +192,10 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | 
         model = model.float()
     if device is not None:
         model = model.to(device)
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
     model.eval()
     return model, tokenizer
 

@@ -123,6 +123,12 @@ def entry_for_name(raw: str) -> dict:
     impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
     if impl not in ("leantune", "peft"):
         raise ValueError(f"method {raw!r}: the part before ':' names an implementation, leantune or peft")
+    method, _, quant = method.partition("+")  # "lora+nf4": on a quantized base
+    if quant:
+        _check_quantized_run(raw, impl, method, quant)
+        settings = BENCH_SETTINGS.get(method, {})
+        return {"label": raw, "method": method, "impl": impl, "options": dict(settings.get("options", {})),
+                "lr_key": method, "quantize": quant}
     if impl == "peft" and method != "lora":  # any other PEFT type: the bridge, at PEFT's defaults for the type
         return {"label": raw, "method": "peft", "impl": "peft", "options": {"peft_type": method.upper()},
                 "lr_key": "peft"}
@@ -176,6 +182,7 @@ def resolve_entries(entries: list[dict], strict: bool = True, lrs: dict[str, flo
                 raise ValueError(f"method {label!r}: {e}") from None
         runs.append({"key": run_key(label, method, impl), "label": label, "method": method, "impl": impl,
                      "lr": (lrs or {}).get(entry.get("lr_key", method)), "options": options,
+                     "quantize": entry.get("quantize"),
                      "settle": impl == "leantune" and _schedule_ends(method, options)})
     for what in ("key", "label"):
         seen = [r[what] for r in runs]
@@ -185,6 +192,36 @@ def resolve_entries(entries: list[dict], strict: bool = True, lrs: dict[str, flo
     if not runs and not missing:
         raise ValueError(f"no method to run from {[e['label'] for e in entries]!r}; see `leantune methods`")
     return runs, notes, missing
+
+
+def _check_quantized_run(raw: str, impl: str, method: str, quant: str) -> None:
+    from ..methods import get_method
+    from ..quant import QUANT_TYPES
+
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"method {raw!r}: after '+' comes a quantization, one of {', '.join(QUANT_TYPES)}")
+    if impl != "leantune":
+        raise ValueError(f"method {raw!r}: quantized rows run leantune's methods only")
+    caps = get_method(method)().capabilities
+    if not caps.quantized_base:
+        raise ValueError(f"method {raw!r}: {method} does not train on a quantized base: {caps.quantized_refusal}")
+
+
+def quantized_names(names: list[str], quant: str) -> list[str]:
+    """``--quantize nf4``: after each leantune method that trains on a quantized base, its ``+nf4`` row."""
+    from ..methods import get_method
+
+    out = []
+    for raw in names:
+        out.append(raw)
+        impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
+        try:
+            supported = impl == "leantune" and "+" not in method and get_method(method)().capabilities.quantized_base
+        except KeyError:  # not registered: resolve_runs says so
+            supported = False
+        if supported:
+            out.append(f"{raw}+{quant}")
+    return out
 
 
 def method_class(run: dict):
@@ -528,8 +565,10 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality, missing: list[d
                 continue
             forgetting = (q["heldout_loss"] - base["heldout_loss"]
                           if q.get("heldout_loss") is not None and base.get("heldout_loss") is not None else None)
-            out_runs.append({
+            quant = run.get("quantize")
+            out_runs.append({  # a quantized row: label "lora+nf4", and its quantization
                 "method": run["method"], "impl": run["impl"], "label": run["label"], "config": full_config(run),
+                **({"quantize": quant} if quant else {}),
                 "trainable_params": e["trainable_params"], "changed_params": e["changed_params"],
                 "adapter_bytes": e["adapter_bytes"], "memory": e["memory"],
                 "train_flops_per_step": e["train_flops_per_step"], "train_flops": e["train_flops"],
@@ -655,7 +694,7 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
                         output_dir: str | None = None, sweep: bool = False, efficiency_model: str | None = None,
                         timing_rounds: int | None = None, keep_adapters: bool = False, threads: int | None = None,
                         default_lrs: bool = False, device: str | None = None,
-                        preset: BenchConfig | None = None) -> BenchConfig:
+                        preset: BenchConfig | None = None, quantize: str | None = None) -> BenchConfig:
     """The CLI's flags -> a BenchConfig (``--quick`` picks the demo preset, ``preset`` another one, e.g. a suite's
     from measure/suite.py; flags override it)."""
     cfg = preset or (quick_config() if quick else BenchConfig())
@@ -673,6 +712,8 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
             raise ValueError(f"--timing-rounds must be >= 1, got {timing_rounds}")
         timing = replace(timing, rounds=timing_rounds, infer_rounds=timing_rounds)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else cfg.methods
+    if quantize:
+        names = quantized_names(names, quantize.strip().lower())
     return replace(cfg, base=base or cfg.base, task=task or cfg.task, methods=names, budget=budget, timing=timing,
                    efficiency_model=parse_efficiency_model(efficiency_model, cfg.efficiency_model),
                    output_dir=output_dir or ("bench-quick" if quick and preset is None else cfg.output_dir), sweep=sweep,

@@ -30,8 +30,11 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """All parameters, frozen included; tied weights counted once."""
-    return sum(tensor_bytes(p) for p in model.parameters())
+    """All parameters, frozen included; tied weights counted once; a quantized layer's weight at its real size
+    (the packed codes, which are its parameter, plus the block or row scales bitsandbytes keeps beside them)."""
+    from ..quant import scale_bytes
+
+    return sum(tensor_bytes(p) for p in model.parameters()) + scale_bytes(model)
 
 
 def grad_bytes(model: nn.Module) -> int:

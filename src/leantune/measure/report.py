@@ -173,6 +173,12 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
         "steps (all methods alternate in one process). Inference: seconds per generated token at batch 1 over the "
         "base model's, measured interleaved with the base.",
     ]
+    quantized = any(g.get("quantize") for g in groups.values())
+    if quantized and not str(e.get("measured_on", "")).startswith("cuda"):
+        lines.append("Quantized rows (METHOD+nf4: the blocks' linear layers in bitsandbytes, weights counted at their "
+                     "real size with their scales): their process also holds the bitsandbytes library (about 120 MiB "
+                     "of RSS on a CPU), which a small efficiency model's saved weights may not outweigh; see "
+                     "docs/quantization.md.")
     settle = e.get("settle_steps") or {}
     if settle:
         lines.append("Measured after the method's schedule finished: " + ", ".join(
