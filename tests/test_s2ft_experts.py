@@ -111,3 +111,21 @@ def test_no_lora_form_for_expert_channels():
     assert method.lora_factors() is None
     with pytest.raises(ValueError, match="no LoRA form"):
         method.to_lora()
+
+
+def test_the_adapter_bank_serves_expert_channels_through_the_switch(tmp_path):
+    from leantune.serve.bank import AdapterBank
+    from test_bank import alone, base, ids, make_adapter, params
+
+    folder = make_adapter(tmp_path / "s2ft", MIXTRAL, "s2ft", 1)
+    model = base(MIXTRAL)
+    before = params(model)
+    bank = AdapterBank(model)
+    bank.add("experts", folder)
+    assert not bank.adapters["experts"].mixed  # no per-layer terms: served by the switch
+    x = ids(5, b=2)
+    got = bank.forward(x, ["experts", None])
+    torch.testing.assert_close(got[:1], alone(MIXTRAL, folder, x[:1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], alone(MIXTRAL, None, x[1:]), atol=0, rtol=0)
+    bank.switch(None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
