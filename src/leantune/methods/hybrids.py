@@ -29,6 +29,9 @@ from .base import Capabilities, ConfigError, Method, MethodConfig, check_state_k
 from .lora import Lora, LoraConfig
 from .prompts import PrefixConfig, PrefixTuningMethod
 
+_FSDP_REFUSAL = ("its prefix's reparametrization MLP is shared by every block, and FSDP shards each block as its own "
+                 "unit; train without FSDP")
+
 
 class _Hybrid(Method):
     family = "hybrid"
@@ -39,7 +42,7 @@ class _Hybrid(Method):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
-                            identity_at_init=False)
+                            identity_at_init=False, fsdp=False, fsdp_refusal=_FSDP_REFUSAL)
 
     def check_model(self, anat: Anatomy) -> None:
         self.parts = self.parts_for()
@@ -123,7 +126,7 @@ class MamConfig(MethodConfig):
 class Mam(_Hybrid):
     description = "MAM adapter: prefix tuning on attention + a scaled parallel adapter beside the FFN."
     config_cls = MamConfig
-    default_lr = 3e-3  # unmeasured on the shipped base (docs/methods.md)
+    default_lr = 1e-2  # unmeasured on the shipped base (docs/methods.md)
 
     def parts_for(self):
         return [PrefixTuningMethod(self.config.prefix()), ScaledParallel(self.config.adapter())]
@@ -232,11 +235,12 @@ class UniPeltConfig(MethodConfig):
 class UniPelt(_Hybrid):
     description = "UniPELT: gated LoRA (q, v) + gated prefix tuning + a gated sequential adapter after the FFN."
     config_cls = UniPeltConfig
-    default_lr = 3e-3  # unmeasured on the shipped base (docs/methods.md)
+    default_lr = 1e-2  # unmeasured on the shipped base (docs/methods.md)
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=False, restores_base=True, inference_overhead="gating", identity_at_init=False)
+        return Capabilities(mergeable=False, restores_base=True, inference_overhead="gating", identity_at_init=False,
+                            fsdp=False, fsdp_refusal=_FSDP_REFUSAL)
 
     def parts_for(self):
         cfg = self.config

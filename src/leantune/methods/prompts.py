@@ -257,6 +257,14 @@ class PrefixTuning(_SoftPrompt):
     default_lr = 1e-2  # unmeasured on the shipped base (docs/methods.md)
     gated = False  # UniPELT's gate on each layer's prefix
 
+    @property
+    def capabilities(self) -> Capabilities:
+        shared = self.config.reparam_hidden > 0
+        return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
+                            identity_at_init=False, fsdp=not shared,
+                            fsdp_refusal="the reparametrization MLP is shared by every block's prefix, and FSDP shards "
+                                         "each block as its own unit; train prefix_flat, or without FSDP" if shared else "")
+
     def check_model(self, anat: Anatomy) -> None:
         anat.attention_modules()  # PlacementError (a ConfigError-like ValueError) naming what is missing
         impl = getattr(self._config_of(anat), "_attn_implementation", None) or "eager"
