@@ -97,8 +97,12 @@ def test_prompt_init_from_vocabulary_text_and_random():
     assert not (model.get_input_embeddings().weight[:, None] == w[None]).all(-1).any()
 
 
-@pytest.mark.parametrize("method", SOFT)
-@pytest.mark.parametrize("model_name", ["builtin:tiny-llama", "builtin:tiny-gpt2"])
+# the hybrids' prefix is prefix_tuning's own: they run on the GQA model only (the matrices cover the other families)
+GEN_CASES = [(f, m) for f in ("builtin:tiny-llama", "builtin:tiny-gpt2") for m in ("prompt_tuning", "prefix_tuning")]
+GEN_CASES += [("builtin:tiny-llama", m) for m in ("prefix_flat", "mam", "unipelt")]
+
+
+@pytest.mark.parametrize(("model_name", "method"), GEN_CASES)
 def test_cached_generation_equals_uncached_token_by_token(model_name, method):
     model, tok = tiny(model_name)
     m = leantune.apply(model, method)
@@ -117,8 +121,11 @@ def test_cached_generation_equals_uncached_token_by_token(model_name, method):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", SOFT)
-@pytest.mark.parametrize("model_name", ["builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:tiny-bert"])
+PAD_CASES = [(f, m) for f in ("builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:tiny-bert")
+             for m in ("prompt_tuning", "prefix_tuning")] + [("builtin:tiny-llama", m) for m in ("mam", "unipelt")]
+
+
+@pytest.mark.parametrize(("model_name", "method"), PAD_CASES)
 def test_left_and_right_padding_give_the_same_logits_on_real_tokens(model_name, method):
     model, tok = tiny(model_name)
     m = leantune.apply(model, method)
