@@ -261,6 +261,48 @@ def test_vllm_export_pads_to_a_rank_vllm_accepts_with_the_same_logits(tmp_path, 
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("targets", ["q", ""])
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_expert_pairs_export_as_target_parameters_and_load_in_peft(tmp_path, name, targets):
+    """experts=true: one pair per routed expert on the 3-D parameters, written as PEFT's target_parameters (its
+    nesting of one wrapper per parameter and its expert-interleaved lora_B); PEFT's model gives our logits."""
+    model, _ = base(name)
+    method = leantune.apply(model, "lora", experts=True, r=4, alpha=8, targets=targets)
+    randomize([p for _, p in method.trainable_parameters()], seed=4)
+    ours = logits_of(model, probe())
+    assert not torch.allclose(ours, logits_of(base(name)[0], probe()), atol=1e-3)  # the experts' update shows
+    export_peft(model, tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    assert cfg["target_modules"] == (["q_proj"] if targets else [])
+    theirs = peft.PeftModel.from_pretrained(base(name)[0], tmp_path / "out")
+    torch.testing.assert_close(logits_of(theirs, probe()), ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-qwen2-moe"])
+def test_import_of_peft_target_parameters_gives_peft_logits(tmp_path, name):
+    """A PEFT adapter on the expert parameters (and q_proj, at r=4 with alpha 8) imports as lora experts=true."""
+    hf, _ = base(name)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                          target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    pm = peft.get_peft_model(hf, cfg)
+    randomize([p for n, p in pm.named_parameters() if "lora_B" in n], seed=5)
+    pm.save_pretrained(tmp_path / "p")
+    theirs = logits_of(pm, probe())
+    model, _ = base(name)
+    method = leantune.load(model, tmp_path / "p")
+    assert method.config.experts and method.config.targets == "q"
+    assert not torch.allclose(logits_of(base(name)[0], probe()), theirs, atol=1e-3)
+    torch.testing.assert_close(logits_of(model, probe()), theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_vllm_export_refuses_expert_pairs(tmp_path):
+    model, _ = base("tiny-mixtral")
+    leantune.apply(model, "lora", experts=True, r=4)
+    with pytest.raises(ValueError, match="expert parameters"):
+        export_peft(model, tmp_path / "out", target="vllm")
+
+
 @pytest.mark.parametrize("name,method,options,message", [
     ("tiny-llama", "lora", {"r": 4, "dora": True}, "vLLM does not load DoRA"),
     ("tiny-gpt2", "lora", {"r": 4}, "Conv1D"),

@@ -34,12 +34,11 @@ PREFIX = "base_model.model."
 _PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
 
 # Config fields that change what the adapter computes in ways leantune's LoRA does not: refused when set.
-_UNSUPPORTED = ("modules_to_save", "lora_bias", "layer_replication", "trainable_token_indices", "target_parameters",
-                "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config", "kasa_config",
+_UNSUPPORTED = ("modules_to_save", "lora_bias", "layer_replication", "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "velora_config", "kasa_config",
                 "monteclora_config")
 # Fields read on import, and fields that only matter for creating or training an adapter in PEFT.
 _HANDLED = ("peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-            "bias", "init_lora_weights", "fan_in_fan_out", "target_modules")
+            "bias", "init_lora_weights", "fan_in_fan_out", "target_modules", "target_parameters")
 _IGNORED = ("task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
             "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_config", "megatron_core",
             "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
@@ -64,6 +63,8 @@ def save_peft_lora(
     base_model_name_or_path: str | None = None,
     task_type: str | None = "CAUSAL_LM",
     target_modules: list[str] | None = None,
+    parameters: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    target_parameters: list[str] | None = None,
 ) -> Path:
     """Write a PEFT LoRA folder from LoRA factors; returns the folder.
 
@@ -75,10 +76,17 @@ def save_peft_lora(
     ``magnitudes``: DoRA magnitude vectors ``{name: (out,)}`` for every module (writes ``use_dora``), or None.
     ``fan_in_fan_out``: True when the target layers are Conv1D, storing (in, out) (GPT-2).
     ``target_modules``: the config's target list; default the qualified names of ``modules``.
+    ``parameters``: LoRA on 3-D expert parameters, PEFT's ``target_parameters``: ``{"<module>.<parameter>": (A, B)}``
+        with A (E, r, in) and B (E, out, r), one pair per expert, the update ``scale * B_e A_e`` added to W [E, out,
+        in]; a module's parameters in the order the module registers them (PEFT nests one wrapper per parameter,
+        the first innermost, and the tensor keys say ``base_layer`` once per wrapper outside). Their rank and
+        alpha must be the config's ``r`` / ``lora_alpha`` (PEFT has no per-parameter pattern).
+    ``target_parameters``: the config's list for them; default their qualified names.
     The most common rank and alpha become ``r`` / ``lora_alpha``; the others go to ``rank_pattern`` /
     ``alpha_pattern``. Weights are written first and the config last, each atomically.
     """
-    if not modules:
+    parameters = parameters or {}
+    if not modules and not parameters:
         raise ValueError("save_peft_lora: no modules to write")
     ranks = {}
     for name, (a, b) in modules.items():
@@ -101,8 +109,19 @@ def save_peft_lora(
         alphas = {n: float(alpha[n]) for n in modules}
     else:
         alphas = dict.fromkeys(modules, float(alpha))
-    r_default = _most_common(ranks.values())
-    alpha_default = _most_common(alphas.values())
+    param_ranks = {}
+    for name, (a, b) in parameters.items():
+        if a.ndim != 3 or b.ndim != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+            raise ValueError(f"save_peft_lora: parameter {name!r}: A must be (E, r, in) and B (E, out, r); got "
+                             f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+        param_ranks[name] = int(a.shape[1])
+    r_default = _most_common(ranks.values()) if ranks else _most_common(param_ranks.values())
+    alpha_default = _most_common(alphas.values()) if alphas else (
+        unit_alpha(r_default) if alpha is None else float(alpha))
+    odd = sorted(n for n, r in param_ranks.items() if r != r_default)
+    if odd or isinstance(alpha, dict) and parameters:
+        raise ValueError(f"save_peft_lora: expert parameters {odd or sorted(parameters)} need the config's one rank "
+                         f"r={r_default} and one alpha (PEFT has no rank_pattern for target_parameters)")
 
     tensors = {}
     for name, (a, b) in modules.items():
@@ -110,6 +129,17 @@ def save_peft_lora(
         tensors[f"{PREFIX}{name}.lora_B.weight"] = b
         if magnitudes is not None:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name]
+    by_module: dict[str, list[str]] = {}
+    for name in parameters:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    for module, names in by_module.items():
+        for k, name in enumerate(names):
+            a, b = parameters[name]
+            e, r, _ = a.shape
+            key = f"{PREFIX}{module}{'.base_layer' * (len(names) - 1 - k)}"
+            tensors[f"{key}.lora_A.weight"] = a.reshape(e * r, a.shape[2]).contiguous()  # rows e*r .. (e+1)*r - 1
+            # PEFT's lora_B.weight is (out, r * E) with expert e in columns e, E + e, 2E + e, ...
+            tensors[f"{key}.lora_B.weight"] = b.permute(1, 2, 0).reshape(b.shape[1], r * e).contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -119,6 +149,8 @@ def save_peft_lora(
         "lora_alpha": _json_number(alpha_default),
         "lora_dropout": float(dropout),
         "target_modules": list(target_modules) if target_modules is not None else sorted(modules),
+        **({"target_parameters": list(target_parameters) if target_parameters is not None else sorted(parameters)}
+           if parameters else {}),
         "fan_in_fan_out": bool(fan_in_fan_out),
         "bias": "none",
         "use_rslora": bool(use_rslora),
@@ -165,6 +197,10 @@ def vllm_factors(model: nn.Module) -> dict:
     if factors is None:
         raise ValueError(f"method {method.name!r} has no exact LoRA form, so vLLM cannot serve it as an adapter; "
                          "export --format merged")
+    if factors.get("parameters"):
+        raise ValueError("the adapter has LoRA pairs on expert parameters (experts=true, PEFT's target_parameters), "
+                         "which leantune does not know vLLM to load; export --format peft without --target, or "
+                         "--format merged")
     if factors.get("magnitudes"):
         raise ValueError("vLLM does not load DoRA adapters (use_dora); export --format merged, or train without dora")
     named = dict(model.named_modules())
@@ -226,9 +262,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         )
     named = dict(model.named_modules())
     layers = [named[n] for n in factors["modules"]]
+    params = factors.get("parameters") or {}
     return save_peft_lora(
         directory, **factors,
-        fan_in_fan_out=all(is_conv1d(m) for m in layers),
+        target_parameters=_short_targets(model, set(params), parameters=True) if params else None,
+        fan_in_fan_out=bool(layers) and all(is_conv1d(m) for m in layers),
         base_model_name_or_path=base_model_name_or_path or _model_name(model),
         task_type="CAUSAL_LM" if method.anatomy.causal else None,
         target_modules=_short_targets(model, set(factors["modules"])),
@@ -258,11 +296,22 @@ def save_peft_adapter(directory: str | os.PathLike, config: dict, weights: dict[
     return directory
 
 
-def _short_targets(model: nn.Module, names: set[str]) -> list[str]:
-    """Last name parts (``q_proj``) when they pick exactly these modules in the model, as PEFT and vLLM write them;
-    the qualified names otherwise."""
-    short = {n.rsplit(".", 1)[-1] for n in names}
-    picked = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in short}
+def _short_targets(model: nn.Module, names: set[str], parameters: bool = False) -> list[str]:
+    """Last name parts (``q_proj``; for parameters ``experts.down_proj``) when they pick exactly these modules (or
+    parameters) in the model, as PEFT and vLLM write them; the qualified names otherwise."""
+    parts = 2 if parameters else 1
+
+    def tail(n):
+        return ".".join(n.split(".")[-parts:])
+
+    short = {tail(n) for n in names}
+    if parameters:  # a parametrized parameter lives under parametrizations.<name>.original
+        every = {f"{m}.{p}" if m else p for m, mod in model.named_modules()
+                 for p in (*(n for n, _ in mod.named_parameters(recurse=False)),
+                           *getattr(mod, "parametrizations", {}))}
+    else:
+        every = {n for n, _ in model.named_modules()}
+    picked = {n for n in every if tail(n) in short}
     return sorted(short) if picked == names else sorted(names)
 
 
@@ -338,6 +387,45 @@ def _pattern_value(patterns: dict, name: str, default):
     return default
 
 
+def _expert_parts(model: nn.Module, cfg: dict, parts: dict, source: str) -> dict:
+    """Take the factors of PEFT's ``target_parameters`` wrappers out of ``parts``: ``{(experts module, parameter):
+    (A [E, r, in], B [E, out, r])}``. A module's adapted parameters nest one wrapper each in the order the module
+    registers them, the first innermost; a key's ``base_layer`` count says which one it is."""
+    targets = cfg.get("target_parameters") or []
+    if not targets:
+        return {}
+    from ..methods.lora import _EXPERT_PARAMS
+
+    named = dict(model.named_modules())
+    r = int(cfg.get("r", 8))
+    out = {}
+    for key in list(parts):
+        module = key.replace(".base_layer", "")
+        mod = named.get(module)
+        adapted = [p for p, _ in mod.named_parameters(recurse=False)
+                   if any(f"{module}.{p}" == t or f"{module}.{p}".endswith(f".{t}") for t in targets)] if mod else []
+        depth = key.count(".base_layer")
+        if not adapted and not depth:
+            continue  # a Linear layer's factors (target_modules)
+        if depth >= len(adapted):
+            raise AdapterError(f"{source}: tensors {key!r} name no adapted parameter of a module in this model "
+                               f"(target_parameters {targets}); is it the right base model?")
+        param = adapted[len(adapted) - 1 - depth]
+        if param not in _EXPERT_PARAMS:
+            raise AdapterError(f"{source}: LoRA on parameter {module}.{param}: leantune's LoRA adapts the expert "
+                               f"parameters {list(_EXPERT_PARAMS)} only")
+        p = parts.pop(key)
+        w = getattr(mod, param)
+        e, out_f, in_f = w.shape
+        a, b = p.get("A"), p.get("B")
+        if a is None or b is None or a.shape != (e * r, in_f) or b.shape != (out_f, r * e):
+            raise AdapterError(f"{source}: {module}.{param}: factors {sorted(p)} of shapes "
+                               f"{[tuple(t.shape) for t in p.values()]} do not fit {e} experts of ({out_f}, {in_f}) "
+                               f"at r={r}; the adapter was made for another base model")
+        out[module, param] = (a.reshape(e, r, in_f), b.reshape(out_f, r, e).permute(2, 0, 1))
+    return out
+
+
 def load_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = False):
     """Import a PEFT LoRA folder onto a fresh base ``model`` as a leantune LoRA (in place); returns the method.
 
@@ -360,6 +448,7 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
         parts.setdefault(body[: -len(suffix)], {})[_PARTS[suffix]] = t
     if not parts:
         raise AdapterError(f"{source}: {WEIGHTS_NAME} holds no LoRA tensors")
+    expert_parts = _expert_parts(model, cfg, parts, source)
 
     anat = anatomy(model)
     roles = {name: role for name, role, _i, _m in anat.linears("all-linear")}
@@ -391,15 +480,25 @@ def load_peft(model: nn.Module, directory: str | os.PathLike, trainable: bool = 
     alpha_default = cfg.get("lora_alpha", 8)
     rank = {n: int(p["A"].shape[0]) for n, p in parts.items()}
     alpha = {n: float(_pattern_value(cfg.get("alpha_pattern"), n, alpha_default)) for n in parts}
-    top = max(rank.values())
-    our_alpha = _most_common([alpha[n] for n in parts if rank[n] == top])
+    expert_rank = int(cfg.get("r", 8))
+    top = max([*rank.values(), *([expert_rank] if expert_parts else [])])
+    our_alpha = _most_common([alpha[n] for n in parts if rank[n] == top] or [float(alpha_default)])
     config = LoraConfig(
         r=top, alpha=our_alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rslora=rslora, dora=dora,
         targets=",".join(r for r in (*LINEAR_ROLES, *FUSED_ROLES) if r in {roles[n] for n in parts}),
+        experts=bool(expert_parts),
     )
     method = Lora(config).apply(model)
     ours = scale(our_alpha, top)
     state = {}
+    with torch.no_grad():
+        for name, attr, _mod, pair in method._expert_pairs():
+            a, b = torch.zeros_like(pair.A), torch.zeros_like(pair.B)
+            if (name, attr) in expert_parts:
+                pa, pb = expert_parts[name, attr]
+                a[:, :expert_rank] = pa
+                b[:, :, :expert_rank] = pb.to(b.dtype) * (scale(float(alpha_default), expert_rank) / ours)
+            state[f"{name}.{attr}.lora_A"], state[f"{name}.{attr}.lora_B"] = a, b
     with torch.no_grad():
         for name, mod in method.layers.items():
             lora = mod.lora

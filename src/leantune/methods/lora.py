@@ -51,10 +51,11 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"lora: r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
-        try:
-            resolve_roles(self.targets)
-        except ValueError as e:
-            raise ConfigError(f"lora: {e}") from None
+        if self.targets or not self.experts:  # experts=true may adapt the expert parameters alone (targets="")
+            try:
+                resolve_roles(self.targets)
+            except ValueError as e:
+                raise ConfigError(f"lora: {e}") from None
 
     @property
     def scale(self) -> float:
@@ -202,7 +203,7 @@ class Lora(AttachedMethod):
         self._start()
         self.experts: dict[str, nn.Module] = {}  # experts module name -> module carrying lora_<param> pairs
         self._expert_hooks = []
-        targets = anat.linears(cfg.targets)
+        targets = anat.linears(cfg.targets) if cfg.targets else []
         if not targets and not cfg.experts:
             raise ValueError(f"lora: no layers for targets {cfg.targets!r} in this {anat.model_type} model")
         for name, _role, _i, mod in targets:
@@ -302,11 +303,10 @@ class Lora(AttachedMethod):
 
     def lora_factors(self) -> dict:
         cfg = self.config
-        if self.experts:
-            raise ValueError("lora: the expert pairs (experts=true) have no PEFT folder form in leantune yet; "
-                             "export --format merged, or save the leantune adapter")
         return {
             "modules": {n: (m.lora.A.data, m.lora.B.data) for n, m in self.layers.items()},
+            # expert pairs, as PEFT's target_parameters: "<experts module>.<parameter>" -> (A [E, r, in], B [E, out, r])
+            "parameters": {f"{n}.{attr}": (pair.A.data, pair.B.data) for n, attr, _m, pair in self._expert_pairs()},
             "alpha": cfg.alpha,
             "use_rslora": cfg.rslora,
             "magnitudes": {n: m.lora.magnitude.data for n, m in self.layers.items()} if cfg.dora else None,
