@@ -51,7 +51,7 @@ def wide_layer(runs: int, width: int = 4096, r: int = 16, conv1d: bool = False) 
     adapters = []
     for seed in (1, 2):
         g = torch.Generator().manual_seed(seed)
-        s = S2FTSlice("in", k, 1, width, 0, w2d)
+        s = S2FTSlice("in", k, torch.arange(width).unsqueeze(1), w2d)  # one column per unit
         s.set_indices(torch.sort(torch.randperm(width, generator=g)[:k]).values)
         s.delta.normal_(generator=g)
         adapters.append(s)

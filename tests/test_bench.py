@@ -322,7 +322,7 @@ def test_unknown_methods_are_refused_with_the_list():
 
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         resolve_runs(["full", "nope"])
-    with pytest.raises(ValueError, match="LoRA only"):
+    with pytest.raises(ValueError, match="not a PEFT type"):  # peft:<type> is the PEFT bridge
         resolve_runs(["peft:bitfit"])
     with pytest.raises(ValueError, match="twice"):
         resolve_runs(["lora", "lora"])
@@ -378,7 +378,7 @@ def test_report_checks_flag_a_lora_slower_than_peft(tmp_path):
 # -- end to end ---------------------------------------------------------------------------------------------
 
 
-RUN_KEYS = {"method", "impl", "config", "trainable_params", "changed_params", "adapter_bytes", "memory",
+RUN_KEYS = {"method", "impl", "label", "config", "trainable_params", "changed_params", "adapter_bytes", "memory",
             "train_flops_per_step", "train_flops", "seed", "lr", "step_time_s", "tokens_per_s", "infer", "quality"}
 
 
@@ -398,8 +398,9 @@ def test_tiny_bench_end_to_end_writes_the_schema(tmp_path):
     assert res["bench_version"] == 1 and res["task"] == "builtin:arith"
     assert {"name", "params", "accuracy"} <= set(res["base"])
     assert res["efficiency_model"]["hidden"] == 32 and res["efficiency_model"]["params"] > 0
-    assert [(r["method"], r["impl"], r["seed"]) for r in res["runs"]] == [
-        ("full", "leantune", 0), ("full", "leantune", 1), ("lora", "leantune", 0), ("lora", "leantune", 1)]
+    assert [(r["method"], r["impl"], r["label"], r["seed"]) for r in res["runs"]] == [
+        ("full", "leantune", "full", 0), ("full", "leantune", "full", 1), ("lora", "leantune", "lora", 0),
+        ("lora", "leantune", "lora", 1)]
     assert res["budget"]["seeds"] == [0, 1]
     for r in res["runs"]:
         assert set(r) == RUN_KEYS

@@ -1,5 +1,5 @@
 """S²FT: gradients against the full-weight gradient, saved-for-backward bytes, budget and selection, merge /
-unmerge / switch / fuse exactness, save/load, and the LoRA / PEFT export."""
+unmerge / fuse exactness (the switch: tests/test_bank.py), save/load, and the LoRA / PEFT export."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import leantune
 from leantune.anatomy import anatomy, in_out_features, is_conv1d, weight_2d
 from leantune.methods import fused
 from leantune.methods.base import ConfigError
-from leantune.methods.s2ft import S2FT, S2FTConfig, fuse, switch
+from leantune.methods.s2ft import S2FT, S2FTConfig, fuse
 
 MODELS = ["builtin:tiny-llama", "builtin:tiny-gpt2", "builtin:tiny-bert"]
 
@@ -487,22 +487,6 @@ def dense_deltas(model_weights, state, weight=1.0):
 
 def dense_merge(model_weights, deltas):
     return {n: w + deltas[n] if n in deltas else w.clone() for n, w in model_weights.items()}
-
-
-def test_switch_is_exact_and_unmerge_returns_the_base():
-    a, b = make_adapter(1), make_adapter(2)
-    model = base()
-    w0 = weights(model)
-    method = leantune.apply(model, "s2ft", budget="count", heads=1, channels=6)
-    method.load_state(a)
-    method.merge()
-    switch(model, b)
-    want = dense_merge(w0, dense_deltas(w0, b))
-    assert all(torch.equal(p, want[n]) for n, p in weights(model).items())
-    assert method.selected_units() == leantune.apply(base(), "s2ft", budget="count", heads=1, channels=6,
-                                                     seed=2).selected_units()
-    method.unmerge()
-    assert all(torch.equal(p, w0[n]) for n, p in weights(model).items())
 
 
 def test_fuse_is_the_weighted_sum_of_the_deltas():

@@ -650,9 +650,9 @@ def _kv_heads_from_weights(blocks: list[Block], layout: str, n_heads: int, head_
         return None
     b = blocks[0]
     if "k" in b.linears:
-        return weight_2d(b.linears["k"]).shape[0] // head_dim
+        return in_out_features(b.linears["k"])[1] // head_dim
     if "qkv" in b.linears:
-        rows = weight_2d(b.linears["qkv"]).shape[0]
+        rows = in_out_features(b.linears["qkv"])[1]
         return n_heads if layout == "per_head" else (rows // head_dim - n_heads) // 2
     return None
 
@@ -678,6 +678,9 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: block {i} has no module at {path!r} (role {role!r})"
                 )
+            inner = getattr(mod, "base_layer", None)  # a layer wrapped in place by PEFT (the bridge): its original
+            if not (isinstance(mod, nn.Linear) or is_conv1d(mod)) and (isinstance(inner, nn.Linear) or is_conv1d(inner)):
+                mod = inner
             if not (isinstance(mod, nn.Linear) or is_conv1d(mod)):
                 raise UnsupportedModelError(
                     f"model_type {config.model_type!r}: {path!r} (role {role!r}) is a {type(mod).__name__}, not a "
@@ -781,10 +784,32 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def weight_2d(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), a view for Conv1D."""
+    """The weight as (out, in), a view for Conv1D; a quantized layer's dequantized (a new tensor, no view)."""
+    if is_quantized_layer(module):
+        return dequantized_weight(module)
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
+    if is_quantized_layer(module):  # packed storage: the layer knows its shape
+        return module.in_features, module.out_features
     out_f, in_f = weight_2d(module).shape
     return in_f, out_f
+
+
+def is_quantized_layer(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear layer (leantune.quant) whose weight is stored quantized."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ in ("Linear4bit", "Linear8bitLt") and isinstance(w, torch.Tensor)
+            and not w.is_floating_point())
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A quantized layer's weight as (out, in) floats, in the dtype it was quantized from (4-bit) or float32 (int8)."""
+    import bitsandbytes.functional as bnbf  # only reached with a quantized layer, so bitsandbytes is there
+
+    w = module.weight
+    if type(module).__name__ == "Linear8bitLt":  # the row scales move to the layer's state at its first forward
+        scb = w.SCB if getattr(w, "SCB", None) is not None else module.state.SCB
+        return bnbf.int8_vectorwise_dequant(w.data, scb)
+    return bnbf.dequantize_4bit(w.data, w.quant_state)

@@ -50,7 +50,7 @@ def load_recipe(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"recipe {str(path)!r} must be a mapping with model, method, task/data, train")
     known = {"model", "method", "task", "data", "train", "output_dir", "max_length", "adapter", "val_fraction", "packing",
-             "base_dtype"}
+             "base_dtype", "quantize"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"recipe {str(path)!r}: unknown key(s) {unknown}; known: {sorted(known)}")
@@ -60,6 +60,21 @@ def load_recipe(path: Path) -> dict:
     elif method is not None and (not isinstance(method, dict) or "name" not in method):
         raise ValueError(f"recipe {str(path)!r}: method must be a name or {{name: ..., options: {{...}}}}")
     return data
+
+
+def quantize_options(recipe, kind, double_quant, compute_dtype, quantize_head):
+    """``--quantize`` and its flags over a recipe's ``quantize`` (a type or a mapping): None when not quantized."""
+    from .quant import QuantizeConfig
+
+    base = QuantizeConfig.from_any(recipe)
+    fields = base.to_dict() if base is not None else {}
+    if kind is not None:
+        fields = {} if kind.strip().lower() in ("none", "no", "off") else {**fields, "type": kind.strip().lower()}
+    extra = {k: v for k, v in (("double_quant", double_quant), ("compute_dtype", compute_dtype),
+                               ("quantize_head", quantize_head)) if v is not None}
+    if extra and not fields:
+        raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in extra)} given without --quantize")
+    return {**fields, **extra} or None
 
 
 @app.command()
@@ -99,6 +114,14 @@ def train(
                                            "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto (the checkpoint's; fp16 -> fp32 on CPU) "
                                              "| fp32 | bf16 | fp16: how the frozen base loads"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8: the frozen base's linear "
+                                           "layers quantized with bitsandbytes (QLoRA); pip install 'leantune[quant]'"),
+    double_quant: Optional[bool] = typer.Option(None, "--double-quant/--no-double-quant", help="4-bit: quantize the "
+                                                "block scales too (default on)"),
+    quant_compute_dtype: Optional[str] = typer.Option(None, "--quant-compute-dtype", help="4-bit: auto (the base's "
+                                                      "dtype) | fp32 | bf16 | fp16"),
+    quantize_head: Optional[bool] = typer.Option(None, "--quantize-head/--no-quantize-head", help="the LM head too "
+                                                 "(default off)"),
 ):
     """Fine-tune MODEL with METHOD on a task or your data; writes the adapter to OUTPUT_DIR."""
     from .train.loop import TrainConfig
@@ -146,6 +169,8 @@ def train(
             val_fraction=val_fraction if val_fraction is not None else float(recipe.get("val_fraction", 0.1)),
             packing=packing if packing is not None else bool(recipe.get("packing", False)),
             save_merged=save_merged, base_dtype=base_dtype or recipe.get("base_dtype"),
+            quantize=quantize_options(recipe.get("quantize"), quantize, double_quant, quant_compute_dtype,
+                                      quantize_head),
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
@@ -164,13 +189,15 @@ def generate(
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8 | none: load the frozen "
+                                           "base quantized with bitsandbytes (default: as the adapter was trained)"),
 ):
     """Greedy generation from a base model, with an adapter if given."""
     from .pipeline import load_for_inference
 
     try:
         _use_family_specs(family_spec)
-        m, tok = load_for_inference(model, str(adapter) if adapter else None, base_dtype)
+        m, tok = load_for_inference(model, str(adapter) if adapter else None, base_dtype, quantize)
         from .data.evaluate import greedy_generate
 
         outs = greedy_generate(m, tok, list(prompt), max_new_tokens)
@@ -197,6 +224,8 @@ def evaluate(
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16 (default: as trained)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8 | none: load the frozen "
+                                           "base quantized with bitsandbytes (default: as the adapter was trained)"),
 ):
     """Greedy generation and exact match (whitespace-normalized), and the mean token loss, on one split."""
     from .pipeline import run_evaluation
@@ -206,7 +235,7 @@ def evaluate(
         res = run_evaluation(
             model_name=model, adapter=str(adapter) if adapter else None, task=task, data_path=data, split=split,
             limit=limit, max_new_tokens=max_new_tokens, max_length=max_length, seed=seed, val_fraction=val_fraction,
-            base_dtype=base_dtype,
+            base_dtype=base_dtype, quantize=quantize,
         )
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
@@ -227,13 +256,15 @@ def export(
                                            "leantune does not know (docs/models.md), repeatable"),
     target: str = typer.Option("peft", "--target", help="peft | vllm: with --format peft, a folder vLLM loads "
                                "(rank padded to one vLLM accepts, no DoRA) and the `vllm serve` line, or why not"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8 | none: load the frozen "
+                                           "base quantized with bitsandbytes (default: as the adapter was trained)"),
 ):
     """Write an adapter as a merged Hugging Face model folder or as a Hugging Face PEFT LoRA folder."""
     from .pipeline import export_adapter
 
     try:
         _use_family_specs(family_spec)
-        res = export_adapter(str(adapter), fmt, output_dir, model_name=model, target=target)
+        res = export_adapter(str(adapter), fmt, output_dir, model_name=model, target=target, quantize=quantize)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
         _fail(e.args[0] if e.args else str(e))
     typer.echo(json.dumps(res, indent=2))
@@ -285,7 +316,8 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="the demo: 1 seed, short budget (about 10 min on 2 CPU cores)"),
     base: Optional[str] = typer.Option(None, "--base", help="base model for quality (default builtin:base)"),
     task: Optional[str] = typer.Option(None, "--task", help="built-in task (default builtin:world)"),
-    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft"),
+    methods_: Optional[str] = typer.Option(None, "--methods", help="comma list, e.g. full,lora,peft:lora,s2ft "
+                                            "(peft:<type>: any PEFT type, e.g. peft:loha)"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="optimizer steps per quality run"),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="seeds per method (quick: 1, default: 3)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
@@ -297,25 +329,128 @@ def bench(
     keep_adapters: bool = typer.Option(False, "--keep-adapters", help="keep the trained adapters under work/"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads in each job"),
     default_lrs: bool = typer.Option(False, "--default-lrs", help="each method's own default LR, also on builtin:base"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8: also a row on a quantized "
+                                           "base for each method that trains on one (or name rows lora+nf4)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
+    suite: Optional[str] = typer.Option(None, "--suite", help="survey: the survey's 16 configurations + BitFit, "
+                                        "S2FT, LISA, Light-PEFT (20 rows); with --quick one task, else all three"),
 ):
     """Methods head to head on one base, task and budget: quality, memory, FLOPs, time, inference overhead."""
     from .measure.bench import JobFailed, config_from_options, run_bench
 
     try:
         _use_family_specs(family_spec)
+        preset = None
+        if suite:
+            from .measure.suite import suite_config
+
+            preset = suite_config(suite, quick=quick)
         cfg = config_from_options(
             quick=quick, base=base, task=task, methods=methods_, max_steps=max_steps, seeds=seeds,
             batch_size=batch_size, eval_samples=eval_samples, output_dir=str(output_dir) if output_dir else None,
             sweep=sweep, efficiency_model=efficiency_model, timing_rounds=timing_rounds,
-            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs,
+            keep_adapters=keep_adapters, threads=threads, default_lrs=default_lrs, preset=preset, quantize=quantize,
         )
         _, failed = run_bench(cfg)
     except (ValueError, KeyError, JobFailed) as e:
         _fail(e.args[0] if e.args else str(e))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", "-m", help="the base model every adapter was trained on"),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=PATH: an adapter folder served as NAME, repeatable"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="the most tokens one request may generate"),
+    max_prompt_tokens: int = typer.Option(1024, "--max-prompt-tokens", help="the longest prompt, in tokens"),
+    queue_size: int = typer.Option(256, "--queue-size", help="requests waiting or running; more get 429"),
+    request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds from arrival to the last token"),
+    max_batch: int = typer.Option(32, "--max-batch", help="rows decoded together in one step"),
+    admin_token_env: Optional[str] = typer.Option(None, "--admin-token-env", help="name of an environment variable "
+                                                  "holding the admin token; turns on POST/DELETE /admin/adapters"),
+    base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16"),
+):
+    """An OpenAI-compatible server: the base and every adapter, requests batched together (docs/serving.md)."""
+    import os
+
+    from .serve.server import require_serve_extra
+
+    try:
+        require_serve_extra()
+    except ImportError as e:
+        _fail(str(e))
+    from .serve.engine import Limits
+    from .serve.server import create_app, load_bank, parse_adapters, run
+
+    token = None
+    if admin_token_env:
+        token = os.environ.get(admin_token_env)
+        if not token:
+            _fail(f"--admin-token-env {admin_token_env}: that environment variable is empty or unset")
+    try:
+        limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(64, max_new_tokens),
+                        max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
+                        request_timeout_s=request_timeout, max_batch=max_batch)
+        bank, tok = load_bank(model, parse_adapters(adapter), base_dtype)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    run(create_app(bank, tok, limits, admin_token=token, base_name=model), host=host, port=port)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option(..., "--model", "-m", help="hub id, local folder, config.json, builtin:NAME or "
+                              "builtin:efficiency (no weights are read)"),
+    method: Optional[str] = typer.Option(None, "--method", help="a method name (see `leantune methods`)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option key=value, repeatable"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    seq_len: int = typer.Option(512, "--seq-len", "--max-length", help="tokens per example"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no | bf16 | fp16"),
+    base_dtype: str = typer.Option("auto", "--base-dtype", help="auto (the config's) | fp32 | bf16 | fp16"),
+    distributed: str = typer.Option("no", "--distributed", help="no | ddp | fsdp"),
+    world_size: int = typer.Option(1, "--world-size", help="processes (with --distributed)"),
+    device: str = typer.Option("cuda", "--device", help="cuda (default) or cpu: what to plan for"),
+    device_memory: Optional[str] = typer.Option(None, "--device-memory", help="e.g. 24GB: what fits, per method"),
+    prune_plan: Optional[Path] = typer.Option(None, "--prune-plan", help="a finished Light-PEFT run's adapter "
+                                              "folder: plan its real prune instead of the bound"),
+    compare: bool = typer.Option(False, "--compare", help="every method side by side (and a plot with --plot)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="with --compare: peak memory vs sequence length, PNG"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output (bytes)"),
+):
+    """Training memory per method from the model's config alone: weights, gradients, optimizer state, saved
+    activations and the step's peak, traced with fake tensors (nothing is allocated)."""
+    from .measure import plan as planner
+    from .measure.plan_report import plot_peaks, render
+
+    try:
+        settings = planner.PlanSettings(
+            batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
+            mixed_precision=mixed_precision, base_dtype=base_dtype, device=device, distributed=distributed,
+            world_size=world_size)
+        budget = planner.parse_bytes(device_memory) if device_memory else None
+        options = parse_options(option)
+        if not compare and not method:
+            raise ValueError("give --method NAME, or --compare for every method")
+        if plot is not None and not compare:
+            raise ValueError("--plot draws every method: use it with --compare")
+        progress = None if as_json else (lambda name: typer.echo(f"planning {name} ...", err=True))
+        if compare:
+            methods_ = [method] if method else None
+            plans = planner.compare_methods(model, settings, methods_, options, budget, progress=progress)
+        else:
+            pp = planner.prune_plan_from(prune_plan) if prune_plan else None
+            plans = [planner.plan_method(model, method, options, settings, prune_plan=pp, device_memory=budget)]
+        if plot is not None:
+            plot_peaks(model, settings, plans, plot)
+    except (ValueError, KeyError, RuntimeError) as e:
+        _fail(e.args[0] if e.args else str(e))
+    typer.echo(render(model, settings, plans, budget, as_json=as_json))
 
 
 base_app = typer.Typer(no_args_is_help=True, help="The built-in pretrained base model (builtin:base).")

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .quant import dequantize_model_, quantization_of
+
 
 def check_plain_architecture(model: nn.Module) -> None:
     """Raise unless ``model`` has exactly the tensors a fresh model of its class builds from its config, so that
@@ -49,9 +51,17 @@ def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> di
         raise ValueError("this model carries no leantune method: load or apply one first")
     directory = Path(directory)
     empty_output(directory)
+    quant = quantization_of(model)
+    if quant is not None:
+        # never a silently re-quantized merge: the weights the adapter was trained against (dequantized), in the
+        # dtype the base was quantized from, take the fine-tune; the folder is a full-precision model
+        n = dequantize_model_(model)
+        note = (f"the base was {quant.type}-quantized: its {n} quantized layers were dequantized (the weights the "
+                "adapter trained against) to the base's full-precision dtype and the fine-tune merged into them; "
+                "the folder is a full-precision model, not re-quantized (quantize it again when loading if wanted)")
     own = method.save_merged(directory, tokenizer)
     if own is not None:
-        return {"output_dir": str(directory), **own}
+        return {"output_dir": str(directory), **own, **({"quantization_note": note} if quant is not None else {})}
     try:
         plain = method.merge_and_unload()
     except NotImplementedError as e:
@@ -62,4 +72,5 @@ def save_merged(model: nn.Module, tokenizer, directory: str | os.PathLike) -> di
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     return {"output_dir": str(directory), "kind": "huggingface",
-            "reason": "the merged weights fit the model's own config: transformers loads the folder by itself"}
+            "reason": "the merged weights fit the model's own config: transformers loads the folder by itself",
+            **({"quantization_note": note} if quant is not None else {})}

@@ -69,12 +69,21 @@ FINGERPRINT_VALUES = 32  # values per sampled matrix
 FINGERPRINT_MAX_DIFFERING = 0.25  # share of sampled values allowed to differ at the coarser precision
 
 
+UNQUANTIZED_FINGERPRINT = "leantune_unquantized_fingerprint"  # set by leantune.quant before it converts a base
+
+
 def fingerprint(model: nn.Module) -> dict:
     """Architecture, parameter shapes and 256 weight values (with their dtype): enough to tell one base model
     from another, also a sibling checkpoint of the same architecture (an instruct tune of the same base).
 
     Values are stored exactly and compared at the coarser of the two dtypes (:func:`check_fingerprint`), so the
-    same base stored in bf16 or fp32 matches while one whose weights moved by 0.5 % does not."""
+    same base stored in bf16 or fp32 matches while one whose weights moved by 0.5 % does not.
+
+    A quantized base (leantune.quant) answers with the fingerprint its full-precision weights had before conversion,
+    so an adapter made on it also loads on the unquantized base, and the other way round."""
+    stored = model.__dict__.get(UNQUANTIZED_FINGERPRINT)
+    if stored is not None:
+        return json.loads(json.dumps(stored))  # a copy
     params = dict(model.named_parameters(remove_duplicate=True))
     shapes = sorted((n, list(p.shape)) for n, p in params.items())
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
@@ -116,6 +125,9 @@ def check_fingerprint(expected: dict, model: nn.Module, source: str, base_name: 
                 f"{got.get(key)!r} in this model ({got['architecture']}). Load it onto the base it was trained on."
             )
     params = dict(model.named_parameters(remove_duplicate=True))
+    if UNQUANTIZED_FINGERPRINT in model.__dict__:  # a quantized base: compare with its weights before conversion
+        params = {n: torch.tensor(v, dtype=getattr(torch, got["sample_dtypes"][n]))
+                  for n, v in got["sample"].items()}
     old_format = "sample_dtypes" not in expected  # written before 0.1.0's exact samples: a loose tolerance
     differing, total, first = 0, 0, None
     for name, values in expected.get("sample", {}).items():

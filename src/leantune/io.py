@@ -43,9 +43,12 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         raise ValueError("this model carries no leantune method: call leantune.apply(model, ...) first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / WEIGHTS_NAME
     tensors = method.state() if state is None else state
-    atomic_save_tensors(tensors, weights, metadata={"format": "pt", "leantune_method": method.name})
+    if method.peft_native:  # PEFT's own files; leantune.json (written last) names and checksums the weights
+        weights = directory / method.write_peft_files(directory, tensors)
+    else:
+        weights = directory / WEIGHTS_NAME
+        atomic_save_tensors(tensors, weights, metadata={"format": "pt", "leantune_method": method.name})
     from .models import model_name
 
     meta = {
@@ -56,13 +59,22 @@ def save(model: nn.Module, directory: str | os.PathLike, extra: dict | None = No
         "capabilities": method.capabilities.to_dict(),
         "trainable_params": method.num_trainable(),
         "changed_params": method.num_changed(),
-        "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint},
-        "weights": {"file": WEIGHTS_NAME, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
+        "base": {"name": model_name(model), "dtype": _float_dtype(model), "fingerprint": method.base_fingerprint,
+                 **_quantization(model)},
+        "weights": {"file": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)},
     }
     if extra:
         meta.update(extra)
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=False) + "\n")
     return directory
+
+
+def _quantization(model: nn.Module) -> dict:
+    """``{"quantization": {...}}`` for a quantized base (eval, generate and export load it the same way)."""
+    from .quant import quantization_of
+
+    q = quantization_of(model)
+    return {"quantization": q.to_dict()} if q is not None else {}
 
 
 def _float_dtype(model: nn.Module) -> str | None:

@@ -144,15 +144,25 @@ def _pretrained_base(_vocab: int):
     return load_base()
 
 
+def _efficiency_model(_vocab: int):
+    from .measure.effmodel import EfficiencyModel  # the bench's default efficiency model, its own 2048 tokens
+
+    return EfficiencyModel().build()
+
+
+register_builtin_model("efficiency", _efficiency_model, "the bench's efficiency model: random-init 8-layer LLaMA, "
+                       "hidden 512, GQA 8q/2kv, vocabulary 2048 (what `leantune bench` measures memory on)")
 register_builtin_model("base", _pretrained_base, "pretrained 4-layer LLaMA (GQA 8q/2kv, ~3.3M params) on leantune's "
                        "synthetic corpus; shipped weights, rebuild with `leantune base build`")
 
 
-def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None):
+def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | None = None, quantize=None):
     """``(model, tokenizer)`` for ``builtin:NAME``, a local folder or a hub id.
 
     ``dtype`` (``--base-dtype``): ``"auto"``/None keeps the checkpoint's dtype (an fp16 one is upcast to fp32
-    when no GPU is present), ``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) loads the base in that dtype."""
+    when no GPU is present), ``"fp32"``/``"bf16"``/``"fp16"`` (or a torch dtype) loads the base in that dtype.
+    ``quantize`` (``--quantize``): ``"nf4"``/``"fp4"``/``"int8"`` or a dict of ``quant.QuantizeConfig`` fields
+    converts the frozen linear layers with bitsandbytes after loading (leantune/quant.py)."""
     dtype = base_dtype(dtype)
     if name.startswith(BUILTIN_PREFIX):
         key = name[len(BUILTIN_PREFIX):]
@@ -177,6 +187,10 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | 
         model = model.float()
     if device is not None:
         model = model.to(device)
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
     model.eval()
     return model, tokenizer
 

@@ -14,6 +14,7 @@ from .data.evaluate import eval_loss, generate_accuracy
 from .data.tasks import get_task
 from .models import load_model
 from .models import model_name as name_of
+from .quant import quantization_of
 from .train.loop import TrainConfig, seed_everything, train
 
 
@@ -42,9 +43,9 @@ def load_training_data(tokenizer, task: str | None, data_path: str | None, max_l
 def run_training(*, model_name: str, method_name: str | None, method_options: dict, task: str | None,
                  data_path: str | None, max_length: int, train_config: TrainConfig, eval_samples: int = 64,
                  adapter: str | None = None, val_fraction: float = 0.1, packing: bool = False,
-                 save_merged: bool = False, base_dtype: str | None = None) -> dict:
+                 save_merged: bool = False, base_dtype: str | None = None, quantize=None) -> dict:
     seed_everything(train_config.seed)  # the method's initial weights (LoRA's A) come from this seed
-    model, tokenizer = load_model(model_name, dtype=base_dtype)
+    model, tokenizer = load_model(model_name, dtype=base_dtype, quantize=quantize)
     if adapter:
         method = load_adapter(model, adapter, trainable=True)
         if method_name and method_name != method.name:
@@ -80,6 +81,7 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
     final_eval = next((r for r in reversed(result.history) if "eval_accuracy" in r), {})
     summary_counts = (method.num_trainable(), method.num_changed())
     merged = None
+    quant = quantization_of(model)  # before a merged export dequantizes the model
     if save_merged:
         if not result.output_dir:
             raise ValueError("--save-merged needs --output-dir (the merged model goes to OUTPUT_DIR/merged)")
@@ -102,6 +104,7 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
         "packed_rows": len(data) if packing else None,
         "seconds": round(time.perf_counter() - t0, 2),
         **({"merged": merged} if merged else {}),
+        **({"quantization": quant.to_dict()} if quant is not None else {}),
     }
 
 
@@ -114,9 +117,10 @@ def load_adapter(model, adapter: str, trainable: bool = False):
     return io.load(model, adapter, trainable=trainable)
 
 
-def load_for_inference(model_name: str | None, adapter: str | None, base_dtype: str | None = None):
+def load_for_inference(model_name: str | None, adapter: str | None, base_dtype: str | None = None, quantize=None):
     """The base (in ``base_dtype``; by default the dtype the adapter was trained on, else the checkpoint's) with
-    the adapter loaded, in eval mode."""
+    the adapter loaded, in eval mode. ``quantize``: None loads the base quantized the way the adapter was trained
+    (its leantune.json says), ``"none"`` in full precision, ``"nf4"``/``"fp4"``/``"int8"`` that way."""
     if model_name is None:
         if adapter is None:
             raise ValueError("give --model, or --adapter whose leantune.json names its base model")
@@ -125,9 +129,11 @@ def load_for_inference(model_name: str | None, adapter: str | None, base_dtype: 
         model_name = peft_base_name(adapter) if is_peft_folder(adapter) else (io.read_meta(adapter).get("base") or {}).get("name")
         if not model_name:
             raise ValueError(f"adapter {adapter!r} does not name its base model; give --model")
-    if base_dtype is None and adapter and not _is_peft(adapter):
-        base_dtype = (io.read_meta(adapter).get("base") or {}).get("dtype")
-    model, tokenizer = load_model(model_name, dtype=base_dtype)
+    if adapter and not _is_peft(adapter):
+        base = io.read_meta(adapter).get("base") or {}
+        base_dtype = base_dtype if base_dtype is not None else base.get("dtype")
+        quantize = quantize if quantize is not None else base.get("quantization")
+    model, tokenizer = load_model(model_name, dtype=base_dtype, quantize=quantize)
     if adapter:
         load_adapter(model, adapter)
     model.eval()
@@ -137,7 +143,7 @@ def load_for_inference(model_name: str | None, adapter: str | None, base_dtype: 
 def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | None, data_path: str | None,
                    split: str | None = None, limit: int | None = None, max_new_tokens: int | None = None,
                    max_length: int = 1024, seed: int = 0, val_fraction: float = 0.1,
-                   base_dtype: str | None = None) -> dict:
+                   base_dtype: str | None = None, quantize=None) -> dict:
     """``leantune eval``: greedy generation with exact match (whitespace-normalized) and the mean token loss on
     one split of a built-in task (default ``test``) or of your data (see ``data.files.split_rows``)."""
     from .anatomy import anatomy
@@ -146,7 +152,7 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
         raise ValueError("give exactly one of --task (a built-in task) or --data (your file or folder)")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
-    model, tokenizer = load_for_inference(model_name, adapter, base_dtype)
+    model, tokenizer = load_for_inference(model_name, adapter, base_dtype, quantize)
     if not anatomy(model).causal:
         raise ValueError(f"{name_of(model)!r} is an encoder; `leantune eval` generates text and needs a causal LM")
     if task:
@@ -178,6 +184,7 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
         "model": name_of(model),
         "adapter": adapter,
         "max_new_tokens": max_new,
+        **({"quantization": quantization_of(model).to_dict()} if quantization_of(model) is not None else {}),
         "examples": acc["examples"],
     }
 
@@ -192,7 +199,7 @@ EXPORT_FORMATS = ("merged", "peft")
 
 
 def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_name: str | None = None,
-                   target: str = "peft") -> dict:
+                   target: str = "peft", quantize=None) -> dict:
     """``leantune export``: load the base (``model_name``, default the one the adapter names) with the adapter and
     write ``fmt`` to ``output_dir``; returns a summary. ``target="vllm"`` (with ``fmt="peft"``): a folder vLLM
     loads (rank padded to one vLLM accepts, no DoRA) and the ``vllm serve`` line for it, or the reason it cannot."""
@@ -202,7 +209,7 @@ def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_
         raise ValueError(f"--target {target} applies to --format peft")
     out = Path(output_dir)
     export.empty_output(out)
-    model, tokenizer = load_for_inference(model_name, adapter)
+    model, tokenizer = load_for_inference(model_name, adapter, quantize=quantize)
     method = model.leantune_method
     name = method.name
     serve = {}
@@ -219,7 +226,7 @@ def export_adapter(adapter: str, fmt: str, output_dir: str | os.PathLike, model_
     else:
         merged = export.save_merged(model, tokenizer, out)
     return {
-        **({"kind": merged["kind"], "reason": merged["reason"]} if fmt == "merged" else {}),
+        **({k: merged[k] for k in ("kind", "reason", "quantization_note") if k in merged} if fmt == "merged" else {}),
         **serve,
         "format": fmt,
         "method": name,

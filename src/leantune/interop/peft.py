@@ -236,6 +236,11 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         raise ValueError("this model carries no leantune method: load or apply one first")
     if target not in ("peft", "vllm"):
         raise ValueError(f"unknown export target {target!r}; use peft or vllm")
+    if method.peft_native and target == "peft":  # its fine-tune already is a PEFT adapter: PEFT's own files
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        method.write_peft_files(directory, method.state())
+        return directory
     if target == "vllm":
         factors = vllm_factors(model)
         factors.pop("rank")

@@ -87,6 +87,9 @@ class BenchConfig:
     quality_threads: int | None = 1
     device: str | None = None
     quick: bool = False
+    suite: str | None = None  # "survey": the line-up of measure/suite.py (its rows come as ``entries``)
+    entries: list[dict] | None = None  # labelled runs (label, method, impl, options, lr_key) instead of ``methods``
+    tasks: list[str] | None = None  # several tasks: costs measured once, quality per task (None: ``task`` alone)
 
 
 def _schedule_ends(method: str, options: dict) -> bool:
@@ -108,49 +111,123 @@ def quick_config(**overrides) -> BenchConfig:
 
 
 def resolve_runs(names: list[str], strict: bool = True, lrs: dict[str, float] | None = None) -> tuple[list[dict], list[str]]:
-    """``["full", "lora", "peft:lora", ...]`` -> run dicts, and notes on names skipped (unregistered methods in
-    the default line-up, PEFT not installed). With ``strict`` an unknown name is an error. ``lrs``: a learning
-    rate per method name (None or missing: the method's default)."""
+    """``["full", "lora", "peft:lora", "peft:loha", ...]`` -> run dicts, and notes on names skipped (unregistered
+    methods in the default line-up, PEFT not installed). With ``strict`` an unknown name is an error. ``lrs``: a
+    learning rate per method name (None or missing: the method's default). ``peft:lora`` is the PEFT anchor
+    (method ``lora``, impl ``peft``); ``peft:<type>`` any other PEFT type through the bridge (method ``peft``)."""
+    entries = [entry_for_name(raw) for raw in names]
+    runs, notes, _missing = resolve_entries(entries, strict=strict, lrs=lrs)
+    return runs, notes
+
+
+def entry_for_name(raw: str) -> dict:
+    """One name of a ``--methods`` list -> a run entry: label (the name itself), method, impl, options."""
+    impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
+    if impl not in ("leantune", "peft"):
+        raise ValueError(f"method {raw!r}: the part before ':' names an implementation, leantune or peft")
+    method, _, quant = method.partition("+")  # "lora+nf4": on a quantized base
+    if quant:
+        _check_quantized_run(raw, impl, method, quant)
+        settings = BENCH_SETTINGS.get(method, {})
+        return {"label": raw, "method": method, "impl": impl, "options": dict(settings.get("options", {})),
+                "lr_key": method, "quantize": quant}
+    if impl == "peft" and method != "lora":  # any other PEFT type: the bridge, at PEFT's defaults for the type
+        return {"label": raw, "method": "peft", "impl": "peft", "options": {"peft_type": method.upper()},
+                "lr_key": "peft"}
+    settings = BENCH_SETTINGS.get(method, {})
+    return {"label": raw, "method": method, "impl": impl, "options": dict(settings.get("options", {})),
+            "lr_key": method}
+
+
+def run_key(label: str, method: str, impl: str) -> str:
+    """The key of a run's jobs and files: ``method@impl`` where the label is the method's plain name (as before
+    labels existed), else ``label@impl`` (``lora_qv@leantune``, ``peft_loha@peft``)."""
+    plain = label in (method, f"{impl}:{method}")
+    return f"{method if plain else label.replace(':', '_')}@{impl}"
+
+
+def resolve_entries(entries: list[dict], strict: bool = True, lrs: dict[str, float] | None = None,
+                    ) -> tuple[list[dict], list[str], list[dict]]:
+    """Run entries (label, method, impl, options, lr_key) -> (run dicts, notes, entries not available in this
+    install, each with a ``reason``). With ``strict`` an unavailable one is an error instead."""
     from ..methods import get_method
 
-    runs, notes = [], []
-    for raw in names:
-        impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
-        if impl not in ("leantune", "peft"):
-            raise ValueError(f"method {raw!r}: the part before ':' names an implementation, leantune or peft")
+    runs, notes, missing = [], [], []
+    for entry in entries:
+        label, method, impl = entry["label"], entry["method"], entry["impl"]
+        reason = None
         if impl == "peft":
-            if method != "lora":
-                raise ValueError(f"method {raw!r}: the PEFT anchor is LoRA only ('peft:lora')")
             try:
                 import peft  # noqa: F401
             except ImportError:
                 if strict:
-                    raise ValueError("peft:lora needs Hugging Face peft: pip install 'leantune[interop]'") from None
-                notes.append("peft:lora skipped: peft is not installed")
-                continue
-        else:
+                    raise ValueError(f"{label} needs Hugging Face peft: pip install 'leantune[interop]'") from None
+                reason = "peft is not installed"
+        if impl == "peft" and method not in ("lora", "peft"):
+            raise ValueError(f"method {label!r}: the PEFT anchor is LoRA only ('peft:lora')")
+        if impl == "leantune" or method == "peft":
             try:
                 get_method(method)
             except KeyError as e:
                 if strict:
                     raise ValueError(e.args[0]) from None
-                notes.append(f"{method} skipped: not registered in this install")
-                continue
-        settings = BENCH_SETTINGS.get(method, {})
-        options = dict(settings.get("options", {}))
-        runs.append({"key": f"{method}@{impl}", "method": method, "impl": impl, "lr": (lrs or {}).get(method),
-                     "options": options, "settle": impl == "leantune" and _schedule_ends(method, options)})
-    keys = [r["key"] for r in runs]
-    dup = sorted({k for k in keys if keys.count(k) > 1})
-    if dup:
-        raise ValueError(f"methods listed twice: {dup}")
-    if not runs:
-        raise ValueError(f"no method to run from {names!r}; see `leantune methods`")
-    return runs, notes
+                reason = reason or "not registered in this install"
+        if reason is not None:
+            notes.append(f"{label} skipped: {reason}")
+            missing.append({**entry, "reason": reason})
+            continue
+        options = dict(entry.get("options", {}))
+        if method == "peft":
+            try:
+                get_method("peft").config_cls.from_dict(options, method="peft")
+            except ValueError as e:
+                raise ValueError(f"method {label!r}: {e}") from None
+        runs.append({"key": run_key(label, method, impl), "label": label, "method": method, "impl": impl,
+                     "lr": (lrs or {}).get(entry.get("lr_key", method)), "options": options,
+                     "quantize": entry.get("quantize"),
+                     "settle": impl == "leantune" and _schedule_ends(method, options)})
+    for what in ("key", "label"):
+        seen = [r[what] for r in runs]
+        dup = sorted({k for k in seen if seen.count(k) > 1})
+        if dup:
+            raise ValueError(f"methods listed twice: {dup}")
+    if not runs and not missing:
+        raise ValueError(f"no method to run from {[e['label'] for e in entries]!r}; see `leantune methods`")
+    return runs, notes, missing
+
+
+def _check_quantized_run(raw: str, impl: str, method: str, quant: str) -> None:
+    from ..methods import get_method
+    from ..quant import QUANT_TYPES
+
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"method {raw!r}: after '+' comes a quantization, one of {', '.join(QUANT_TYPES)}")
+    if impl != "leantune":
+        raise ValueError(f"method {raw!r}: quantized rows run leantune's methods only")
+    caps = get_method(method)().capabilities
+    if not caps.quantized_base:
+        raise ValueError(f"method {raw!r}: {method} does not train on a quantized base: {caps.quantized_refusal}")
+
+
+def quantized_names(names: list[str], quant: str) -> list[str]:
+    """``--quantize nf4``: after each leantune method that trains on a quantized base, its ``+nf4`` row."""
+    from ..methods import get_method
+
+    out = []
+    for raw in names:
+        out.append(raw)
+        impl, _, method = raw.rpartition(":") if ":" in raw else ("leantune", "", raw)
+        try:
+            supported = impl == "leantune" and "+" not in method and get_method(method)().capabilities.quantized_base
+        except KeyError:  # not registered: resolve_runs says so
+            supported = False
+        if supported:
+            out.append(f"{raw}+{quant}")
+    return out
 
 
 def method_class(run: dict):
-    if run["impl"] == "peft":
+    if run["impl"] == "peft" and run["method"] == "lora":
         from .peft_anchor import PeftLora
 
         return PeftLora
@@ -302,17 +379,17 @@ def run_job(job: str, spec: dict, work: Path, name: str, progress: Progress, tot
 # -- the bench ----------------------------------------------------------------------------------------------
 
 
-def _estimates(cfg: BenchConfig, runs: list[dict]) -> list[tuple[str, float]]:
+def _estimates(cfg: BenchConfig, runs: list[dict], n_tasks: int = 1) -> list[tuple[str, float]]:
     """Rough seconds per job on a 2-core CPU; rescaled as jobs finish."""
     b = cfg.budget
     n_lr = len(SWEEP_FACTORS) if cfg.sweep else 1
-    jobs = [("base", 20.0)]
+    jobs = [("base", 20.0)] * n_tasks
     for run in runs:
         jobs.append(("efficiency", 15.0 + (40.0 if run["settle"] else 0.0)))
     t = cfg.timing
     turns, infer_turns = t.warmup_rounds + t.rounds, t.infer_warmup_rounds + t.infer_rounds
     jobs.append(("timing", 10.0 + len(runs) * (2 * 1.3 * turns + 2 * 0.8 * infer_turns)))  # two runs per turn
-    for _run in runs:
+    for _run in runs * n_tasks:
         for _ in range(b.seeds - 1 + n_lr):
             jobs.append(("quality", 15.0 + 0.12 * b.max_steps))
     return jobs
@@ -320,17 +397,25 @@ def _estimates(cfg: BenchConfig, runs: list[dict]) -> list[tuple[str, float]]:
 
 def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
     """Run the whole bench; write results.json, results.md and plots into ``cfg.output_dir``. Returns the
-    results and the failed jobs ({run key: error}); a failed job leaves its method out and the rest goes on."""
+    results and the failed jobs ({run key: error}); a failed job leaves its method out and the rest goes on.
+    With several ``tasks`` the costs are measured once and each task's quality, report and plots go to a folder of
+    its own; the top folder gets the ranking per task and by mean accuracy (report.write_suite_summary), and the
+    returned results are ``{task: results}``."""
     out = Path(cfg.output_dir)
     work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
     lrs = TUNED_LRS.get(cfg.base) if cfg.tuned_lrs else None
-    runs, notes = resolve_runs(cfg.methods, strict=cfg.methods != DEFAULT_METHODS, lrs=lrs)
+    if cfg.entries is not None:  # labelled rows (a suite): one not available in this install is a row saying so
+        runs, notes, missing = resolve_entries(cfg.entries, strict=False, lrs=lrs)
+    else:
+        runs, notes = resolve_runs(cfg.methods, strict=cfg.methods != DEFAULT_METHODS, lrs=lrs)
+        missing = []
+    tasks = list(cfg.tasks or [cfg.task])
     b = cfg.budget
     if b.seeds < 1 or b.max_steps < 1:
         raise ValueError(f"bench: seeds and max_steps must be >= 1 (got seeds={b.seeds}, max_steps={b.max_steps})")
     stream = stream or sys.stdout
-    progress = Progress(_estimates(cfg, runs), stream)
+    progress = Progress(_estimates(cfg, runs, len(tasks)), stream)
     common = {"threads": cfg.threads, "device": cfg.device}
     quality_common = {**common, "threads": cfg.threads or cfg.quality_threads}
     t_start = time.perf_counter()
@@ -344,12 +429,14 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
             progress.finish(" · FAILED (see results.md)")
             return None
 
-    # 1. the untuned base on the task (in this process: it measures nothing but accuracy and loss)
-    progress.start("base", f"base {cfg.base} on {cfg.task}")
+    # 1. the untuned base on each task (in this process: it measures nothing but accuracy and loss)
     from .run import job_base
 
-    base = job_base({**quality_common, "base": cfg.base, "task": cfg.task, "eval_samples": b.eval_samples})
-    progress.finish(f" · accuracy {base['accuracy']:.3f}")
+    bases = {}
+    for task in tasks:
+        progress.start("base", f"base {cfg.base} on {task}")
+        bases[task] = job_base({**quality_common, "base": cfg.base, "task": task, "eval_samples": b.eval_samples})
+        progress.finish(f" · accuracy {bases[task]['accuracy']:.3f}")
 
     # 2. efficiency: one fresh process per method
     eff_spec = asdict(cfg.efficiency_model)
@@ -378,7 +465,43 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
     if not cfg.keep_adapters:
         shutil.rmtree(work / "efficiency", ignore_errors=True)
 
-    # 4. quality: one fresh process per method and seed (and LR, with --sweep)
+    # 4. quality: one fresh process per method, task and seed (and LR, with --sweep)
+    per_task, dirs = {}, {}
+    for task in tasks:
+        task_out = out if len(tasks) == 1 else out / task.removeprefix("builtin:").replace(":", "_").replace("/", "_")
+        task_out.mkdir(parents=True, exist_ok=True)
+        sub = "" if len(tasks) == 1 else f"{task_out.name}-"
+        quality = _quality_runs(cfg, runs, task, quality_common, work, task_out, sub, progress, failed, attempt)
+        task_cfg = replace(cfg, task=task)
+        results = assemble(task_cfg, runs, bases[task], eff, timing, quality, missing)
+        (task_out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        from .report import write_plots, write_report
+
+        plots = write_plots(results, task_out)
+        write_report(results, task_out, plots=plots, notes=notes, failed=failed,
+                     wall_s=(time.perf_counter() - t_start) if len(tasks) == 1 else None)
+        per_task[task], dirs[task] = results, task_out.relative_to(out).as_posix()
+    if not cfg.keep_adapters:
+        shutil.rmtree(work / "train", ignore_errors=True)
+    wall = time.perf_counter() - t_start
+    if len(tasks) > 1:
+        from .report import write_suite_summary
+
+        write_suite_summary(cfg.suite or "bench", per_task, dirs, out, missing, wall_s=wall)
+    stream.write(f"\nbench finished in {_fmt_s(wall)}: {out / 'results.json'}, {out / 'results.md'}"
+                 + (f" ({len(tasks)} tasks, one folder each)" if len(tasks) > 1 else "") + "\n")
+    if failed:
+        stream.write(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))} (details in results.md)\n")
+    if missing:
+        stream.write(f"{len(missing)} row(s) not available in this build: "
+                     f"{', '.join(m['label'] for m in missing)}\n")
+    stream.flush()
+    return (per_task[tasks[0]] if len(tasks) == 1 else per_task), failed
+
+
+def _quality_runs(cfg, runs, task, quality_common, work, task_out, sub, progress, failed, attempt) -> dict:
+    """Quality runs of every method on one task: {(key, seed): result}."""
+    b = cfg.budget
     quality: dict[tuple[str, int], dict] = {}
     for run in runs:
         key = run["key"]
@@ -390,10 +513,10 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
         chosen, sweep_log = run_lr, []  # seeds after the first train at the LR the sweep picked (or the run's)
         for seed in range(b.seeds):
             for lr in (lrs if seed == 0 else [chosen]):
-                label = f"quality {_label(run)} seed {seed} lr {lr:.2g}"
+                label = f"quality {_label(run)}{' on ' + task if sub else ''} seed {seed} lr {lr:.2g}"
                 progress.start("quality", label)
-                train_dir = work / "train" / f"{key}-s{seed}" / f"lr{lr:.3g}"
-                spec = {**quality_common, "run": run, "base": cfg.base, "task": cfg.task, "seed": seed, "lr": lr,
+                train_dir = work / "train" / f"{sub}{key}-s{seed}" / f"lr{lr:.3g}"
+                spec = {**quality_common, "run": run, "base": cfg.base, "task": task, "seed": seed, "lr": lr,
                         "budget": asdict(b), "eval_samples": b.eval_samples, "val_examples": val,
                         "train_dir": str(train_dir)}
                 res = attempt(key, lambda spec=spec, name=train_dir.relative_to(work).as_posix().replace("/", "-"):
@@ -412,33 +535,20 @@ def run_bench(cfg: BenchConfig, stream=None) -> tuple[dict, dict[str, str]]:
                 best = max(sweep_log, key=lambda s: (s["val_accuracy"], -s["final_loss"]))
                 chosen = best["lr"]
                 quality[(key, 0)] = best["result"]
-                (out / "sweep").mkdir(exist_ok=True)
-                (out / "sweep" / f"{key}.json").write_text(json.dumps(
+                (task_out / "sweep").mkdir(exist_ok=True)
+                (task_out / "sweep" / f"{key}.json").write_text(json.dumps(
                     [{k: v for k, v in s.items() if k != "result"} for s in sweep_log], indent=1))
-    if not cfg.keep_adapters:
-        shutil.rmtree(work / "train", ignore_errors=True)
-
-    results = assemble(cfg, runs, base, eff, timing, quality)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    from .report import write_plots, write_report
-
-    wall = time.perf_counter() - t_start
-    plots = write_plots(results, out)
-    write_report(results, out, plots=plots, notes=notes, failed=failed, wall_s=wall)
-    stream.write(f"\nbench finished in {_fmt_s(wall)}: {out / 'results.json'}, {out / 'results.md'}"
-                 + (f", {len(plots)} plots" if plots else "") + "\n")
-    if failed:
-        stream.write(f"{len(failed)} job(s) failed: {', '.join(sorted(failed))} (details in results.md)\n")
-    stream.flush()
-    return results, failed
+    return quality
 
 
 def _label(run: dict) -> str:
-    return f"{run['method']} ({run['impl']})"
+    plain = run.get("label", run["method"]) in (run["method"], f"{run['impl']}:{run['method']}")
+    return f"{run['method']} ({run['impl']})" if plain else f"{run['label']} ({run['impl']})"
 
 
-def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
-    """results.json in the schema of issue 4."""
+def assemble(cfg: BenchConfig, runs, base, eff, timing, quality, missing: list[dict] | None = None) -> dict:
+    """results.json in the schema of issue 4, with a ``label`` per run (issue 14); a suite's results also say
+    which suite and which of its rows are not available in this install (``unavailable``)."""
     b = cfg.budget
     tokens = timing["tokens_per_step"] if timing else cfg.efficiency_model.batch_size * cfg.efficiency_model.seq_len
     base_lat = median(timing["base_latency_s"]) if timing else None
@@ -457,8 +567,10 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
                 continue
             forgetting = (q["heldout_loss"] - base["heldout_loss"]
                           if q.get("heldout_loss") is not None and base.get("heldout_loss") is not None else None)
-            out_runs.append({
-                "method": run["method"], "impl": run["impl"], "config": full_config(run),
+            quant = run.get("quantize")
+            out_runs.append({  # a quantized row: label "lora+nf4", and its quantization
+                "method": run["method"], "impl": run["impl"], "label": run["label"], "config": full_config(run),
+                **({"quantize": quant} if quant else {}),
                 "trainable_params": e["trainable_params"], "changed_params": e["changed_params"],
                 "adapter_bytes": e["adapter_bytes"], "memory": e["memory"],
                 "train_flops_per_step": e["train_flops_per_step"], "train_flops": e["train_flops"],
@@ -477,7 +589,7 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
                           "base_latency_merged_s": median(timing["base_latency_merged_s"]), "timing": asdict(cfg.timing)})
     eff_model["settle_steps"] = {k: v["settle_steps"] for k, v in eff.items() if v.get("settle_steps")}
     eff_model["peak_before_model"] = {k: v["peak_before_model"] for k, v in eff.items()}
-    return {
+    results = {
         "bench_version": BENCH_VERSION,
         "machine": machine_info(),
         "versions": versions(),
@@ -491,6 +603,10 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality) -> dict:
                    "sweep": list(SWEEP_FACTORS) if cfg.sweep else None},
         "runs": out_runs,
     }
+    if cfg.suite:
+        results["suite"] = cfg.suite
+        results["unavailable"] = [{k: m[k] for k in ("label", "method", "impl", "reason")} for m in missing or []]
+    return results
 
 
 def _lr_source(cfg: BenchConfig, runs: list[dict]) -> str:
@@ -579,9 +695,16 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
                         batch_size: int | None = None, eval_samples: int | None = None,
                         output_dir: str | None = None, sweep: bool = False, efficiency_model: str | None = None,
                         timing_rounds: int | None = None, keep_adapters: bool = False, threads: int | None = None,
-                        default_lrs: bool = False, device: str | None = None) -> BenchConfig:
-    """The CLI's flags -> a BenchConfig (``--quick`` picks the demo preset; flags override it)."""
-    cfg = quick_config() if quick else BenchConfig()
+                        default_lrs: bool = False, device: str | None = None,
+                        preset: BenchConfig | None = None, quantize: str | None = None) -> BenchConfig:
+    """The CLI's flags -> a BenchConfig (``--quick`` picks the demo preset, ``preset`` another one, e.g. a suite's
+    from measure/suite.py; flags override it)."""
+    cfg = preset or (quick_config() if quick else BenchConfig())
+    if cfg.entries is not None:  # a suite: its own line-up, and --task narrows its tasks to one
+        if methods:
+            raise ValueError(f"--suite {cfg.suite} runs its own line-up; leave out --methods ({methods!r})")
+        if task:
+            cfg = replace(cfg, tasks=[task])
     budget, timing = cfg.budget, cfg.timing
     budget = replace(budget, **{k: v for k, v in (("max_steps", max_steps), ("seeds", seeds),
                                                   ("batch_size", batch_size), ("eval_samples", eval_samples))
@@ -591,7 +714,9 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
             raise ValueError(f"--timing-rounds must be >= 1, got {timing_rounds}")
         timing = replace(timing, rounds=timing_rounds, infer_rounds=timing_rounds)
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else cfg.methods
+    if quantize:
+        names = quantized_names(names, quantize.strip().lower())
     return replace(cfg, base=base or cfg.base, task=task or cfg.task, methods=names, budget=budget, timing=timing,
                    efficiency_model=parse_efficiency_model(efficiency_model, cfg.efficiency_model),
-                   output_dir=output_dir or ("bench-quick" if quick else cfg.output_dir), sweep=sweep,
+                   output_dir=output_dir or ("bench-quick" if quick and preset is None else cfg.output_dir), sweep=sweep,
                    keep_adapters=keep_adapters, tuned_lrs=not default_lrs, threads=threads, device=device)

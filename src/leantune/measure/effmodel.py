@@ -41,16 +41,59 @@ class EfficiencyModel:
             attn_implementation="sdpa",
         )
 
-    def build(self, device: str | torch.device = "cpu"):
-        """The same weights for every call (seeded), in fp32, in train mode with the KV cache off."""
+    def build(self, device: str | torch.device = "cpu", quantize=None):
+        """The same weights for every call (seeded), in fp32, in train mode with the KV cache off.
+
+        ``quantize`` ("nf4", "fp4", "int8"): the blocks' linear layers quantized as they are made, one at a time,
+        so the process never holds the fp32 blocks (its peak memory is the quantized model's). Same architecture
+        and initialization (LLaMA's: normal(0, initializer_range), norms 1), seeded, but not the same draws as the
+        unquantized build: efficiency does not depend on the values."""
         from transformers import LlamaForCausalLM
 
+        if quantize is not None:
+            return self._build_quantized(device, quantize)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(self.config())
         model.config.name_or_path = f"efficiency:{self.name}"
         model.config.use_cache = False
         return model.to(device)
+
+    def _build_quantized(self, device, quantize):
+        from torch import nn
+        from transformers import LlamaForCausalLM
+
+        from ..anatomy import is_conv1d
+        from ..quant import ATTR, QuantizeConfig, quantize_layer
+
+        cfg = QuantizeConfig.from_any(quantize)
+        config = self.config()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        rotary = type(model.model.rotary_emb)(config=config)  # its buffers are computed, not drawn
+        model.model.rotary_emb = rotary.to(device)
+        blocks = {id(m) for layer in model.model.layers for m in layer.modules()}
+        std = config.initializer_range
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.seed)
+            for name, mod in list(model.named_modules()):
+                if not any(p.is_meta for p in mod.parameters(recurse=False)):
+                    continue
+                mod.to_empty(device=device, recurse=False)
+                if isinstance(mod, (nn.Linear, nn.Embedding)):
+                    mod.weight.normal_(0.0, std)
+                    if getattr(mod, "bias", None) is not None:
+                        mod.bias.zero_()
+                else:
+                    for p in mod.parameters(recurse=False):
+                        p.fill_(1.0)  # RMSNorm scales
+                if id(mod) in blocks and (type(mod) is nn.Linear or is_conv1d(mod)):
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, quantize_layer(mod, cfg))
+        model.__dict__[ATTR] = cfg
+        model.config.name_or_path = f"efficiency:{self.name}"
+        model.config.use_cache = False
+        return model.train()
 
     def batch(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """A fixed training batch of random tokens, every position a target."""

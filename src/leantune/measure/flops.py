@@ -10,8 +10,11 @@ flash kernel: without it, attention would silently count zero on the CPU and dif
 
 from __future__ import annotations
 
+import math
+import sys
+
 import torch
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 
 _aten = torch.ops.aten
 
@@ -39,10 +42,26 @@ def _register_inplace_addmm() -> None:
 _register_inplace_addmm()
 
 
+def _register_bitsandbytes() -> None:
+    """A 4-bit base's forward product is bitsandbytes' own op (``gemm_4bit``), which FlopCounterMode does not
+    know: 2·tokens·out·in, as for the matmul it stands for (its backward is an aten mm, counted already)."""
+    if "bitsandbytes" not in sys.modules:
+        return
+    packet = getattr(torch.ops.bitsandbytes, "gemm_4bit", None)
+    if packet is None or packet in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _gemm_4bit(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+        out_f, in_f = shape_b
+        return 2 * math.prod(a_shape[:-1]) * out_f * in_f
+
+
 class FlopCount:
     """``with FlopCount() as fc: ...`` then ``fc.total`` and ``fc.by_op`` (op name -> FLOPs)."""
 
     def __init__(self):
+        _register_bitsandbytes()
         self._mode = FlopCounterMode(display=False)
 
     def __enter__(self) -> FlopCount:

@@ -11,6 +11,8 @@ import weakref
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -18,17 +20,21 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
-    """(device, address) of a tensor's storage, or None for tensors without one (sparse, meta)."""
+    """(device, address) of a tensor's storage, or None for tensors without one (sparse). Storages without data
+    (meta, or a fake tensor's: ``leantune plan``) are told apart by the storage object itself."""
     try:
         st = t.untyped_storage()
     except (RuntimeError, NotImplementedError):
         return None
-    return (str(t.device), st.data_ptr())
+    return (str(t.device), st.data_ptr() if st.device.type != "meta" else st._cdata)
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """All parameters, frozen included; tied weights counted once."""
-    return sum(tensor_bytes(p) for p in model.parameters())
+    """All parameters, frozen included; tied weights counted once; a quantized layer's weight at its real size
+    (the packed codes, which are its parameter, plus the block or row scales bitsandbytes keeps beside them)."""
+    from ..quant import scale_bytes
+
+    return sum(tensor_bytes(p) for p in model.parameters()) + scale_bytes(model)
 
 
 def grad_bytes(model: nn.Module) -> int:
@@ -110,6 +116,93 @@ def allocations(fn, min_bytes: int = 1) -> list[int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     return sorted(e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage >= min_bytes)
+
+
+class LiveBytesMeter(TorchDispatchMode):
+    """Bytes of every tensor storage alive, and their high-water mark, inside ``with meter:``: each op's outputs
+    are counted when they appear and dropped when their storage dies. Works on fake tensors (``leantune plan``),
+    where nothing is allocated. ``block``: sizes round up to it (CUDA's caching allocator hands out 512-byte
+    multiples). ``fake_scalars``: a Python read of a fake tensor's value (``.item()``, ``float(loss)``) gets 1
+    (True for a flag): the plan is about bytes, and a 1 keeps every division and ``**`` defined."""
+
+    def __init__(self, block: int = 1, fake_scalars: bool = True):
+        super().__init__()
+        self.block = block
+        self.fake_scalars = fake_scalars
+        self._live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def reset_peak(self) -> int:
+        """Start a new high-water mark from what is alive now; returns that."""
+        self.peak = self.current
+        return self.current
+
+    def _free(self, key: int) -> None:
+        self.current -= self._live.pop(key, 0)
+
+    def _count(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._live:
+            return
+        n = -(-st.nbytes() // self.block) * self.block
+        self._live[key] = n
+        self.current += n
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
+            from torch._subclasses.fake_tensor import DataDependentOutputException
+
+            try:
+                return func(*args)  # a fake tensor that knows its value (a constant)
+            except DataDependentOutputException:
+                dtype = args[0].dtype
+                return True if dtype is torch.bool else (1.0 if dtype.is_floating_point or dtype.is_complex else 1)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                self._count(t)
+        return out
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
+def allocator_peak(fn) -> tuple[object, int]:
+    """``(fn(), peak)``: the high-water mark of the CPU allocator's bytes while ``fn()`` runs, above what was
+    allocated when it began, from the profiler's memory events (every allocation and free, in order). Around a
+    marked region, ``fn`` may call :func:`peak_region` to have the peak read only inside it."""
+    import gc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()  # an earlier model freed by the collector inside the window would count as negative bytes
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = list(prof.profiler.kineto_results.events())
+    marks = [e for e in events if e.name() == _REGION]
+    mem = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    lo, hi = (marks[-1].start_ns(), marks[-1].end_ns()) if marks else (None, None)
+    live, peak = 0, 0
+    for t, n in mem:
+        live += n
+        if lo is None or lo <= t <= hi:
+            peak = max(peak, live)
+    return out, peak
+
+
+_REGION = "leantune.measured_region"
+
+
+def peak_region():
+    """The region :func:`allocator_peak` reads its peak in (the last one entered)."""
+    return torch.profiler.record_function(_REGION)
 
 
 def peak_bytes(device: torch.device | str = "cpu") -> int:

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
-LORA_KEY = ("lora", "leantune")
-PEFT_KEY = ("lora", "peft")
-FULL_KEY = ("full", "leantune")
+LORA_KEYS = ("lora", "lora_all")  # the bench's LoRA (r=16 on all linear layers): the demo's label, the suite's
+PEFT_KEY = "peft:lora"
+FULL_KEY = "full"
 
 
-def aggregate(results: dict) -> dict[tuple[str, str], dict]:
-    """Runs grouped by (method, impl), in first-seen order: the efficiency figures (the same for every seed),
-    the quality figures as lists over seeds."""
-    groups: dict[tuple[str, str], dict] = {}
+def label_of(r: dict) -> str:
+    """A run's label (results before labels existed: the method's name, ``impl:method`` for another impl)."""
+    return r.get("label") or (r["method"] if r["impl"] == "leantune" else f"{r['impl']}:{r['method']}")
+
+
+def aggregate(results: dict) -> dict[str, dict]:
+    """Runs grouped by label, in first-seen order: the efficiency figures (the same for every seed), the
+    quality figures as lists over seeds."""
+    groups: dict[str, dict] = {}
     for r in results["runs"]:
-        g = groups.setdefault((r["method"], r["impl"]), {**r, "seeds": [], "acc": [], "shift": [], "forget": [],
-                                                           "lrs": []})
+        g = groups.setdefault(label_of(r), {**r, "seeds": [], "acc": [], "shift": [], "forget": [], "lrs": []})
         g["seeds"].append(r["seed"])
         g["acc"].append(r["quality"]["accuracy"])
         g["shift"].append(r["quality"]["accuracy_shifted"])
@@ -71,7 +76,7 @@ def flops_per_s(g: dict) -> float | None:
 def checks(groups: dict) -> list[str]:
     """The issue's done-when figures, where the runs to compute them are present."""
     out = []
-    lora, peft, full = groups.get(LORA_KEY), groups.get(PEFT_KEY), groups.get(FULL_KEY)
+    lora, peft, full = _lora(groups), groups.get(PEFT_KEY), groups.get(FULL_KEY)
     if lora and peft and lora.get("step_time_s") and peft.get("step_time_s"):
         r = lora["step_time_s"] / peft["step_time_s"]
         out.append(f"leantune LoRA step time / PEFT LoRA step time (interleaved medians): **{r:.3f}** "
@@ -90,7 +95,7 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
                  wall_s: float | None = None) -> Path:
     groups = aggregate(results)
     b, e = results["budget"], results["efficiency_model"]
-    full, lora = groups.get(FULL_KEY), groups.get(LORA_KEY)
+    full, lora = groups.get(FULL_KEY), _lora(groups)
     lines = [f"# leantune bench: {results['task']} on {results['base']['name']}", ""]
     lr_note = ("learning rates " + b["lrs"] if b.get("lrs") and b["lrs"] != "method defaults"
                else "each method's default learning rate")
@@ -113,7 +118,8 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
         "|---|---|---|---|---|---|---|---|---|",
     ]
     total = e["params"]
-    for (m, impl), g in groups.items():
+    for g in groups.values():
+        m, impl = _shown(g), g["impl"]
         lines.append(
             f"| {m} | {impl} | {_ms(g['acc'])} | {_ms(g['shift'])} | {_ms(g['forget'], signed=True)} | "
             f"{g['lrs'][0]:.2g} | {_count(g['trainable_params'])} ({100 * g['trainable_params'] / total:.2f}%) | "
@@ -131,7 +137,8 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_m = e.get("base_latency_merged_s")
-    for (m, impl), g in groups.items():
+    for g in groups.values():
+        m, impl = _shown(g), g["impl"]
         ref = {k: (x["memory"]["peak"], x["train_flops_per_step"], x["step_time_s"], flops_per_s(x)) if x else
                (None,) * 4 for k, x in (("full", full), ("lora", lora))}
         peak, fl, st, fps = g["memory"]["peak"], g["train_flops_per_step"], g["step_time_s"], flops_per_s(g)
@@ -152,8 +159,8 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
         "| method | impl | weights | grads | optimizer | activations | peak |",
         "|---|---|---|---|---|---|---|",
     ]
-    for (m, impl), g in groups.items():
-        mem = g["memory"]
+    for g in groups.values():
+        m, impl, mem = _shown(g), g["impl"], g["memory"]
         lines.append(f"| {m} | {impl} | {_bytes(mem['weights'])} | {_bytes(mem['grads'])} | "
                      f"{_bytes(mem['optimizer'])} | {_bytes(mem['activations'])} | {_bytes(mem['peak'])} |")
     peak_what = ("CUDA max allocated" if str(e.get("measured_on", "")).startswith("cuda") else
@@ -166,12 +173,20 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
         "steps (all methods alternate in one process). Inference: seconds per generated token at batch 1 over the "
         "base model's, measured interleaved with the base.",
     ]
+    quantized = any(g.get("quantize") for g in groups.values())
+    if quantized and not str(e.get("measured_on", "")).startswith("cuda"):
+        lines.append("Quantized rows (METHOD+nf4: the blocks' linear layers in bitsandbytes, weights counted at their "
+                     "real size with their scales): their process also holds the bitsandbytes library (about 120 MiB "
+                     "of RSS on a CPU), which a small efficiency model's saved weights may not outweigh; see "
+                     "docs/quantization.md.")
     settle = e.get("settle_steps") or {}
     if settle:
         lines.append("Measured after the method's schedule finished: " + ", ".join(
             f"{k} ({v} steps on a 64-token batch)" for k, v in settle.items())
             + "; its peak is the pruned model's steps plus the unpruned weights it started from (a real run's "
             "estimation phase, at the full batch, peaks higher).")
+    if results.get("suite"):
+        lines += survey_section(results, groups, failed or {})
     found = checks(groups)
     if found:
         lines += ["", "## Checks", ""] + [f"- {c}" for c in found]
@@ -200,19 +215,36 @@ def write_plots(results: dict, out: Path) -> list[str]:
     groups = aggregate(results)
     if not groups:
         return []
-    names = [f"{m}" if impl == "leantune" else f"{m} ({impl})" for m, impl in groups]
+    many = len(groups) > 8  # a suite: a larger figure, its labels, and labels stacked apart where points crowd
+    names = [label_of(g) if many else (_shown(g) if _shown(g) != g["method"] or g["impl"] == "leantune"
+                                       else f"{g['method']} ({g['impl']})") for g in groups.values()]
     made = []
 
     def scatter(xkey, xlabel, fname, xfmt):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for i, (name, g) in enumerate(zip(names, groups.values(), strict=True)):
-            x = xfmt(g)
-            if x is None:
-                continue
-            m, s = mean_std(g["acc"])
+        fig, ax = plt.subplots(figsize=(11, 7.5) if many else (6.4, 4.4))
+        points = [(name, xfmt(g), mean_std(g["acc"])) for name, g in zip(names, groups.values(), strict=True)]
+        points = [(n, x, ms) for n, x, ms in points if x is not None]
+        xs, ys = [x for _, x, _ in points], [ms[0] for _, _, ms in points]
+        span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
+        span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+        # crowded points (a chain of neighbours closer than a label's width) share a stack of label slots,
+        # alternately above and below: the k-th point of a chain gets slot k
+        slot, prev, k = {}, None, 0
+        for i in sorted(range(len(points)), key=lambda i: points[i][1]):
+            _, x, (m, _s) = points[i]
+            near = prev is not None and x - prev[0] < 0.12 * span_x and abs(m - prev[1]) < 0.05 * span_y
+            k = k + 1 if near else 0
+            slot[i], prev = k, (x, m)
+        for i, (name, x, (m, s)) in enumerate(points):
             ax.errorbar(x, m, yerr=s or 0, fmt="o", capsize=3)
-            # labels alternate above and below their point: neighbours with equal accuracy stay readable
-            ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=9)
+            if many:
+                k = slot[i]
+                dy = 5 + 11 * (k // 2) if k % 2 == 0 else -12 - 11 * (k // 2)
+                ax.annotate(name, (x, m), textcoords="offset points", xytext=(6, dy), fontsize=8,
+                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if k > 1 else None)
+            else:  # labels alternate above and below their point: neighbours with equal accuracy stay readable
+                ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12),
+                            fontsize=9)
         ax.axhline(results["base"]["accuracy"], color="grey", ls="--", lw=1, label="untuned base")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"accuracy ({results['task']})")
@@ -245,3 +277,113 @@ def write_plots(results: dict, out: Path) -> list[str]:
     plt.close(fig)
     made.append("memory_breakdown.png")
     return made
+
+
+def _lora(groups: dict) -> dict | None:
+    return next((groups[k] for k in LORA_KEYS if k in groups), None)
+
+
+def _shown(g: dict) -> str:
+    """The name in a table's method column: the method's name where the label is just that (the demo's rows and
+    the PEFT anchor, whose impl column says peft), else the label (``lora_qv``, ``peft:loha``)."""
+    label = label_of(g)
+    return g["method"] if label in (g["method"], f"{g['impl']}:{g['method']}") else label
+
+
+def _method_info(g: dict) -> tuple[str, str]:
+    """(the survey's type, the inference overhead kind before merge) of a row, from its method's class and config."""
+    try:
+        if g["impl"] == "peft" and g["method"] == "lora":
+            from .peft_anchor import PeftLora as cls
+        else:
+            from ..methods import get_method
+
+            cls = get_method(g["method"])
+        method = cls(cls.config_cls.from_dict(g.get("config") or {}, method=g["method"]))
+        return method.family, method.capabilities.inference_overhead
+    except (KeyError, ValueError, ImportError):
+        return "–", "–"
+
+
+def survey_section(results: dict, groups: dict, failed: dict | None = None) -> list[str]:
+    """The survey-style table: one row per configuration (label), the survey's axes, then the rows whose jobs
+    failed (by run key) and the rows this install could not run."""
+    e = results["efficiency_model"]
+    total, base_m = e["params"], e.get("base_latency_merged_s")
+    lines = ["", f"## The survey's axes ({results['suite']})", "",
+             "| label | type | trainable | changed | storage | peak memory | backprop FLOPs | inference unmerged / "
+             "merged | lr | accuracy | shifted | forgetting |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, g in sorted(groups.items(), key=lambda kv: -(mean_std(kv[1]["acc"])[0] or 0.0)):
+        family, kind = _method_info(g)
+        lat = g["infer"]
+        unmerged = f"{lat['overhead']:.2f}× ({kind})" if lat.get("overhead") else f"– ({kind})"
+        merged = _ratio(lat["latency_merged_s"], base_m) if lat.get("latency_merged_s") is not None else "cannot merge"
+        lines.append(
+            f"| {label} | {family} | {100 * g['trainable_params'] / total:.2f}% | "
+            f"{100 * g['changed_params'] / total:.2f}% | {_bytes(g['adapter_bytes'])} | {_bytes(g['memory']['peak'])} | "
+            f"{_flops(g['train_flops']['backward'])} | {unmerged} / {merged} | {g['lrs'][0]:.2g} | {_ms(g['acc'])} | "
+            f"{_ms(g['shift'])} | {_ms(g['forget'], signed=True)} |")
+    for key in failed or {}:
+        if key != "timing":
+            lines.append(f"| {key} | – | failed: see Notes below |" + " – |" * 9)
+    for u in results.get("unavailable", []):
+        lines.append(f"| {u['label']} | – | method not available in this build ({u['reason']}) |"
+                     + " – |" * 9)
+    lines += ["", "Rows ordered by accuracy. Trainable / changed: % of the efficiency model's parameters. Backprop "
+              "FLOPs: the backward pass of one step on the efficiency model. Inference: seconds per generated token "
+              "over the base's, before merging (the method's overhead kind) / after. lr: the bench's tuned LR for "
+              "the base where it has one (the LoRA rows share LoRA's), else the method's default."]
+    return lines
+
+
+# -- several tasks: each task's ranking and the mean ---------------------------------------------------------
+
+
+def _mean_accuracy(results: dict) -> dict[str, float]:
+    by: dict[str, list[float]] = {}
+    for r in results["runs"]:
+        by.setdefault(r["label"], []).append(r["quality"]["accuracy"])
+    return {k: statistics.fmean(v) for k, v in by.items()}
+
+
+def ranking(per_task: dict[str, dict]) -> dict:
+    """Accuracy per label and task (mean over seeds), the rank within each task (1 = best; ties share the best
+    rank), the mean accuracy over the tasks where the label ran on all of them, and the order by that mean."""
+    acc = {task: _mean_accuracy(res) for task, res in per_task.items()}
+    labels = list(dict.fromkeys(lbl for a in acc.values() for lbl in a))
+    ranks = {}
+    for task, a in acc.items():
+        ranks[task] = {lbl: 1 + sum(1 for other in a.values() if other > v) for lbl, v in a.items()}
+    mean = {lbl: statistics.fmean(acc[t][lbl] for t in acc) for lbl in labels if all(lbl in acc[t] for t in acc)}
+    order = sorted(mean, key=lambda lbl: -mean[lbl])
+    return {"accuracy": acc, "rank": ranks, "mean_accuracy": mean, "order": order}
+
+
+def write_suite_summary(name: str, per_task: dict[str, dict], dirs: dict[str, str], out: Path,
+                        unavailable: list[dict], wall_s: float | None = None) -> dict:
+    """results.json and results.md at the top of a several-task suite run: where each task's full report is, the
+    ranking per task and by mean accuracy. Each task's folder holds the bench's own results.json / results.md."""
+    rank = ranking(per_task)
+    summary = {"suite": name, "tasks": list(per_task), "task_dirs": dirs, "ranking": rank,
+               "unavailable": [{k: u[k] for k in ("label", "method", "impl", "reason")} for u in unavailable]}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    tasks = list(per_task)
+    short = [t.removeprefix("builtin:") for t in tasks]
+    lines = [f"# leantune bench --suite {name}: {len(tasks)} tasks", "",
+             "Accuracy (mean over seeds) and rank within each task (1 = best); the rows ordered by the mean over "
+             "the tasks. Each task's full table (costs, forgetting, shifted accuracy) is in its folder: "
+             + ", ".join(f"[{s}]({dirs[t]}/results.md)" for s, t in zip(short, tasks, strict=True))
+             + (f". The suite took {wall_s / 60:.1f} min." if wall_s else "."), "",
+             "| label | " + " | ".join(short) + " | mean accuracy | mean rank |",
+             "|---|" + "---|" * len(tasks) + "---|---|"]
+    for lbl in rank["order"]:
+        cells = [f"{rank['accuracy'][t][lbl]:.3f} ({rank['rank'][t][lbl]})" for t in tasks]
+        mean_rank = statistics.fmean(rank["rank"][t][lbl] for t in tasks)
+        lines.append(f"| {lbl} | " + " | ".join(cells) + f" | {rank['mean_accuracy'][lbl]:.3f} | {mean_rank:.1f} |")
+    for u in unavailable:
+        lines.append(f"| {u['label']} | " + " | ".join(["method not available in this build"] + ["–"] * (len(tasks) - 1))
+                     + " | – | – |")
+    lines += ["", "One task's ranking does not carry to another: compare the columns before trusting one."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return summary

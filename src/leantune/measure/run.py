@@ -27,8 +27,9 @@ def _device(spec: dict) -> torch.device:
 
 
 def apply_run(model, run: dict):
-    """Attach the run's method: leantune's registry by name, or PEFT's LoRA for the anchor."""
-    if run["impl"] == "peft":
+    """Attach the run's method: leantune's registry by name (the PEFT bridge too: method ``peft``), or PEFT's
+    LoRA for the anchor."""
+    if run["impl"] == "peft" and run["method"] != "peft":
         if run["method"] != "lora":
             raise ValueError(f"the PEFT anchor runs LoRA only, not {run['method']!r}")
         from .peft_anchor import apply_peft_lora
@@ -77,7 +78,7 @@ def job_quality(spec: dict) -> dict:
 
     run, budget, seed = spec["run"], spec["budget"], spec["seed"]
     t0 = time.perf_counter()
-    model, tok = load_model(spec["base"], dtype="float32")
+    model, tok = load_model(spec["base"], dtype="float32", quantize=run.get("quantize"))
     seed_everything(seed)  # the method's initial weights (LoRA's A, S²FT's draw) follow the run's seed
     method = apply_run(model, run)
     task = get_task(spec["task"])
@@ -121,8 +122,12 @@ def job_efficiency(spec: dict) -> dict:
     torch.set_flush_denormal(True)
     eff = EfficiencyModel(**spec["efficiency_model"])
     run = spec["run"]
+    if run.get("quantize"):  # its library is part of the process before any weights, as torch is
+        from ..quant import bitsandbytes
+
+        bitsandbytes()
     before_model = peak_bytes(device)  # the process with its libraries, before any weights exist
-    model = eff.build(device)
+    model = eff.build(device, quantize=run.get("quantize"))
     torch.manual_seed(0)
     method = apply_run(model, run)
     batch = eff.batch(device)
@@ -173,6 +178,7 @@ def job_efficiency(spec: dict) -> dict:
 
 def job_timing(spec: dict) -> dict:
     from .. import io
+    from ..quant import quantization_of
     from .effmodel import EfficiencyModel
     from .step import Stepper
     from .timing import interleaved_latency, interleaved_step_times
@@ -183,7 +189,7 @@ def job_timing(spec: dict) -> dict:
     batch, prompt = eff.batch(device), eff.prompt(device)
     steppers, models = {}, {}
     for key, run in spec["runs"].items():
-        model = eff.build(device)
+        model = eff.build(device, quantize=run.get("quantize"))
         torch.manual_seed(0)
         if run.get("adapter_dir"):  # the state the efficiency job measured (e.g. already pruned)
             io.load(model, run["adapter_dir"], trainable=True)
@@ -206,7 +212,9 @@ def job_timing(spec: dict) -> dict:
     emit(event="phase", what="generation latency (unmerged)")
     lat = interleaved_latency({"__base__": base, **models}, prompt, eff.new_tokens, spec["infer_warmup_rounds"],
                               spec["infer_rounds"])
-    mergeable = {k: m for k, m in models.items() if m.leantune_method.capabilities.mergeable}
+    # a quantized base is not merged in place (quant.refuse_quantized_merge): its rows have no merged latency
+    mergeable = {k: m for k, m in models.items()
+                 if m.leantune_method.capabilities.mergeable and quantization_of(m) is None}
     for m in mergeable.values():
         m.leantune_method.merge()
     emit(event="phase", what="generation latency (merged)")

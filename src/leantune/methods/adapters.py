@@ -199,7 +199,8 @@ class BottleneckAdapters(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=False, restores_base=True, prunable=True, inference_overhead="extra_ffn")
+        return Capabilities(mergeable=False, restores_base=True, prunable=True, inference_overhead="extra_ffn",
+                            quantized_base=True)
 
     def _apply(self, model, anat: Anatomy):
         self._start()
@@ -293,7 +294,7 @@ class _CompacterBase(BottleneckAdapters):
     def capabilities(self) -> Capabilities:
         return Capabilities(mergeable=False, restores_base=True, prunable=False, inference_overhead="extra_ffn",
                             fsdp=False, fsdp_refusal="Compacter's slow weights are shared by every block's adapters, "
-                            "and FSDP shards each block as its own unit")
+                            "and FSDP shards each block as its own unit", quantized_base=True)
 
     def _apply(self, model, anat):
         like = next(model.parameters())

@@ -27,6 +27,7 @@ from torch import nn
 from ..anatomy import Anatomy, anatomy
 from ..files import fingerprint
 from ..precision import MasterWeights
+from ..quant import quantization_of
 
 FAMILIES = ("additive", "selective", "reparametrization", "hybrid", "full", "pruning")
 OVERHEADS = ("none", "extra_ffn", "extra_input", "gating")
@@ -40,7 +41,7 @@ class ConfigError(ValueError):
 class Capabilities:
     mergeable: bool = False  # merge() folds the change into the base weights: no inference overhead after
     restores_base: bool = False  # unmerge()/remove() gives the base back bitwise
-    mixed_batch: bool = False  # several adapters can serve one batch side by side
+    mixed_batch: bool = False  # several adapters serve one batch side by side (bank_terms() gives their form)
     prunable: bool = False  # Light-PEFT can prune it
     needs_schedule: bool = False  # the training loop must call its schedule hook
     schedule_ends: bool = False  # the schedule finishes partway (estimate, then prune); its steady state is after
@@ -49,6 +50,8 @@ class Capabilities:
     fsdp: bool = True  # trains under FSDP2 (train/parallel.py); when not, fsdp_refusal says why
     fsdp_refusal: str = ""
     identity_at_init: bool = True  # the model computes what the base computes right after apply (soft prompts do not)
+    quantized_base: bool = False  # trains on a bitsandbytes-quantized base (leantune.quant); else quantized_refusal
+    quantized_refusal: str = "it has not been made to work on a quantized base"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -249,6 +252,8 @@ class Method:
     description: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     default_lr: ClassVar[float] = 1e-4
+    # The adapter folder holds PEFT's own files, written by write_peft_files (the PEFT bridge), not adapter.safetensors
+    peft_native: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_cls()
@@ -274,6 +279,7 @@ class Method:
             )
         anat = anat or anatomy(model)
         self.check_model(anat)  # a refusal leaves the model as it was
+        self.check_quantized(model)
         self.base_fingerprint = fingerprint(model)
         self.model = model
         self.anatomy = anat
@@ -290,6 +296,15 @@ class Method:
     def check_model(self, anat: Anatomy) -> None:
         """Refuse, before anything changes, a model whose family or layout this method (with this config) cannot
         handle: raise ``ConfigError`` naming what is missing. The default takes every model."""
+
+    def check_quantized(self, model: nn.Module) -> None:
+        """Refuse a quantized base (``--quantize``) unless the capabilities say ``quantized_base``."""
+        quant = quantization_of(model)
+        caps = self.capabilities
+        if quant is not None and not caps.quantized_base:
+            raise ConfigError(f"method {self.name!r} cannot train on a {quant.type}-quantized base: "
+                              f"{caps.quantized_refusal}. Load the base without --quantize, or use a method that "
+                              "supports it (lora, dora, ia3, the adapters, bitfit, ln_tuning, s2ft, lisa)")
 
     def _apply(self, model: nn.Module, anat: Anatomy) -> None:
         raise NotImplementedError
@@ -396,6 +411,19 @@ class Method:
         exporter names those modules the way it names the targets). Raises ValueError (saying why) where this model's layers
         have no PEFT equivalent."""
         return None
+
+    def bank_terms(self) -> dict[str, list] | None:
+        """The fine-tune as bank terms (``methods/terms.py``: low-rank, column / row blocks, scales, biases) by
+        qualified module name, for an adapter bank that computes many adapters in one batch (``serve/bank.py``);
+        None where it has no such form. A method that returns terms says ``mixed_batch`` in its capabilities. The
+        bank calls it on the method applied to its base and loaded (never merged), then calls ``remove()``, which
+        must give that base back bitwise."""
+        return None
+
+    def write_peft_files(self, directory: Path, state: dict[str, torch.Tensor]) -> str:
+        """Where ``peft_native``: write ``state`` as PEFT's adapter_config.json + adapter_model.safetensors into
+        ``directory`` and return the weights file's name (io.save and the PEFT export call it)."""
+        raise NotImplementedError(f"method {self.name!r} does not write PEFT's files itself")
 
     def schedule(self):
         """A hook object for the training loop (see leantune.hooks), or None."""

@@ -16,8 +16,10 @@ from torch import nn
 
 from ..anatomy import Placement, is_conv1d, weight_2d
 from ..precision import trainable_dtype
+from ..quant import refuse_quantized_merge
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .terms import InScale, OutScale
 
 
 @dataclass
@@ -107,7 +109,8 @@ class IA3(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn")
+        return Capabilities(mergeable=True, restores_base=False, mixed_batch=True, inference_overhead="extra_ffn",
+                            quantized_base=True)
 
     def _apply(self, model, anat):
         self._start()
@@ -133,6 +136,7 @@ class IA3(AttachedMethod):
     @torch.no_grad()
     def _rescale(self, invert: bool) -> None:
         for _name, layer, c in self.children():
+            refuse_quantized_merge(layer, "ia3")
             w2d = weight_2d(layer)
             for point, (side, start, stop, _w) in c.segments.items():
                 vec = c.scale(point).detach()
@@ -157,6 +161,18 @@ class IA3(AttachedMethod):
         if self.merged:
             self._rescale(invert=True)
             self.merged = False
+
+    def bank_terms(self) -> dict:
+        """Per layer, the full-width scale of its input and/or its output (ones where nothing is scaled)."""
+        out = {}
+        for name, _layer, c in self.children():
+            terms = []
+            if (v := c.vector("in")) is not None:
+                terms.append(InScale(v.detach()))
+            if (v := c.vector("out")) is not None:
+                terms.append(OutScale(v.detach()))
+            out[name] = terms
+        return out
 
     def peft_adapter(self) -> dict:
         """A PEFT IA3 adapter: ``ia3_l`` per layer, (out, 1) on k/v layers (ones on a fused layer's q rows),

@@ -158,6 +158,8 @@ class LightPeft(Method):
             changes_trainable=self.config.plan is None,
             fsdp=False,
             fsdp_refusal="Light-PEFT slices parameters to new shapes in flight, which FSDP's shards cannot follow",
+            quantized_refusal="Light-PEFT prunes the base itself (rows and columns of its weights, sliced in flight), "
+            "which a packed 4-bit/8-bit weight cannot be sliced into; train it on a full-precision or bf16 base",
         )
 
     @property

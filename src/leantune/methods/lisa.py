@@ -25,11 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..anatomy import Anatomy
+from ..anatomy import Anatomy, dequantized_weight, is_quantized_layer
 from ..hooks import TrainContext, TrainHook
+from ..quant import dequantize_layer_, requantize_layer_, was_quantized
 from .base import Capabilities, ConfigError, Method, MethodConfig, check_state_keys, register, warn_once
 
 ALWAYS_ON_PARTS = ("embed", "head", "final_norm", "rest")
+ON_LEAVE = ("keep", "requantize")
 
 
 def draw_blocks(seed: int, period: int, n_blocks: int, gamma: int) -> tuple[int, ...]:
@@ -49,6 +51,10 @@ class LisaConfig(MethodConfig):
     seed: int = 0
     keep_base: bool = False  # copy what training may change to CPU memory so that remove() can restore the base
     train_router: bool = False  # mixture of experts: the active blocks' routers train too (frozen by default)
+    # quantized base: what a block's dequantized, trained linear layers become when it leaves the active set:
+    # "keep" (stay full precision, frozen: nothing trained is lost, memory grows by the blocks ever trained) or
+    # "requantize" (quantized again from the trained values: memory back to 4/8 bits, the update rounded)
+    on_leave: str = "keep"
 
     def parts(self) -> list[str]:
         """The always-on parts as a list (empty for "none" or "")."""
@@ -62,6 +68,8 @@ class LisaConfig(MethodConfig):
             raise ConfigError(f"lisa: gamma (blocks trained at a time) must be >= 1, got {self.gamma!r}")
         if not isinstance(self.period, int) or self.period < 1:
             raise ConfigError(f"lisa: period (optimizer steps between draws) must be >= 1, got {self.period!r}")
+        if self.on_leave not in ON_LEAVE:
+            raise ConfigError(f"lisa: on_leave must be one of {', '.join(ON_LEAVE)}, got {self.on_leave!r}")
         bad = [p for p in self.parts() if p not in ALWAYS_ON_PARTS]
         if bad:
             raise ConfigError(
@@ -86,6 +94,14 @@ class Lisa(Method):
         if cfg.gamma > n:
             raise ConfigError(f"lisa: gamma={cfg.gamma} but this {anat.model_type} model has {n} blocks; "
                               f"choose gamma <= {n}")
+        # a quantized base: the blocks' quantized layers, dequantized while their block trains (and a quantized
+        # head that is always on, now)
+        self.float_dtype = anat.embed.weight.dtype
+        if "head" in cfg.parts() and anat.head is not None and is_quantized_layer(anat.head):
+            dequantize_layer_(anat.head, self.float_dtype)
+        self.qlayers: list[dict[str, nn.Module]] = [
+            {f"{anat.name_of(m)}.weight": m for m in b.module.modules() if is_quantized_layer(m)} for b in anat.blocks
+        ]
         names = {id(p): name for name, p in model.named_parameters()}  # tied weights under their first name
         self.always_on = self._select_always_on(model, anat, names)
         on_ids = {id(p) for p in self.always_on.values()}
@@ -137,6 +153,7 @@ class Lisa(Method):
             raise ValueError(f"lisa: block indices {blocks} out of range for a model with {self.n_blocks} blocks")
         for i, params in enumerate(self.block_params):
             on = i in blocks
+            self._set_precision(i, on)
             for p in params.values():
                 if not on:
                     p.grad = None
@@ -146,6 +163,16 @@ class Lisa(Method):
                 self._snapshot(self.block_params[i])  # still the base values: the block has not trained yet
                 self.changed.add(i)
         self.active = blocks
+
+    def _set_precision(self, i: int, on: bool) -> None:
+        """A quantized base: block ``i``'s quantized layers become full-precision trainable copies when it joins
+        (dequantized in place), and quantized again when it leaves with ``on_leave="requantize"``."""
+        for name, mod in self.qlayers[i].items():
+            if on and is_quantized_layer(mod):
+                self.block_params[i][name] = dequantize_layer_(mod, self.float_dtype)
+            elif not on and was_quantized(mod) and self.config.on_leave == "requantize":
+                requantize_layer_(mod)
+                self.block_params[i][name] = mod.weight
 
     def mark_trained_through(self, steps: int) -> None:
         """Record as changed every block drawn in the first ``steps`` optimizer steps (for a resumed run)."""
@@ -177,7 +204,9 @@ class Lisa(Method):
     @property
     def capabilities(self) -> Capabilities:
         return Capabilities(mergeable=True, restores_base=self.config.keep_base, needs_schedule=True,
-                            changes_trainable=True)
+                            changes_trainable=True, quantized_base=not self.config.keep_base,
+                            quantized_refusal="keep_base=true copies the base to restore it, which a quantized "
+                            "base does not need: reload it instead (keep_base=false)")
 
     def trainable_parameters(self):
         """The always-on parts and the active blocks, always in the same order (optimizer state maps by order)."""
@@ -190,7 +219,10 @@ class Lisa(Method):
         value = self.masters.value  # the float32 master of what trains now on a low-precision base
         out = {n: value(p) for n, p in self.always_on.items()}
         for i in sorted(self.changed):
-            out.update({n: value(p) for n, p in self.block_params[i].items()})
+            quantized = self.qlayers[i]  # a re-quantized layer: the values it computes with, in full precision
+            out.update({n: dequantized_weight(quantized[n]).to(self.float_dtype)
+                        if n in quantized and is_quantized_layer(quantized[n]) else value(p)
+                        for n, p in self.block_params[i].items()})
         return out
 
     def num_changed(self) -> int:
@@ -200,6 +232,10 @@ class Lisa(Method):
         """Put saved tensors onto the base: the always-on parts and the whole blocks the file holds."""
         self._model()
         blocks = {i for i, params in enumerate(self.block_params) if any(n in state for n in params)}
+        for i in blocks:  # a quantized base: the saved blocks are held in full precision, as saved
+            for name, mod in self.qlayers[i].items():
+                if is_quantized_layer(mod):
+                    self.block_params[i][name] = dequantize_layer_(mod, self.float_dtype)
         expected = dict(self.always_on)
         for i in blocks:
             expected.update(self.block_params[i])

@@ -25,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..anatomy import in_out_features, is_conv1d, resolve_roles, weight_2d
+from ..anatomy import in_out_features, is_conv1d, is_quantized_layer, resolve_roles, weight_2d
 from ..precision import trainable_dtype
 from ..prune.importance import AdapterUnit
+from ..quant import refuse_quantized_merge
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .terms import LowRank
 
 
 @dataclass
@@ -95,7 +97,7 @@ def _lora_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torc
         # linear saves its input and weight for backward, never its output, so writing into it is safe)
         a = F.linear(lora.dropout(x).to(lora.A.dtype), lora.A).to(output.dtype)
         a2d, b_t = a.reshape(-1, a.shape[-1]), lora.B.t().to(output.dtype)
-        if output.is_contiguous():
+        if output.is_contiguous() and not is_quantized_layer(module):  # LLM.int8's output: a custom Function's view
             output.view(-1, output.shape[-1]).addmm_(a2d, b_t, alpha=lora.scale)
             return output
         out = torch.addmm(output.reshape(-1, output.shape[-1]), a2d, b_t, alpha=lora.scale)
@@ -167,11 +169,13 @@ def _experts_forward(module: nn.Module, base_forward, fusable: bool, x, *args, *
 
 def _add_stored(mod: nn.Module, delta_2d: torch.Tensor) -> None:
     """weight += delta (given as (out, in)) in the weight's stored layout: a transposed view writes slowly."""
+    refuse_quantized_merge(mod, "lora")
     w = mod.weight
     w.add_((delta_2d.t() if is_conv1d(mod) else delta_2d).to(w.dtype))
 
 
 def _set_stored(mod: nn.Module, new_2d: torch.Tensor) -> None:
+    refuse_quantized_merge(mod, "lora")
     w = mod.weight
     w.copy_((new_2d.t() if is_conv1d(mod) else new_2d).to(w.dtype))
 
@@ -189,9 +193,10 @@ class Lora(AttachedMethod):
         return Capabilities(
             mergeable=True,
             restores_base=False,
-            mixed_batch=not self.config.dora,
+            mixed_batch=not self.config.dora and not self.config.experts,  # bank_terms(): one low-rank term a layer
             prunable=not self.config.dora,  # DoRA's row norm spans the input columns Light-PEFT removes
             inference_overhead="extra_ffn",
+            quantized_base=True,  # QLoRA: the term beside a 4-bit/8-bit layer (DoRA reads the weight dequantized)
         )
 
     def check_model(self, anat):
@@ -300,6 +305,11 @@ class Lora(AttachedMethod):
             delattr(mod, f"lora_{attr}")
         self.experts, self._expert_hooks = {}, []
         return super().unload()
+
+    def bank_terms(self) -> dict | None:
+        if self.config.dora or self.experts:
+            return None  # DoRA's row norm and the expert parametrizations are no additive per-layer term
+        return {n: [LowRank(m.lora.A.data, m.lora.B.data, m.lora.scale)] for n, m in self.layers.items()}
 
     def lora_factors(self) -> dict:
         cfg = self.config

@@ -10,8 +10,8 @@ that computes the layer and the block in one autograd function (``methods/fused.
   input slice   ``y = x Wᵀ + x[..., idx] Dᵀ``     D: (out, k); only the k-column copy ``x[..., idx]`` is saved
   output slice  ``y[..., idx] += x Dᵀ``           D: (k, in); saves x, like LoRA does
 The base weight never gets a gradient, and the block's input gradient is added into the base's in place. Merge adds D into the selected columns (saving the originals, so unmerge
-is bitwise); switching adapters restores k columns and ``index_add_``s the next adapter's (cost independent of
-the layer's width); ``fuse`` sums adapters; ``to_lora`` / ``save_peft`` export a rank-k LoRA that ``peft`` loads.
+is bitwise); the adapter bank (``serve/bank.py``) switches adapters by restoring k columns and ``index_add_``-ing
+the next adapter's (cost independent of the layer's width); ``fuse`` sums adapters' states; ``to_lora`` / ``save_peft`` export a rank-k LoRA that ``peft`` loads.
 
 The adapter state is, per module, ``<name>.in_indices`` + ``<name>.in_delta`` (input slice) or ``<name>.out_indices``
 + ``<name>.out_delta`` (output slice); loading a state adopts its k, so fused adapters save and load like any other.
@@ -31,9 +31,11 @@ from torch import nn
 
 from ..anatomy import Anatomy, in_out_features, is_conv1d, resolve_roles, weight_2d
 from ..precision import trainable_dtype
+from ..quant import refuse_quantized_merge
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .terms import Columns, Rows
 
 S2FT_ROLES = ("o", "down", "v", "up")
 _SIDE = {"o": "in", "down": "in", "v": "out", "up": "out"}  # which axis of the (out, in) weight is sliced
@@ -160,6 +162,7 @@ class S2FTSlice(nn.Module):
 
     @torch.no_grad()
     def merge_into(self, mod: nn.Module) -> None:
+        refuse_quantized_merge(mod, "s2ft")
         w, dim, delta = self._stored(mod)
         self.saved = w.index_select(dim, self.indices)  # a new tensor: the original values, for a bitwise unmerge
         w.index_add_(dim, self.indices, delta.to(w.dtype))
@@ -212,7 +215,7 @@ class S2FT(AttachedMethod):
     child_name = "s2ft"
     family = "selective"
     description = ("S²FT: whole attention heads (o) and FFN channels (down) train as dense blocks in the original "
-                   "coordinates; partial backprop; adapters switch by index_add_, fuse, and export as LoRA.")
+                   "coordinates; partial backprop; adapters switch by index_add_ (serve/bank.py), fuse, and export as LoRA.")
     config_cls = S2FTConfig
     default_lr = 2e-3  # the paper's S²FT LR is about 4x LoRA's; leantune's LoRA default is 5e-4
 
@@ -223,7 +226,13 @@ class S2FT(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True, inference_overhead="extra_ffn")
+        # on a quantized layer the block is a term beside Q(W)x (the unfused path: fused.py's functions need a
+        # plain weight); selection="gradient" needs W's own gradient, which a 4-bit/8-bit weight does not get
+        gradient = self.config.selection == "gradient"
+        return Capabilities(mergeable=True, restores_base=True, mixed_batch=True, inference_overhead="extra_ffn",
+                            quantized_base=not gradient,
+                            quantized_refusal="selection='gradient' needs the gradient of the base weight itself, "
+                            "which a quantized weight does not get; use selection random, weight or activation")
 
     # -- apply: structure, budget, selection ---------------------------------------------------------------
     def _apply(self, model, anat):
@@ -486,6 +495,11 @@ class S2FT(AttachedMethod):
         if was_merged:
             self.merge()
 
+    def bank_terms(self) -> dict:
+        """Per layer, its block on k input columns (o, down) or k output rows (v, up)."""
+        kind = {"in": Columns, "out": Rows}
+        return {n: [kind[m.s2ft.side](m.s2ft.indices, m.s2ft.delta.data)] for n, m in self.layers.items()}
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """The dense (out, in) ΔW of one layer."""
         mod = self.layers[name]
@@ -593,7 +607,7 @@ def _check_slice(name, s: S2FTSlice, weight_shape, idx, delta) -> torch.Tensor:
     return idx
 
 
-# -- adapters as data: switch, fuse --------------------------------------------------------------------------
+# -- adapters as data: fuse (the switch is the adapter bank's: serve/bank.py) -------------------------------------------
 
 
 def read_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -626,16 +640,6 @@ def _state_indices(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], torc
     if not out:
         raise ValueError("s2ft: this state has no '<module>.in_indices' / '<module>.out_indices' tensors")
     return out
-
-
-def switch(model: nn.Module, adapter) -> None:
-    """Serve another s2ft adapter on a merged model: the current columns are restored bitwise and the new
-    adapter's are added with ``index_add_`` (k columns per layer; LoRA's switch adds a full B·A matrix)."""
-    method = getattr(model, "leantune_method", None)
-    if not isinstance(method, S2FT):
-        raise ValueError("s2ft.switch: the model carries no s2ft method; leantune.load(model, adapter_dir) first")
-    method.merge()
-    method.load_state(_as_state(adapter))
 
 
 def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:

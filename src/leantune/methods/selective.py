@@ -7,7 +7,8 @@ bitwise from a snapshot of the selected tensors taken at ``apply``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -22,6 +23,13 @@ from .base import (
     register,
     unique_parameters,
 )
+from .terms import Bias
+
+
+def _bias_dtype(mod: nn.Module) -> torch.dtype:
+    """A new bias's dtype: the weight's, or on a quantized layer the dtype it computes in (its output's)."""
+    w = mod.weight
+    return w.dtype if w.is_floating_point() else (getattr(mod, "compute_dtype", None) or torch.float32)
 
 
 class SelectiveMethod(Method):
@@ -45,7 +53,8 @@ class SelectiveMethod(Method):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=self.keep_snapshot, mixed_batch=False)
+        # BitFit and LN tuning train biases and norms, which a quantized base keeps in full precision
+        return Capabilities(mergeable=True, restores_base=self.keep_snapshot, mixed_batch=False, quantized_base=True)
 
     def trainable_parameters(self):
         seen = set()
@@ -121,6 +130,13 @@ class Full(SelectiveMethod):
     def keep_snapshot(self):  # type: ignore[override]
         return self.config.keep_base
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(
+            super().capabilities, quantized_base=False,
+            quantized_refusal="full fine-tuning updates every weight, and a 4-bit/8-bit weight takes no gradient "
+            "or update; load the base in full precision or bf16, or use lisa (it dequantizes the blocks it trains)")
+
     def _select(self, model, anat):
         frozen = set() if self.config.train_router else {id(p) for _, r in anat.routers() for p in r.parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) not in frozen}
@@ -140,6 +156,19 @@ class BitFit(SelectiveMethod):
     config_cls = BitFitConfig
     default_lr = 1e-3
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return replace(super().capabilities, mixed_batch=True)  # bank_terms(): a bias change per module
+
+    def bank_terms(self) -> dict:
+        """Per module, its bias change (the whole bias where BitFit added one)."""
+        out = {}
+        for n, p in self.trainable_parameters():
+            base = self.snapshot.get(n)
+            delta = p.detach().float() - (base.float() if base is not None else 0.0)
+            out[n.removesuffix(".bias")] = [Bias(delta)]
+        return out
+
     def _select(self, model, anat):
         out = {}
         for name, _role, _i, mod in anat.linears(self.config.targets):
@@ -148,7 +177,7 @@ class BitFit(SelectiveMethod):
                     continue
                 _, out_f = in_out_features(mod)
                 w = mod.weight
-                mod.bias = nn.Parameter(torch.zeros(out_f, dtype=w.dtype, device=w.device))
+                mod.bias = nn.Parameter(torch.zeros(out_f, dtype=_bias_dtype(mod), device=w.device))
                 self.added.append((mod, "bias"))
             out[f"{name}.bias"] = mod.bias
         if self.config.norms:

@@ -206,6 +206,17 @@ def build_adamw(method, lr: float, cfg: TrainConfig, old: torch.optim.Optimizer 
                     p.grad = None
     return opt
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (what ``gradient_checkpointing=True`` turns on)."""
+    kwargs = {"use_reentrant": False}  # non-reentrant: works with a frozen base and no input grads
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch")
+
+
 def train(
     model: nn.Module,
     train_data: list[dict],
@@ -228,13 +239,7 @@ def train(
     out = Path(cfg.output_dir) if cfg.output_dir else None
 
     if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}  # non-reentrant: works with a frozen base and no input grads
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        else:
-            raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch")
+        enable_gradient_checkpointing(model)
     if hasattr(model, "config"):
         model.config.use_cache = False
     par = parallel.make(cfg.distributed, acc)

@@ -1,0 +1,222 @@
+"""The generation engine behind the server: one thread that owns the adapter bank and decodes every request it holds
+in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
+joins at the next one).
+
+Decoding is greedy, with a KV cache per group of rows: while the group's rows stay the same (or only lose finished
+rows, dropped from the cache), a step feeds each row its last token; when a request joins, the step prefills every
+row's whole sequence (prompt + tokens so far, left-padded, positions from the mask) and that becomes the group's
+cache. Requests whose adapters are served through the switch only (no mixed-batch form) step as their own group,
+in turn with the mixed group.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .bank import AdapterBank
+
+
+@dataclass
+class Limits:
+    """What one request may ask for, and how many may wait (documented in docs/serving.md)."""
+
+    max_new_tokens: int = 256  # the most tokens a request may generate
+    default_new_tokens: int = 64  # when the request names none (at most max_new_tokens)
+    max_prompt_tokens: int = 1024  # prompt tokens (after the chat template and BOS)
+    queue_size: int = 256  # requests waiting or running; one more is refused with 429
+    request_timeout_s: float = 120.0  # from arrival to the last token
+    max_batch: int = 32  # rows decoded together in one step
+
+    def __post_init__(self):
+        for name in ("max_new_tokens", "default_new_tokens", "max_prompt_tokens", "queue_size", "max_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"serve limit {name} must be a positive integer, got {value!r}")
+        self.default_new_tokens = min(self.default_new_tokens, self.max_new_tokens)
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request timeout must be > 0 seconds, got {self.request_timeout_s!r}")
+
+
+@dataclass
+class _Cohort:
+    """A group's KV cache: its rows in cache order, and the attention mask over the cached positions."""
+
+    rows: list
+    cache: object
+    mask: torch.Tensor
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    adapter: str | None
+    max_new_tokens: int
+    on_token: Callable[[int | None, str | None], None]  # (token, None) per token; (None, finish reason or error)
+    deadline: float
+    tokens: list[int] = field(default_factory=list)
+    number: int = 0
+
+
+class Engine:
+    def __init__(self, bank: AdapterBank, pad_token_id: int, eos_token_id: int | None, limits: Limits | None = None):
+        self.bank = bank
+        self.pad, self.eos = pad_token_id, eos_token_id
+        self.limits = limits or Limits()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: list[Request] = []
+        self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
+        self._lock = threading.Condition()
+        self._stop = False
+        self._numbers = itertools.count()
+        self._turn = 0
+        self._cohorts: dict = {}
+        self.steps = 0
+        self.tokens = 0  # generated tokens, EOS included (for throughput figures)
+        self._thread = threading.Thread(target=self._run, name="leantune-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every request it holds, then end the thread."""
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        self._thread.join()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._waiting) + len(self._active)
+
+    def submit(self, req: Request) -> None:
+        with self._lock:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) + len(self._active) >= self.limits.queue_size:
+                raise QueueFull(f"{self.limits.queue_size} requests are already waiting or running (--queue-size)")
+            req.number = next(self._numbers)
+            self._waiting.append(req)
+            self._lock.notify_all()
+
+    def call(self, fn: Callable) -> Future:
+        """Run ``fn()`` in the engine's thread between two steps (adapters added or removed at run time)."""
+        fut: Future = Future()
+        with self._lock:
+            self._calls.append((fn, fut))
+            self._lock.notify_all()
+        return fut
+
+    def uses(self, adapter: str) -> bool:
+        with self._lock:
+            return any(r.adapter == adapter for r in itertools.chain(self._waiting, self._active))
+
+    # -- the thread ----------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._waiting or self._active or self._calls or self._stop):
+                    self._lock.wait()
+                calls = list(self._calls)
+                self._calls.clear()
+                while self._waiting and len(self._active) < self.limits.max_batch:
+                    self._active.append(self._waiting.popleft())
+                if self._stop and not (self._active or calls):
+                    return
+            for fn, fut in calls:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # noqa: BLE001  handed to the caller
+                    fut.set_exception(e)
+            if self._active:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001  every request of the step is told, the engine goes on
+                    with self._lock:
+                        failed, self._active = self._active, []
+                    for r in failed:
+                        r.on_token(None, f"error: {type(e).__name__}: {e}")
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for r in [r for r in self._active if r.deadline < now]:
+            self._finish(r, "timeout")
+        known = set(self.bank.names())
+        for r in [r for r in self._active if r.adapter is not None and r.adapter not in known]:
+            self._finish(r, f"error: adapter {r.adapter!r} was removed while the request waited")
+        if not self._active:
+            return
+        groups = self.bank.groups([r.adapter for r in self._active])
+        self._turn = (self._turn + 1) % len(groups)
+        rows = [self._active[i] for i in groups[self._turn]]
+        key = self._group_key(rows)
+        keys = {self._group_key([self._active[i] for i in g]) for g in groups}
+        self._cohorts = {k: c for k, c in self._cohorts.items() if k in keys}  # groups with no rows left: freed
+        rows, logits = self._decode(key, rows)
+        nxt = logits[:, -1].argmax(-1).tolist()
+        self.steps += 1
+        self.tokens += len(rows)
+        for r, tok in zip(rows, nxt, strict=True):
+            if self.eos is not None and tok == self.eos:
+                self._finish(r, "stop")
+                continue
+            r.tokens.append(tok)
+            r.on_token(tok, None)
+            if len(r.tokens) >= r.max_new_tokens:
+                self._finish(r, "length")
+
+    def _group_key(self, rows: list[Request]):
+        """The mixed group (None) or the switch-only adapter a group of rows runs on."""
+        a = rows[0].adapter
+        return a if a is not None and not self.bank.adapters[a].mixed else None
+
+    def _decode(self, key, rows: list[Request]):
+        """One step for ``rows``: a decode step on the group's KV cache when every row is in it (rows that finished
+        are dropped from it), else a prefill of every row's whole sequence that becomes the group's cache."""
+        device = next(self.bank.model.parameters()).device
+        co = self._cohorts.get(key)
+        if co is not None and {id(r) for r in rows} <= {id(r) for r in co.rows} and all(r.tokens for r in rows):
+            keep = [i for i, r in enumerate(co.rows) if any(r is x for x in rows)]
+            if len(keep) < len(co.rows):
+                idx = torch.tensor(keep, device=device)
+                co.cache.batch_select_indices(idx)
+                co.mask = co.mask[idx]
+                co.rows = [co.rows[i] for i in keep]
+            rows = co.rows
+            ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
+            co.mask = torch.cat([co.mask, co.mask.new_ones(len(rows), 1)], dim=1)
+            positions = co.mask.sum(-1, keepdim=True) - 1
+            with self.bank.using([r.adapter for r in rows]):
+                out = self.bank.model(input_ids=ids, attention_mask=co.mask, position_ids=positions,
+                                      past_key_values=co.cache, use_cache=True, logits_to_keep=1)
+            return rows, out.logits
+        seqs = [r.prompt + r.tokens for r in rows]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, s in enumerate(seqs):
+            ids[j, width - len(s):] = torch.tensor(s)
+            mask[j, width - len(s):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.bank.using([r.adapter for r in rows]):
+            out = self.bank.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                  logits_to_keep=1)
+        self._cohorts[key] = _Cohort(list(rows), out.past_key_values, mask)
+        return rows, out.logits
+
+    def _finish(self, r: Request, reason: str) -> None:
+        with self._lock:
+            self._active.remove(r)
+        r.on_token(None, reason)
