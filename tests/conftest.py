@@ -26,11 +26,25 @@ def fixed_batch(vocab: int = 259, batch: int = 2, length: int = 12, seed: int = 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+def for_model(model, batch: dict) -> dict:
+    """``batch`` as ``model`` reads it: an encoder-decoder (T5) also gets decoder inputs, the labels shifted right
+    behind its decoder start token (the encoder reads input_ids; the decoder learns to copy them)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or "decoder_input_ids" in batch:
+        return batch
+    labels = batch["labels"]
+    start = torch.full_like(labels[:, :1], config.decoder_start_token_id)
+    dec = torch.cat([start, labels[:, :-1].clamp(min=0)], dim=1)
+    return {**batch, "decoder_input_ids": dec, "decoder_attention_mask": torch.ones_like(dec)}
+
+
 @torch.no_grad()
 def logits(model, batch) -> torch.Tensor:
     was = model.training
     model.eval()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    batch = for_model(model, batch)
+    extra = {k: batch[k] for k in ("decoder_input_ids", "decoder_attention_mask") if k in batch}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra).logits
     model.train(was)
     return out
 
@@ -40,7 +54,7 @@ def loss_of(model, batch) -> torch.Tensor:
     from leantune.train.loop import token_loss_sum
 
     causal = anatomy(model).causal
-    total, n = token_loss_sum(model, batch, causal)
+    total, n = token_loss_sum(model, for_model(model, batch), causal)
     return total / n
 
 

@@ -88,7 +88,8 @@ def test_bad_paths_in_a_family_spec_are_reported():
 def test_unknown_role_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown target role.*'qq'"):
         resolve_roles("q,qq")
-    assert resolve_roles("all-linear") == ["q", "k", "v", "o", "gate", "up", "down"]
+    assert resolve_roles("all-linear") == ["q", "k", "v", "o", "gate", "up", "down", "cross_q", "cross_k", "cross_v",
+                                           "cross_o"]
 
 
 def _tiny_hf(kind):

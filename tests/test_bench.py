@@ -423,3 +423,15 @@ def test_tiny_bench_end_to_end_writes_the_schema(tmp_path):
     assert "efficiency lora (leantune)" in proc.stdout  # the terminal says which method runs
     for png in ("accuracy_vs_peak_memory.png", "accuracy_vs_step_time.png", "memory_breakdown.png"):
         assert Path(out / png).stat().st_size > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="exec keeping ru_maxrss is Linux behaviour")
+def test_cpu_peak_of_a_job_process_is_its_own_not_its_parents():
+    """The bench runs each job in a child process; its CPU peak must not start from the parent's RSS (ru_maxrss
+    survives exec on Linux). The parent holds 1.5 GiB; the child, which imports torch and leantune, holds far less."""
+    held = bytearray(1536 << 20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1
+    code = "from leantune.measure.memory import peak_bytes; print(peak_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) < len(held)

@@ -39,27 +39,29 @@ FAMILIES = {
     "deberta-v2": "builtin:tiny-deberta",
     "mixtral": "builtin:tiny-mixtral",
     "qwen2_moe": "builtin:tiny-qwen2-moe",
+    "t5": "builtin:tiny-t5",
 }
 METHODS = sorted(cls.name for cls in list_methods())
 # (family, method) -> words of the refusal at apply
 REFUSALS = {
     ("olmo2", "light_peft"): "whole-projection q/k norms",
     **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
-    **{(f, "s2ft"): "not per expert" for f in ("mixtral", "qwen2_moe")},
     # an FFN made of experts has no single FFN input/output/activation to attach an adapter or a scale to
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},
     ("gpt_neox", "ia3"): "interleaved per head",
     # attention computed by the family's own code, not through transformers' attention interface: nowhere to add
     # key/value prefixes
-    **{(f, m): "defines no attention entry point" for f in ("falcon", "deberta-v2")
+    **{(f, m): "defines no attention entry point" for f in ("falcon", "deberta-v2", "t5")
        for m in ("prefix_tuning", "prefix_flat", "mam", "unipelt")},
     **{("mixtral", m): "defines no placement point" for m in ("mam", "unipelt")},
+    ("t5", "prompt_tuning"): "encoder-decoder model",
+    ("t5", "light_peft"): "relative position bias with one column per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
     **{(f, "bitfit"): "has no switch that gives them a bias" for f in ("gemma", "gemma2", "gemma3_text", "phi3",
-                                                                         "olmo2", "mixtral", "qwen2_moe")},
+                                                                         "olmo2", "mixtral", "qwen2_moe", "t5")},
     **{(f, "light_peft"): "without a prune plan" for f in FAMILIES},  # a merged export is of the pruned model
 }
 EXPORT_NOTES = {  # why, for docs/models.md
@@ -80,8 +82,10 @@ def _record(family: str, method: str, outcome: str, detail: str = "") -> None:
 
 
 def _plain_class(model):
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
+    if model.config.is_encoder_decoder:
+        return AutoModelForSeq2SeqLM
     return AutoModelForCausalLM if not type(model).__name__.endswith("MaskedLM") else AutoModelForMaskedLM
 
 

@@ -6,6 +6,11 @@ The only place in leantune that knows model families. Methods ask for roles (``q
 Roles of a block's linear layers:
   ``q k v o``          attention projections (GPT-2, Phi-3, GPT-NeoX, Falcon have one fused ``qkv`` instead)
   ``gate up down``     the FFN (gate only in gated families; Phi-3 has one fused ``gate_up``)
+  ``cross_q cross_k cross_v cross_o``  an encoder-decoder's cross-attention (T5's decoder blocks): queries from
+                       the decoder, keys and values from the encoder's output
+Stacks: an encoder-decoder (T5) has two stacks of blocks; the spec's own ``blocks``/``roles``/``norms`` describe the
+first (``stack``, e.g. "encoder"), ``FamilySpec.stacks`` the others (:class:`Stack`). ``Anatomy.blocks`` holds them
+all, first stack first, numbered on (``Block.stack`` says which).
 Weights are read through :func:`weight_2d`, which always returns the (out, in) view, also for GPT-2's Conv1D
 layers that store (in, out).
 
@@ -39,7 +44,8 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+CROSS_ROLES = ("cross_q", "cross_k", "cross_v", "cross_o")
+LINEAR_ROLES = ("q", "k", "v", "o", "gate", "up", "down", *CROSS_ROLES)
 FUSED_ROLES = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}  # a fused role stands for these roles
 ALL_LINEAR = "all-linear"
 # placement point -> (linear role, side): the default for every family (FamilySpec.placements overrides)
@@ -58,6 +64,16 @@ QKV_LAYOUTS = {
     "per_head": "for each head [q | k | v] (GPT-NeoX, Falcon without multi-query; as many KV heads as query heads)",
     "grouped": "for each KV head [its g query heads | k | v] (Falcon's new decoder architecture)",
 }
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A further stack of blocks (an encoder-decoder's decoder), paths as in :class:`FamilySpec`."""
+
+    name: str
+    blocks: str
+    roles: dict[str, str]
+    norms: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -94,6 +110,14 @@ class FamilySpec:
     # placement point -> (role, side) where it differs from PLACEMENTS, or None where the family has no such point
     # (an attached method that needs it refuses at apply)
     placements: dict[str, tuple[str, str] | None] = field(default_factory=dict)
+    # Encoder-decoder (T5): the first stack's name, the further stacks, norms outside the blocks that are not the
+    # final norm before the head (the encoder's output norm); ``seq2seq``: trained and evaluated as a seq2seq LM
+    stack: str = ""
+    stacks: tuple[Stack, ...] = ()
+    extra_norms: tuple[str, ...] = ()
+    seq2seq: bool = False
+    # the spec for this model's config, where the family's layout depends on it (T5's gated or plain FFN)
+    by_config: Callable | None = None
     # the block's attention module, when it calls transformers' attention interface (the attention entry point)
     attention: str | None = None
 
@@ -223,6 +247,40 @@ _BERT = FamilySpec(
     attention="attention.self",
 )
 
+def _t5_roles(attn: str, ffn: str, gated: bool, cross: str | None = None) -> dict[str, str]:
+    roles = {r: f"{attn}.{r}" for r in ("q", "k", "v", "o")}
+    if cross:
+        roles.update({f"cross_{r}": f"{cross}.{r}" for r in ("q", "k", "v", "o")})
+    ffn_roles = {"gate": "wi_0", "up": "wi_1", "down": "wo"} if gated else {"up": "wi", "down": "wo"}
+    return {**roles, **{r: f"{ffn}.{m}" for r, m in ffn_roles.items()}}
+
+
+def _t5_spec(gated: bool) -> FamilySpec:
+    """T5 (and T5 v1.1 / Flan-T5 with ``is_gated_act``: wi_0, wi_1, wo as gate, up, down): an encoder stack, a decoder
+    stack with cross-attention, no biases, one relative position bias per stack (block 0; no role: methods leave it)."""
+    return FamilySpec(
+        blocks="encoder.block",
+        embed="shared",
+        final_norm="decoder.final_layer_norm",
+        roles=_t5_roles("layer.0.SelfAttention", "layer.1.DenseReluDense", gated),
+        norms=("layer.0.layer_norm", "layer.1.layer_norm"),
+        causal=False,
+        n_heads_attr=("num_heads",),
+        hidden_attr=("d_model",),
+        intermediate_attr=("d_ff",),
+        stack="encoder",
+        stacks=(Stack("decoder", "decoder.block",
+                      _t5_roles("layer.0.SelfAttention", "layer.2.DenseReluDense", gated, cross="layer.1.EncDecAttention"),
+                      ("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm")),),
+        extra_norms=("encoder.final_layer_norm",),
+        seq2seq=True,
+        by_config=lambda config: _T5_GATED if getattr(config, "is_gated_act", False) else _T5_PLAIN,
+    )
+
+
+_T5_PLAIN, _T5_GATED = _t5_spec(False), _t5_spec(True)
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -241,7 +299,7 @@ _QWEN2_MOE = replace(_FIXED_BIAS, roles={**{r: p for r, p in _LLAMA.roles.items(
 FAMILIES.update({"mixtral": _MIXTRAL, "qwen2_moe": _QWEN2_MOE})
 FAMILIES.update({"mistral": _FIXED_BIAS, "qwen2": _FIXED_BIAS, "qwen3": _QWEN3, "gemma": _GEMMA, "gemma2": _GEMMA,
                  "gemma3_text": _GEMMA, "olmo2": _OLMO2, "phi3": _PHI3, "gpt_neox": _GPT_NEOX, "opt": _OPT,
-                 "falcon": _FALCON, "deberta-v2": _DEBERTA_V2})
+                 "falcon": _FALCON, "deberta-v2": _DEBERTA_V2, "t5": _T5_GATED})
 
 
 def register_family(model_type: str, spec: FamilySpec, model: nn.Module | None = None) -> None:
@@ -268,7 +326,7 @@ class UnsupportedModelError(ValueError):
 ENTRY_POINT_GROUP = "leantune.families"
 SPEC_ENV = "LEANTUNE_FAMILY_SPECS"  # family-spec files (os.pathsep-separated), read by this process and its children
 _TUPLE_FIELDS = ("norms", "extra_embeds", "head_names", "n_heads_attr", "n_kv_heads_attr", "hidden_attr",
-                 "intermediate_attr")
+                 "intermediate_attr", "extra_norms")
 _loaded_outside = False
 
 
@@ -292,9 +350,22 @@ def spec_from_dict(d: dict, where: str = "family spec") -> tuple[str, FamilySpec
     if d.get("qkv_layout", "blocked") not in QKV_LAYOUTS:
         raise UnsupportedModelError(f"{where} ({model_type!r}): qkv_layout {d['qkv_layout']!r} is not one of "
                                     f"{', '.join(QKV_LAYOUTS)}")
+    if "by_config" in d:
+        raise UnsupportedModelError(f"{where} ({model_type!r}): by_config is a Python function; describe one layout "
+                                    "per file (or register the family from Python)")
     for k in _TUPLE_FIELDS:
         if k in d:
             d[k] = (d[k],) if isinstance(d[k], str) else tuple(d[k])
+    if "stacks" in d:  # further stacks (an encoder-decoder's decoder): name, blocks, roles, norms each
+        stacks = d["stacks"] if isinstance(d["stacks"], list) else [d["stacks"]]
+        try:
+            d["stacks"] = tuple(Stack(**{**st, "norms": tuple(st.get("norms", ()))}) for st in stacks)
+        except TypeError as e:
+            raise UnsupportedModelError(f"{where} ({model_type!r}): each of stacks is a mapping with name, blocks, "
+                                        f"roles, norms ({e})") from None
+        bad = sorted({r for st in d["stacks"] for r in st.roles} - set(LINEAR_ROLES) - set(FUSED_ROLES))
+        if bad:
+            raise UnsupportedModelError(f"{where} ({model_type!r}): unknown role(s) {bad} in stacks")
     return model_type, FamilySpec(**d)
 
 
@@ -396,6 +467,7 @@ class Block:
     qk_norms: dict[str, nn.Module] = field(default_factory=dict)  # "q" / "k" -> the norm on queries / keys
     experts: nn.Module | None = None  # mixture of experts: the module with 3-D gate_up_proj / down_proj
     router: nn.Module | None = None
+    stack: str = ""  # which stack it belongs to ("encoder" / "decoder" in an encoder-decoder)
     attention: nn.Module | None = None  # the attention entry point (FamilySpec.attention), None where undefined
 
     def linear(self, role: str) -> nn.Module | None:
@@ -435,10 +507,21 @@ class Anatomy:
     names: dict[int, str] = field(default_factory=dict)  # id(module) -> qualified name in the model
     qkv_layout: str = "blocked"  # the fused qkv's row order (QKV_LAYOUTS), resolved for this model's config
     n_experts: int = 0  # routed experts per block (0: a dense FFN)
+    extra_norms: list[nn.Module] = field(default_factory=list)  # outside the blocks, not before the head (T5's encoder)
 
     @property
     def causal(self) -> bool:
         return self.spec.causal
+
+    @property
+    def seq2seq(self) -> bool:
+        """An encoder-decoder LM (T5): trained on (encoder input, decoder labels), evaluated by decoder generation."""
+        return self.spec.seq2seq
+
+    @property
+    def generative(self) -> bool:
+        """Generates text (a causal or a seq2seq LM), as training and `leantune eval` need."""
+        return self.spec.causal or self.spec.seq2seq
 
     def name_of(self, module: nn.Module) -> str:
         return self.names[id(module)]
@@ -529,7 +612,7 @@ class Anatomy:
         return [(self.name_of(b.attention), b.attention) for b in self.blocks]
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
-        mods = [n for b in self.blocks for n in b.norms]
+        mods = [n for b in self.blocks for n in b.norms] + list(self.extra_norms)
         if include_final and self.final_norm is not None:
             mods.append(self.final_norm)
         return [(self.name_of(m), m) for m in mods]
@@ -630,11 +713,11 @@ def _config_int(config, attrs, default=None):
 
 def family_spec(model: nn.Module, spec: FamilySpec | None = None) -> FamilySpec:
     if spec is not None:
-        return spec
+        return spec.by_config(model.config) if spec.by_config else spec
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     known = known_family(model_type)
     if known is not None:
-        return known
+        return known.by_config(model.config) if known.by_config else known
     raise UnsupportedModelError(
         f"leantune does not know model_type {model_type!r} (class {type(model).__name__}). Known: "
         f"{', '.join(sorted(FAMILIES))}. Describe it once with "
@@ -670,9 +753,17 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
             "pass a FamilySpec whose paths match this model"
         )
     blocks = []
-    for i, bmod in enumerate(blocks_mod):
+    stacks = [(spec.stack, blocks_mod, spec.roles, spec.norms)]
+    for st in spec.stacks:
+        mod = _get(base, st.blocks)
+        if mod is None:
+            raise UnsupportedModelError(f"model_type {config.model_type!r}: no {st.name} blocks at "
+                                        f"{type(base).__name__}.{st.blocks}; pass a FamilySpec whose paths match")
+        stacks.append((st.name, mod, st.roles, st.norms))
+    in_order = [(name, bmod, roles, norm_paths) for name, mods, roles, norm_paths in stacks for bmod in mods]
+    for i, (stack_name, bmod, roles, norm_paths) in enumerate(in_order):
         linears = {}
-        for role, path in spec.roles.items():
+        for role, path in roles.items():
             mod = _get(bmod, path)
             if mod is None:
                 raise UnsupportedModelError(
@@ -688,7 +779,7 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                     "named by the spec's router / experts fields)"
                 )
             linears[role] = mod
-        norms = [m for p in spec.norms if (m := _get(bmod, p)) is not None]
+        norms = [m for p in norm_paths if (m := _get(bmod, p)) is not None]
         qk = {part: m for part, p in (("q", spec.q_norm), ("k", spec.k_norm)) if p and (m := _get(bmod, p)) is not None}
         experts = _get(bmod, spec.experts) if spec.experts else None
         if experts is not None and not all(getattr(getattr(experts, a, None), "dim", lambda: 0)() == 3
@@ -697,7 +788,7 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 f"model_type {config.model_type!r}: block {i} {spec.experts!r} ({type(experts).__name__}) has no 3-D "
                 "gate_up_proj [experts, 2*I, H] and down_proj [experts, H, I] parameters")
         blocks.append(Block(i, bmod, linears, norms, qk, experts, _get(bmod, spec.router) if spec.router else None,
-                            _get(bmod, spec.attention) if spec.attention else None))
+                            stack_name, _get(bmod, spec.attention) if spec.attention else None))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
@@ -723,6 +814,7 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
         embed=embed,
         extra_embeds=[m for p in spec.extra_embeds if (m := _get(base, p)) is not None],
         final_norm=_get(base, spec.final_norm) if spec.final_norm else None,
+        extra_norms=[m for p in spec.extra_norms if (m := _get(base, p)) is not None],
         head=head,
         blocks=blocks,
         n_heads=n_heads,
@@ -755,8 +847,8 @@ def check_anatomy(anat: Anatomy) -> Anatomy:
     for b in anat.blocks:
         ffn = in_out_features(b.linears["down"])[0] if b.experts is not None and "down" in b.linears else inter
         expect_out = {"q": nq * hd, "k": nkv * hd, "v": nkv * hd, "qkv": (nq + 2 * nkv) * hd, "up": ffn,
-                      "gate": ffn, "gate_up": 2 * ffn}
-        expect_in = {"o": nq * hd, "down": ffn}
+                      "gate": ffn, "gate_up": 2 * ffn, "cross_q": nq * hd, "cross_k": nkv * hd, "cross_v": nkv * hd}
+        expect_in = {"o": nq * hd, "down": ffn, "cross_o": nq * hd}
         for role, mod in b.linears.items():
             in_f, out_f = in_out_features(mod)
             if role in expect_out and out_f != expect_out[role]:

@@ -116,6 +116,11 @@ _FAMILY_MODELS = {
                               relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=32,
                               share_att_key=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
                      "2-layer DeBERTa-v3 style masked LM (disentangled relative attention), an encoder"),
+    "tiny-t5": (_tiny_hf("T5Config", "T5ForConditionalGeneration", d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                         num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
+                         dropout_rate=0.0, tie_word_embeddings=False, decoder_start_token_id=0, initializer_factor=0.1,
+                         **_IDS),
+                "2-layer (+2 decoder) T5 v1.1 encoder-decoder, gated-GELU FFN, relative position bias, no biases"),
 }
 
 
@@ -196,7 +201,13 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | 
 
 
 def _load_hf(name: str, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+    )
 
     if not os.path.isdir(name) and os.path.exists(name):
         raise ValueError(f"model {name!r} is a file; give a model folder, a hub id or a builtin: name")
@@ -210,7 +221,10 @@ def _load_hf(name: str, dtype):
     from .anatomy import known_family
 
     spec = known_family(config.model_type)
-    auto = AutoModelForCausalLM if (spec is None or spec.causal) else AutoModelForMaskedLM
+    if getattr(config, "is_encoder_decoder", False):  # T5 and kin: the config says, whatever the family spec
+        auto = AutoModelForSeq2SeqLM
+    else:
+        auto = AutoModelForCausalLM if (spec is None or spec.causal) else AutoModelForMaskedLM
     model = auto.from_pretrained(name, dtype=dtype) if dtype is not None else auto.from_pretrained(name)
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:

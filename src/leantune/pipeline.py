@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import export, io
 from .api import apply
-from .data.encode import encode_examples
+from .data.encode import decoder_start, encode_examples
 from .data.evaluate import eval_loss, generate_accuracy
 from .data.tasks import get_task
 from .models import load_model
@@ -19,20 +19,21 @@ from .train.loop import TrainConfig, seed_everything, train
 
 
 def load_training_data(tokenizer, task: str | None, data_path: str | None, max_length: int, seed: int,
-                       val_fraction: float = 0.1, report: dict | None = None):
+                       val_fraction: float = 0.1, report: dict | None = None, start: int | None = None):
     """(encoded train examples, held-out Examples for evaluation, scorer, max_new_tokens, source name).
-    ``report`` (a dict, when given) receives the example count and how many were too long."""
+    ``report`` (a dict, when given) receives the example count and how many were too long; ``start``: an
+    encoder-decoder's decoder start token (seq2seq encoding, :func:`data.encode.decoder_start`)."""
     if task:
         t = get_task(task, seed=0)
         train_ex, test_ex = t.split("train"), t.split("test")
-        encoded = encode_examples(tokenizer, train_ex, max_length, task)
+        encoded = encode_examples(tokenizer, train_ex, max_length, task, start)
         if report is not None:
             report.update(examples=len(train_ex), too_long=len(train_ex) - len(encoded))
         return encoded, test_ex, t.score, t.max_new_tokens, task
     from .data.files import load_examples_split
 
     train_ex, val_ex = load_examples_split(data_path, tokenizer, seed=seed, val_fraction=val_fraction)
-    encoded = encode_examples(tokenizer, train_ex, max_length, data_path)
+    encoded = encode_examples(tokenizer, train_ex, max_length, data_path, start)
     if report is not None:
         report.update(examples=len(train_ex), too_long=len(train_ex) - len(encoded))
     # the longest answer plus one token: enough to match it, and to see a longer prediction differ
@@ -52,16 +53,16 @@ def run_training(*, model_name: str, method_name: str | None, method_options: di
             raise ValueError(f"--method {method_name!r} but the adapter {adapter!r} is a {method.name!r} adapter")
     else:
         method = apply(model, method_name, **method_options)
-    if not method.anatomy.causal:
+    if not method.anatomy.generative:
         raise ValueError(
             f"{model_name!r} is an encoder ({method.anatomy.model_type}); leantune's generative training needs a "
-            "causal LM. Use the Python API with your own loss for encoders."
+            "causal or a seq2seq LM. Use the Python API with your own loss for encoders."
         )
     if save_merged and (why := method.merged_export_refusal()):
         raise ValueError(f"--save-merged: {why}")
     report: dict = {}
     data, held_out, scorer, max_new, source = load_training_data(
-        tokenizer, task, data_path, max_length, train_config.seed, val_fraction, report)
+        tokenizer, task, data_path, max_length, train_config.seed, val_fraction, report, decoder_start(model))
     if packing:
         from .data.files import check_packing, pack_examples
 
@@ -153,8 +154,9 @@ def run_evaluation(*, model_name: str | None, adapter: str | None, task: str | N
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     model, tokenizer = load_for_inference(model_name, adapter, base_dtype, quantize)
-    if not anatomy(model).causal:
-        raise ValueError(f"{name_of(model)!r} is an encoder; `leantune eval` generates text and needs a causal LM")
+    if not anatomy(model).generative:
+        raise ValueError(f"{name_of(model)!r} is an encoder; `leantune eval` generates text and needs a causal or "
+                         "a seq2seq LM")
     if task:
         t = get_task(task, seed=0)
         split = split or "test"

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from .encode import Example, bos_prefix
+from .encode import Example, bos_prefix, decoder_start
 
 
 def normalize(text: str) -> str:
@@ -17,14 +17,20 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
-    """Left-padded batched greedy decoding; returns the decoded continuations."""
+    """Left-padded batched greedy decoding; returns the decoded continuations (an encoder-decoder's decoder output:
+    the encoder reads the prompt as training encoded it)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    seq2seq = decoder_start(model) is not None
+    eos = tokenizer.eos_token_id
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
         chunk = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
-        chunk = [bos_prefix(tokenizer, c) + c for c in chunk]
+        if seq2seq:
+            chunk = [c + [eos] if eos is not None and c[-1:] != [eos] else c for c in chunk]
+        else:
+            chunk = [bos_prefix(tokenizer, c) + c for c in chunk]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -35,7 +41,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         )
-        for row in gen[:, width:]:
+        # a causal LM returns prompt + continuation; an encoder-decoder the decoder start token + continuation
+        for row in gen[:, 1:] if seq2seq else gen[:, width:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True))
     model.train(was_training)
     return out
@@ -67,14 +74,15 @@ def eval_loss(model, tokenizer, examples: list[Example], max_length: int, batch_
     from ..train.loop import token_loss_sum  # the training loss itself, so the two are comparable
     from .encode import collate, encode_example
 
-    encoded = [e for ex in examples if (e := encode_example(tokenizer, ex.prompt, ex.response, max_length))]
+    start = decoder_start(model)
+    encoded = [e for ex in examples if (e := encode_example(tokenizer, ex.prompt, ex.response, max_length, start))]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     for i in range(0, len(encoded), batch_size):
         batch = {k: v.to(device) for k, v in collate(encoded[i:i + batch_size], tokenizer.pad_token_id).items()}
-        loss_sum, n = token_loss_sum(model, batch, causal=True)
+        loss_sum, n = token_loss_sum(model, batch, causal=start is None)
         total, tokens = total + float(loss_sum), tokens + n
     model.train(was_training)
     return {"loss": total / tokens if tokens else None, "loss_tokens": tokens, "too_long": len(examples) - len(encoded)}

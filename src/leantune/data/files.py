@@ -366,6 +366,9 @@ def pack_examples(encoded: list[dict], max_length: int) -> list[dict]:
 def check_packing(model) -> None:
     """Raise unless ``model`` keeps packed examples apart: the logits of two short sequences packed in one row
     (positions restarting) must equal their logits run alone."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise DataError(f"packing: {type(model).__name__} is an encoder-decoder; packing concatenates causal-LM rows "
+                        "(one sequence per row), so train it without --packing")
     device = next(model.parameters()).device
     vocab = model.get_input_embeddings().num_embeddings
     g = torch.Generator().manual_seed(0)

@@ -247,7 +247,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         return save_peft_lora(
             directory, **factors, fan_in_fan_out=False,
             base_model_name_or_path=base_model_name_or_path or _model_name(model),
-            task_type="CAUSAL_LM" if method.anatomy.causal else None,
+            task_type=_task_type(method.anatomy),
             target_modules=_short_targets(model, set(factors["modules"])),
         )
     other = method.peft_adapter()
@@ -257,7 +257,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
             config[key] = _short_targets(model, set(names))
         return save_peft_adapter(directory, config, other["weights"],
                                  base_model_name_or_path=base_model_name_or_path or _model_name(model),
-                                 task_type="CAUSAL_LM" if method.anatomy.causal else None,
+                                 task_type=_task_type(method.anatomy),
                                  target_modules=_short_targets(model, set(other["weights"])))
     factors = method.lora_factors()
     if factors is None:
@@ -273,9 +273,14 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, base_model_name_
         target_parameters=_short_targets(model, set(params), parameters=True) if params else None,
         fan_in_fan_out=bool(layers) and all(is_conv1d(m) for m in layers),
         base_model_name_or_path=base_model_name_or_path or _model_name(model),
-        task_type="CAUSAL_LM" if method.anatomy.causal else None,
+        task_type=_task_type(method.anatomy),
         target_modules=_short_targets(model, set(factors["modules"])),
     )
+
+
+def _task_type(anat) -> str | None:
+    """PEFT's task type for this model (a plain PeftModel, None, for encoders)."""
+    return "CAUSAL_LM" if anat.causal else "SEQ_2_SEQ_LM" if anat.seq2seq else None
 
 
 def _model_name(model: nn.Module) -> str | None:

@@ -40,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..data.encode import decoder_start
 from .memory import (
     LiveBytesMeter,
     SavedTensorMeter,
@@ -456,7 +457,12 @@ class _Session:
             raise
 
     def batch(self, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
-        return _batch(self.source.vocab, batch_size, seq_len)
+        b = _batch(self.source.vocab, batch_size, seq_len)
+        start = decoder_start(self.model)
+        if start is not None:  # an encoder-decoder (T5): seq_len tokens on each side, the labels shifted right
+            dec = torch.cat([torch.full_like(b["labels"][:, :1], start), b["labels"][:, :-1]], dim=1)
+            b.update(decoder_input_ids=dec, decoder_attention_mask=torch.ones_like(dec))
+        return b
 
     def _autocast(self):
         mp = self.settings.mixed_precision

@@ -25,9 +25,10 @@ def heldout_loss(model, tokenizer, base_name: str) -> float | None:
     return float(forgetting(model, tokenizer))
 
 
-def train_examples(tokenizer, task: Task, max_length: int, val_examples: int = 0):
+def train_examples(tokenizer, task: Task, max_length: int, val_examples: int = 0, start: int | None = None):
     """(encoded training examples, held-back validation Examples). Validation examples come off the end of the
-    train split, so a learning-rate sweep never picks by the test split."""
+    train split, so a learning-rate sweep never picks by the test split. ``start``: an encoder-decoder's decoder
+    start token (seq2seq encoding)."""
     train = task.split("train")
     if val_examples:
         if val_examples >= len(train):
@@ -35,4 +36,4 @@ def train_examples(tokenizer, task: Task, max_length: int, val_examples: int = 0
         train, val = train[:-val_examples], train[-val_examples:]
     else:
         val = []
-    return encode_examples(tokenizer, train, max_length, task.name), val
+    return encode_examples(tokenizer, train, max_length, task.name, start), val

@@ -82,7 +82,9 @@ def job_quality(spec: dict) -> dict:
     seed_everything(seed)  # the method's initial weights (LoRA's A, S²FT's draw) follow the run's seed
     method = apply_run(model, run)
     task = get_task(spec["task"])
-    data, val = train_examples(tok, task, budget["max_length"], spec.get("val_examples", 0))
+    from ..data.encode import decoder_start
+
+    data, val = train_examples(tok, task, budget["max_length"], spec.get("val_examples", 0), decoder_start(model))
     cfg = TrainConfig(max_steps=budget["max_steps"], lr=spec.get("lr"), batch_size=budget["batch_size"],
                       warmup_steps=budget.get("warmup_steps", 0), lr_schedule=budget.get("lr_schedule", "linear"),
                       seed=seed, output_dir=spec["train_dir"], resume=False, progress=False)

@@ -174,6 +174,11 @@ class LightPeft(Method):
                 f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts; Light-PEFT "
                 "cannot prune expert channels yet: prune attention heads only with ffn_ratio=0")
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
+        if heads and anat.seq2seq:
+            raise ConfigError(
+                f"light_peft: this {anat.model_type} model is an encoder-decoder: its attention adds a relative position "
+                "bias with one column per head and its decoder's cross-attention has heads of its own, which head "
+                "pruning does not slice yet; prune FFN channels only with head_ratio=0")
         if heads and anat.qk_norm_kind() == "whole":
             raise ConfigError(
                 f"light_peft: this {anat.model_type} model normalizes its queries and keys over all heads at once "

@@ -483,6 +483,9 @@ class PromptTuning(_SoftPrompt):
         return found
 
     def check_model(self, anat: Anatomy) -> None:
+        if getattr(anat.spec, "seq2seq", False):
+            raise ConfigError(f"prompt_tuning: {anat.model_type} is an encoder-decoder model; virtual tokens before "
+                              "its encoder's input are not wired in leantune yet: use another method on it")
         if not isinstance(anat.embed, nn.Embedding):
             raise ConfigError(f"prompt_tuning: the embedding of this {anat.model_type} model is a "
                               f"{type(anat.embed).__name__}, not an nn.Embedding")

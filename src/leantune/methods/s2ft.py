@@ -15,6 +15,11 @@ the next adapter's (cost independent of the layer's width); ``fuse`` sums adapte
 
 The adapter state is, per module, ``<name>.in_indices`` + ``<name>.in_delta`` (input slice) or ``<name>.out_indices``
 + ``<name>.out_delta`` (output slice); loading a state adopts its k, so fused adapters save and load like any other.
+
+Mixture of experts: ``down`` also selects channels per routed expert in the 3-D ``experts.down_proj`` [E, H, I]:
+expert e trains a dense block D_e (H, k) on its own k channels idx_e, ``W_e[:, idx_e] += D_e`` (a parametrization of
+the experts module, computed once per forward); the state holds ``<experts>.down_proj.expert_indices`` [E, k] and
+``.expert_delta`` [E, H, k]. Selection: random or weight norms (per expert); no LoRA/PEFT form, no fuse yet.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from ..quant import refuse_quantized_merge
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
+from .lora import _experts_forward
 from .terms import Columns, Rows
 
 S2FT_ROLES = ("o", "down", "v", "up")
@@ -176,6 +182,53 @@ class S2FTSlice(nn.Module):
         self.merged = False
 
 
+class ExpertChannels(nn.Module):
+    """Per routed expert e, k channels ``indices[e]`` of a 3-D ``down_proj`` [E, H, I] (its input columns) and a
+    dense block ``delta[e]`` (H, k), zero at init; a child ``s2ft_down_proj`` of the experts module."""
+
+    def __init__(self, weight: torch.Tensor, count: int):
+        super().__init__()
+        e, h, _i = weight.shape
+        self.delta = nn.Parameter(torch.zeros(e, h, count, dtype=trainable_dtype(weight), device=weight.device))
+        self.register_buffer("indices", torch.zeros(e, count, dtype=torch.long, device=weight.device),
+                             persistent=False)
+        self.register_buffer("saved", None, persistent=False)
+        self.n_units = weight.shape[2]
+        self.selected = self.merged = False
+        self.active = True
+
+    def spread(self, like: torch.Tensor) -> torch.Tensor:
+        """The indices expanded over the H rows, for scatter/gather on the [E, H, I] weight."""
+        return self.indices[:, None, :].expand(-1, like.shape[1], -1)
+
+    @torch.no_grad()
+    def merge_into(self, w: torch.Tensor) -> None:
+        idx = self.spread(w)
+        self.saved = w.gather(2, idx)  # the original values, for a bitwise unmerge
+        w.scatter_add_(2, idx, self.delta.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def restore(self, w: torch.Tensor) -> None:
+        w.scatter_(2, self.spread(w), self.saved)
+        self.saved, self.merged = None, False
+
+
+class _ExpertChannelsDelta(nn.Module):
+    """The parametrization: W -> W with each expert's block added on its channels (its gradient is the full-weight
+    gradient's selected columns; the channels are held by reference, so their delta stays under the experts module)."""
+
+    def __init__(self, channels: ExpertChannels):
+        super().__init__()
+        self.__dict__["channels"] = channels
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        c = self.__dict__["channels"]
+        if not c.active or c.merged:
+            return w
+        return w.scatter_add(2, c.spread(w), c.delta.to(w.dtype))
+
+
 def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """The layer's output plus the slice's term, given the layer's own output (when the layer cannot be fused)."""
     s: S2FTSlice = module.s2ft
@@ -238,6 +291,8 @@ class S2FT(AttachedMethod):
     def _apply(self, model, anat):
         cfg = self.config
         self._start()
+        self.experts: dict[str, nn.Module] = {}  # "<experts module>.down_proj" -> the experts module
+        self._expert_hooks = []
         per_block = self._targets(anat)
         lora_params = self._lora_params(anat)
         for block in anat.blocks:
@@ -247,9 +302,12 @@ class S2FT(AttachedMethod):
                 if counts[t["name"]] == 0:
                     continue
                 mod = t["module"]
+                if t.get("experts"):
+                    self._attach_experts(t["name"], mod, counts[t["name"]])
+                    continue
                 self.attach(t["name"], mod, S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)),
                             _s2ft_forward)
-        if not self.layers:
+        if not self.layers and not self.experts:
             raise ValueError(f"s2ft: the budget selects nothing on this {anat.model_type} model ({cfg}); "
                              "raise lora_r, ratio, heads or channels")
         if cfg.selection == "random":
@@ -260,13 +318,50 @@ class S2FT(AttachedMethod):
         elif self.calibration is not None:
             self.calibrate(self.calibration)
 
+    def _attach_experts(self, name: str, mod: nn.Module, count: int) -> None:
+        from torch.nn.utils import parametrize
+
+        channels = ExpertChannels(mod.down_proj, count)
+        mod.add_module("s2ft_down_proj", channels)
+        parametrize.register_parametrization(mod, "down_proj", _ExpertChannelsDelta(channels), unsafe=True)
+        self._expert_hooks.append(fused.override_forward(mod, _experts_forward))
+        self.experts[name] = mod
+
+    def _expert_channels(self):
+        """(name, experts module, ExpertChannels, the stored [E, H, I] weight) per adapted experts module."""
+        for name, mod in getattr(self, "experts", {}).items():
+            yield name, mod, mod.s2ft_down_proj, mod.parametrizations.down_proj.original
+
+    def trainable_parameters(self):
+        yield from self._named_child_parameters()
+        for name, _mod, c, _w in self._expert_channels():
+            yield f"{name.rsplit('.', 1)[0]}.s2ft_down_proj.delta", c.delta
+
+    def unload(self) -> nn.Module:
+        """Take the expert channels off too (the weights as they are: merged values after merge_and_unload)."""
+        from torch.nn.utils import parametrize
+
+        self._model()
+        for h in getattr(self, "_expert_hooks", []):
+            h.remove()
+        for _name, mod, _c, _w in list(self._expert_channels()):
+            parametrize.remove_parametrizations(mod, "down_proj", leave_parametrized=False)
+            delattr(mod, "s2ft_down_proj")
+        self.experts, self._expert_hooks = {}, []
+        return super().unload()
+
     def check_model(self, anat: Anatomy) -> None:
-        ffn = [r for r in self.config.roles if r in ("down", "up")]
-        if ffn and anat.n_experts:
-            raise ConfigError(
-                f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D "
-                f"parameters; S²FT selects FFN channels ({', '.join(ffn)}) in Linear layers only, not per expert "
-                "yet: train attention heads alone with targets=o (or o,v)")
+        if not anat.n_experts or "down" not in self.config.roles and "up" not in self.config.roles:
+            return
+        where = f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D parameters"
+        if "up" in self.config.roles:
+            raise ConfigError(f"{where}; S²FT selects channels per expert in down only, not in the fused gate_up "
+                              "projection yet: use targets=o,down (or o,v,down)")
+        if self.config.selection in DATA_SELECTIONS:
+            raise ConfigError(f"{where}; per-expert channels are selected at random or by weight norm, not by "
+                              f"selection={self.config.selection!r} yet: use selection=random or weight")
+        if self.exclude is not None:
+            raise ConfigError(f"{where}; exclude= (disjoint selections for fusion) is not done for expert channels yet")
 
     def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
         """Per block, the target layers with their slicing geometry: the anatomy says where each unit's indices are
@@ -294,6 +389,12 @@ class S2FT(AttachedMethod):
                 cost = unit * (out_f if side == "in" else in_f)  # parameters per selected unit
                 out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit_index": unit_index,
                                "n_units": n_units, "cost": cost, "kind": _KIND[role]})
+        for b in anat.blocks if "down" in self.config.roles else ():
+            if b.experts is not None:  # one channel in each expert costs E x H parameters
+                e, h, i = b.experts.down_proj.shape
+                out[b.index].append({"name": f"{anat.name_of(b.experts)}.down_proj", "role": "down",
+                                     "module": b.experts, "side": "in", "unit_index": torch.arange(i)[:, None],
+                                     "n_units": i, "cost": e * h, "kind": "channel", "experts": True})
         return out
 
     def _lora_params(self, anat: Anatomy) -> dict[int, int]:
@@ -343,6 +444,20 @@ class S2FT(AttachedMethod):
 
     def _select(self, scores: dict[str, torch.Tensor] | None) -> None:
         """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
+        self._select_layers(scores)
+        gen = torch.Generator().manual_seed(self.config.seed + 1)
+        for _name, _mod, c, w in self._expert_channels():  # per expert: its own channels
+            count = c.delta.shape[2]
+            if scores is None:
+                score = torch.rand(w.shape[0], c.n_units, generator=gen)
+            else:  # weight: the norm of each expert's input column
+                score = w.detach().float().pow(2).sum(1).sqrt().double().cpu()
+                score = -score if self.config.order == "largest" else score
+            order = torch.argsort(score, dim=1, stable=True)[:, :count]
+            c.indices = torch.sort(order, dim=1).values.to(c.delta.device)
+            c.selected = True
+
+    def _select_layers(self, scores: dict[str, torch.Tensor] | None) -> None:
         gen = torch.Generator().manual_seed(self.config.seed)
         excluded = _state_indices(_as_state(self.exclude)) if self.exclude is not None else {}
         for name, mod in self.layers.items():
@@ -399,10 +514,14 @@ class S2FT(AttachedMethod):
     @torch.no_grad()
     def _activation_scores(self, batches) -> dict[str, torch.Tensor]:
         sums: dict[str, torch.Tensor] = {}
-        current: dict[str, torch.Tensor | None] = {"mask": None}
+        current: dict[str, dict] = {"masks": {}}
+        # an encoder-decoder's decoder layers see the decoder's tokens: their padding is the decoder_attention_mask
+        anat = self.anatomy
+        first = anat.blocks[0].stack if anat.blocks else ""
+        decoder_side = {anat.name_of(m) for b in anat.blocks if b.stack != first for m in b.linears.values()}
 
         def record(name, t):
-            mask = current["mask"]
+            mask = current["masks"]["decoder" if name in decoder_side else "input"]
             if mask is not None and t.dim() == 3 and tuple(t.shape[:2]) == tuple(mask.shape):
                 t = t * mask[..., None].to(t.dtype)
             sq = t.float().pow(2).reshape(-1, t.shape[-1]).sum(0)
@@ -416,7 +535,7 @@ class S2FT(AttachedMethod):
                 handles.append(mod.register_forward_hook(lambda m, a, o, name=name: record(name, o)))
         try:
             for b in batches:
-                current["mask"] = b.get("attention_mask")
+                current["masks"] = {"input": b.get("attention_mask"), "decoder": b.get("decoder_attention_mask")}
                 self.model(**b)
         finally:
             for h in handles:
@@ -449,12 +568,15 @@ class S2FT(AttachedMethod):
 
     # -- what trains, what changes ---------------------------------------------------------------------------
     def num_changed(self) -> int:
-        return sum(m.s2ft.delta.numel() for m in self.layers.values())
+        return (sum(m.s2ft.delta.numel() for m in self.layers.values())
+                + sum(c.delta.numel() for _n, _m, c, _w in self._expert_channels()))
 
     def selected_units(self) -> dict[str, list[int]]:
         """Per layer, the selected heads / channels (unit numbers, not indices)."""
-        return {n: _unit_of(m.s2ft, weight_2d(m).shape[m.s2ft.dim])[m.s2ft.indices[:: m.s2ft.unit].cpu()].tolist()
-                for n, m in self.layers.items()}
+        out = {n: _unit_of(m.s2ft, weight_2d(m).shape[m.s2ft.dim])[m.s2ft.indices[:: m.s2ft.unit].cpu()].tolist()
+               for n, m in self.layers.items()}
+        out.update({n: c.indices.tolist() for n, _m, c, _w in self._expert_channels()})  # per expert
+        return out
 
     # -- state -------------------------------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
@@ -465,6 +587,9 @@ class S2FT(AttachedMethod):
                 raise RuntimeError(f"s2ft: {name} has no indices yet; call calibrate(batches) first")
             out[f"{name}.{s.side}_indices"] = s.indices
             out[f"{name}.{s.side}_delta"] = s.delta.data
+        for name, _mod, c, _w in self._expert_channels():
+            out[f"{name}.expert_indices"] = c.indices
+            out[f"{name}.expert_delta"] = c.delta.data
         return out
 
     @torch.no_grad()
@@ -472,6 +597,7 @@ class S2FT(AttachedMethod):
         """Take indices and deltas from ``state`` (k may differ from this config's: fused adapters). On a merged
         model this is the exact switch: restore the current columns, then ``index_add_`` the new ones."""
         expected = {f"{n}.{m.s2ft.side}_{part}" for n, m in self.layers.items() for part in ("indices", "delta")}
+        expected |= {f"{n}.expert_{part}" for n, *_ in self._expert_channels() for part in ("indices", "delta")}
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or extra:
             raise ValueError(f"s2ft adapter does not match this model's s2ft layers: missing {missing[:4]}, "
@@ -481,6 +607,15 @@ class S2FT(AttachedMethod):
             s = mod.s2ft
             idx, delta = state[f"{name}.{s.side}_indices"], state[f"{name}.{s.side}_delta"]
             checked[name] = (_check_slice(name, s, weight_2d(mod).shape, idx, delta), delta)
+        experts = {}
+        for name, _mod, _c, w in self._expert_channels():
+            idx, delta = state[f"{name}.expert_indices"], state[f"{name}.expert_delta"]
+            e, h, i = w.shape
+            if (idx.dim() != 2 or idx.shape[0] != e or tuple(delta.shape) != (e, h, idx.shape[1])
+                    or idx.dtype.is_floating_point or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= i))):
+                raise ValueError(f"s2ft: {name}: expert channels {tuple(idx.shape)} / block {tuple(delta.shape)} do "
+                                 f"not fit {e} experts of {i} channels and {h} outputs; made for another base model?")
+            experts[name] = (idx.to(torch.long), delta)
         was_merged = self.merged
         if was_merged:
             self.unmerge()
@@ -492,11 +627,22 @@ class S2FT(AttachedMethod):
             else:
                 s.delta = nn.Parameter(delta.to(s.delta.dtype, copy=True).to(s.delta.device),
                                        requires_grad=s.delta.requires_grad)
+        for name, _mod, c, _w in list(self._expert_channels()):
+            idx, delta = experts[name]
+            c.indices, c.selected = idx.to(c.delta.device), True
+            if delta.shape == c.delta.shape:
+                c.delta.copy_(delta.to(c.delta.dtype))
+            else:
+                c.delta = nn.Parameter(delta.to(c.delta.dtype, copy=True).to(c.delta.device),
+                                       requires_grad=c.delta.requires_grad)
         if was_merged:
             self.merge()
 
-    def bank_terms(self) -> dict:
-        """Per layer, its block on k input columns (o, down) or k output rows (v, up)."""
+    def bank_terms(self) -> dict | None:
+        """Per layer, its block on k input columns (o, down) or k output rows (v, up); None with per-expert channels
+        (a parametrization of the 3-D expert weight is no per-layer term)."""
+        if getattr(self, "experts", None):
+            return None
         kind = {"in": Columns, "out": Rows}
         return {n: [kind[m.s2ft.side](m.s2ft.indices, m.s2ft.delta.data)] for n, m in self.layers.items()}
 
@@ -511,6 +657,8 @@ class S2FT(AttachedMethod):
             return
         for mod in self.layers.values():
             mod.s2ft.merge_into(mod)
+        for _n, _m, c, w in self._expert_channels():
+            c.merge_into(w)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -519,12 +667,17 @@ class S2FT(AttachedMethod):
             return
         for mod in self.layers.values():
             mod.s2ft.restore(mod)
+        for _n, _m, c, w in self._expert_channels():
+            c.restore(w)
         self.merged = False
 
     # -- LoRA / PEFT export --------------------------------------------------------------------------------
     def to_lora(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module name: (A, B)}`` with ``B @ A == ΔW`` at scale 1: an input slice gives A = one-hot rows of
         idx (k x in), B = D (out x k); an output slice gives A = D (k x in), B = one-hot columns (out x k)."""
+        if getattr(self, "experts", None):
+            raise ValueError("s2ft: per-expert channels (MoE down_proj) have no LoRA form in leantune yet; export "
+                             "--format merged, or save the leantune adapter")
         out = {}
         for name, mod in self.layers.items():
             s = mod.s2ft
@@ -541,7 +694,9 @@ class S2FT(AttachedMethod):
                 out[name] = (d, b)
         return out
 
-    def lora_factors(self) -> dict:
+    def lora_factors(self) -> dict | None:
+        if getattr(self, "experts", None):  # a per-expert block is no Linear layer's LoRA
+            return None
         return {"modules": self.to_lora(), "alpha": None, "use_rslora": False, "magnitudes": None, "dropout": 0.0}
 
     def save_peft(self, directory: str | os.PathLike) -> Path:
@@ -649,6 +804,8 @@ def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
     states = [_as_state(a) for a in adapters]
     if not states:
         raise ValueError("s2ft.fuse: no adapters given")
+    if any(k.endswith(".expert_delta") for st in states for k in st):
+        raise ValueError("s2ft.fuse: these adapters hold per-expert channels (MoE), which fuse does not sum yet")
     weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
     if len(weights) != len(states):
         raise ValueError(f"s2ft.fuse: {len(states)} adapters but {len(weights)} weights")

@@ -127,6 +127,10 @@ def token_loss_sum(model: nn.Module, batch: dict, causal: bool) -> tuple[torch.T
     """Sum of cross-entropy over target tokens, and their count."""
     if "position_ids" in batch:  # packed rows: no 2D mask and no cache, so transformers masks block-causally
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    elif "decoder_input_ids" in batch:  # an encoder-decoder: the logits are the decoder's, aligned with the labels
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"], use_cache=False).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]

@@ -1,0 +1,131 @@
+"""S²FT on a mixture of experts: channels selected per routed expert in the 3-D ``experts.down_proj`` [E, H, I], each
+expert's dense block trained with the gradient the full weight would get on those columns (the family matrix walks
+apply / train / save / load / merge / export on Mixtral and Qwen2-MoE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leantune
+from conftest import fixed_batch, logits, loss_of, tiny
+from leantune.methods.base import ConfigError
+
+MIXTRAL = "builtin:tiny-mixtral"
+
+
+def _channels(method):
+    return [(name, c, w) for name, _mod, c, w in method._expert_channels()]
+
+
+def test_each_expert_trains_its_own_channels_with_the_full_weight_gradient():
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    method = leantune.apply(model, "s2ft")
+    chans = _channels(method)
+    assert len(chans) == 2  # one per block
+    with torch.no_grad():  # move off zero, so the gradient is taken at a point where the blocks act
+        for _, c, _ in chans:
+            c.delta.normal_(0, 0.05)
+    loss_of(model, batch).backward()
+
+    # the slow reference: the same weights merged into a plain model, the whole down_proj trainable
+    reference, _ = tiny(MIXTRAL)
+    names = dict(reference.named_modules())
+    for name, c, _ in chans:
+        w = names[name.rsplit(".", 1)[0]].down_proj
+        with torch.no_grad():
+            w.scatter_add_(2, c.spread(w), c.delta.to(w.dtype))
+        w.requires_grad_(True)
+    for mod_name, mod in dict(model.named_modules()).items():  # o's blocks too: the same function as the model's
+        if hasattr(mod, "s2ft") and mod_name in method.layers:
+            with torch.no_grad():
+                names[mod_name].weight.copy_(mod.weight)
+    loss_of(reference, batch).backward()
+    for name, c, _ in chans:
+        full = names[name.rsplit(".", 1)[0]].down_proj.grad
+        assert c.indices.shape[0] == full.shape[0] and c.delta.grad.abs().sum() > 0
+        torch.testing.assert_close(c.delta.grad, full.gather(2, c.spread(full)), rtol=1e-5, atol=1e-7)
+
+
+def test_channels_are_drawn_per_expert_within_the_budget():
+    model, _ = tiny(MIXTRAL)
+    method = leantune.apply(model, "s2ft", budget="count", heads=1, channels=5)
+    for _, c, w in _channels(method):
+        e, h, i = w.shape
+        assert tuple(c.indices.shape) == (e, 5) and tuple(c.delta.shape) == (e, h, 5)
+        assert all(torch.equal(row, torch.sort(torch.unique(row)).values) for row in c.indices)
+        assert int(c.indices.max()) < i
+        assert len({tuple(r.tolist()) for r in c.indices}) > 1  # not one draw shared by every expert
+    assert method.num_trainable() == method.num_changed()
+    by_weight = leantune.apply(tiny(MIXTRAL)[0], "s2ft", budget="count", heads=1, channels=5, selection="weight")
+    for _, c, w in _channels(by_weight):
+        smallest = torch.sort(torch.argsort(w.detach().norm(dim=1), dim=1)[:, :5], dim=1).values
+        assert torch.equal(c.indices, smallest)
+
+
+def test_merge_adds_each_block_on_its_channels_and_unmerge_is_bitwise():
+    model, tok = tiny(MIXTRAL)
+    method = leantune.apply(model, "s2ft")
+    base = {name: w.detach().clone() for name, _, w in _channels(method)}
+    with torch.no_grad():
+        for _, c, _ in _channels(method):
+            c.delta.normal_(0, 0.1)
+    batch = fixed_batch(len(tok))
+    unmerged = logits(model, batch)
+    method.merge()
+    for name, c, w in _channels(method):
+        expected = base[name].clone()
+        for e in range(w.shape[0]):
+            expected[e][:, c.indices[e]] += c.delta[e].detach()
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(logits(model, batch), unmerged, rtol=0, atol=1e-5)
+    method.unmerge()
+    assert all(torch.equal(w.detach(), base[name]) for name, _, w in _channels(method))
+
+
+def test_a_state_for_other_experts_is_refused():
+    model, _ = tiny(MIXTRAL)
+    method = leantune.apply(model, "s2ft")
+    state = dict(method.state())
+    key = next(k for k in state if k.endswith("expert_indices"))
+    state[key] = state[key][:-1]  # one expert short
+    with pytest.raises(ValueError, match="do not fit 4 experts"):
+        method.load_state(state)
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    (dict(targets="o,up"), "in down only"),
+    (dict(selection="activation"), "selected at random or by weight norm"),
+])
+def test_what_expert_channels_cannot_do_yet_is_refused_at_apply(options, words):
+    model, _ = tiny(MIXTRAL)
+    with pytest.raises(ConfigError, match=words):
+        leantune.apply(model, "s2ft", **options)
+    assert all(p.requires_grad for p in model.parameters())  # refused before touching the model
+
+
+def test_no_lora_form_for_expert_channels():
+    model, _ = tiny(MIXTRAL)
+    method = leantune.apply(model, "s2ft")
+    assert method.lora_factors() is None
+    with pytest.raises(ValueError, match="no LoRA form"):
+        method.to_lora()
+
+
+def test_the_adapter_bank_serves_expert_channels_through_the_switch(tmp_path):
+    from leantune.serve.bank import AdapterBank
+    from test_bank import alone, base, ids, make_adapter, params
+
+    folder = make_adapter(tmp_path / "s2ft", MIXTRAL, "s2ft", 1)
+    model = base(MIXTRAL)
+    before = params(model)
+    bank = AdapterBank(model)
+    bank.add("experts", folder)
+    assert not bank.adapters["experts"].mixed  # no per-layer terms: served by the switch
+    x = ids(5, b=2)
+    got = bank.forward(x, ["experts", None])
+    torch.testing.assert_close(got[:1], alone(MIXTRAL, folder, x[:1]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], alone(MIXTRAL, None, x[1:]), atol=0, rtol=0)
+    bank.switch(None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
