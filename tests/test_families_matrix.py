@@ -50,6 +50,12 @@ REFUSALS = {
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},
     ("gpt_neox", "ia3"): "interleaved per head",
+    # attention computed by the family's own code, not through transformers' attention interface: nowhere to add
+    # key/value prefixes
+    **{(f, m): "defines no attention entry point" for f in ("falcon", "deberta-v2", "t5")
+       for m in ("prefix_tuning", "prefix_flat", "mam", "unipelt")},
+    **{("mixtral", m): "defines no placement point" for m in ("mam", "unipelt")},
+    ("t5", "prompt_tuning"): "encoder-decoder model",
     ("t5", "light_peft"): "relative position bias with one column per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
@@ -96,7 +102,8 @@ def test_family_method_cell(family, method, tmp_path):
         _record(family, method, "refused", REFUSALS[family, method])
         return
     m = leantune.apply(model, method)
-    torch.testing.assert_close(logits(model, batch), base_logits, rtol=0, atol=1e-6)
+    if m.capabilities.identity_at_init:  # soft prompts are not (tests/test_soft_prompts.py checks them instead)
+        torch.testing.assert_close(logits(model, batch), base_logits, rtol=0, atol=1e-6)
 
     # three steps change only what the method trains
     trainable = {id(p) for _, p in m.trainable_parameters()}

@@ -46,7 +46,10 @@ def _setup(model_name, method, options):
 @pytest.mark.parametrize(("method", "options"), CASES, ids=IDS)
 class TestMethodContract:
     def test_starts_at_identity(self, model_name, method, options):
-        model, _m, batch, base_logits, _ = _setup(model_name, method, options)
+        model, m, batch, base_logits, _ = _setup(model_name, method, options)
+        if not m.capabilities.identity_at_init:  # soft prompts: any prefix takes attention mass (tests/test_soft_prompts.py)
+            assert not torch.allclose(logits(model, batch), base_logits, atol=1e-6)
+            return
         torch.testing.assert_close(logits(model, batch), base_logits, rtol=0, atol=1e-6)
 
     def test_step_changes_only_trainable(self, model_name, method, options):
@@ -67,7 +70,9 @@ class TestMethodContract:
         fresh, _ = tiny(model_name)
         loaded = leantune.load(fresh, tmp_path / "adapter")
         assert loaded.name == m.name
-        assert loaded.num_trainable() == m.num_trainable()
+        # what was saved comes back (prefix tuning's MLP is folded into the saved prefixes, so it trains fewer tensors)
+        assert {k: v.shape for k, v in loaded.state().items()} == {k: v.shape for k, v in m.state().items()}
+        assert loaded.num_changed() == m.num_changed()
         torch.testing.assert_close(logits(fresh, batch), expected, rtol=0, atol=0)
 
     def test_merge_equals_unmerged(self, model_name, method, options):

@@ -28,6 +28,11 @@ side of it (``in``: its input, ``out``: its output) and a feature range on that 
   ``keys``      the keys (the output of ``k``; rows of a fused ``qkv``)
   ``values``    the values (the output of ``v``; rows of a fused ``qkv``)
   ``ffn_act``   the FFN's intermediate activation (the input of ``down``)
+
+The attention entry point (``FamilySpec.attention``, :meth:`Anatomy.attention_modules`): the block's attention
+module that hands its queries, keys (per KV head, after the cache update) and values to transformers' attention
+interface; soft-prompt methods add their key/value prefixes there. None where the family computes attention by itself
+(Falcon, DeBERTa): a method that needs the point refuses at apply.
 """
 
 
@@ -113,6 +118,8 @@ class FamilySpec:
     seq2seq: bool = False
     # the spec for this model's config, where the family's layout depends on it (T5's gated or plain FFN)
     by_config: Callable | None = None
+    # the block's attention module, when it calls transformers' attention interface (the attention entry point)
+    attention: str | None = None
 
 
 _ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
@@ -133,6 +140,7 @@ _LLAMA = FamilySpec(
     bias_switches={**_ATTN_BIAS, **dict.fromkeys(("gate", "up", "down"), "mlp_bias")},
     q_norm="self_attn.q_norm",
     k_norm="self_attn.k_norm",
+    attention="self_attn",
 )
 # Mistral and Qwen2 build their layers' biases in code (Qwen2: q, k, v always; nothing else): no config switch.
 _FIXED_BIAS = replace(_LLAMA, bias_switches={})
@@ -149,6 +157,7 @@ _PHI3 = FamilySpec(
     roles={"qkv": "self_attn.qkv_proj", "o": "self_attn.o_proj", "gate_up": "mlp.gate_up_proj",
            "down": "mlp.down_proj"},
     norms=("input_layernorm", "post_attention_layernorm"),
+    attention="self_attn",
 )
 _GPT_NEOX = FamilySpec(
     blocks="layers",
@@ -159,6 +168,7 @@ _GPT_NEOX = FamilySpec(
     norms=("input_layernorm", "post_attention_layernorm"),
     qkv_layout="per_head",
     bias_switches={"qkv": "attention_bias", "o": "attention_bias"},
+    attention="attention",
 )
 _OPT = FamilySpec(
     blocks="decoder.layers",
@@ -170,6 +180,7 @@ _OPT = FamilySpec(
     norms=("self_attn_layer_norm", "final_layer_norm"),
     intermediate_attr=("ffn_dim",),
     bias_switches=dict.fromkeys(("q", "k", "v", "o", "up", "down"), "enable_bias"),
+    attention="self_attn",
 )
 
 
@@ -215,6 +226,7 @@ _GPT2 = FamilySpec(
     final_norm="ln_f",
     roles={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
     norms=("ln_1", "ln_2"),
+    attention="attn",
 )
 
 _BERT = FamilySpec(
@@ -232,6 +244,7 @@ _BERT = FamilySpec(
     },
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
     causal=False,
+    attention="attention.self",
 )
 
 def _t5_roles(attn: str, ffn: str, gated: bool, cross: str | None = None) -> dict[str, str]:
@@ -455,6 +468,7 @@ class Block:
     experts: nn.Module | None = None  # mixture of experts: the module with 3-D gate_up_proj / down_proj
     router: nn.Module | None = None
     stack: str = ""  # which stack it belongs to ("encoder" / "decoder" in an encoder-decoder)
+    attention: nn.Module | None = None  # the attention entry point (FamilySpec.attention), None where undefined
 
     def linear(self, role: str) -> nn.Module | None:
         """A role's module; q/k/v and gate/up fall back to the fused module that holds them."""
@@ -586,6 +600,16 @@ class Anatomy:
                 "that targets linear roles (lora, s2ft) on this family"
             )
         return start, stop
+
+    def attention_modules(self) -> list[tuple[str, nn.Module]]:
+        """(qualified name, module) of every block's attention entry point (PlacementError, with what to do, where
+        the family defines none)."""
+        if not self.blocks or any(b.attention is None for b in self.blocks):
+            raise PlacementError(
+                f"model_type {self.model_type!r} defines no attention entry point (its attention does not go through "
+                "transformers' attention interface, or its FamilySpec does not name the module); describe it in its "
+                "FamilySpec: attention='self_attn' (the block's attention module)")
+        return [(self.name_of(b.attention), b.attention) for b in self.blocks]
 
     def norms(self, include_final: bool = True) -> list[tuple[str, nn.Module]]:
         mods = [n for b in self.blocks for n in b.norms] + list(self.extra_norms)
@@ -764,7 +788,7 @@ def anatomy(model: nn.Module, spec: FamilySpec | None = None) -> Anatomy:
                 f"model_type {config.model_type!r}: block {i} {spec.experts!r} ({type(experts).__name__}) has no 3-D "
                 "gate_up_proj [experts, 2*I, H] and down_proj [experts, H, I] parameters")
         blocks.append(Block(i, bmod, linears, norms, qk, experts, _get(bmod, spec.router) if spec.router else None,
-                            stack_name))
+                            stack_name, _get(bmod, spec.attention) if spec.attention else None))
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:

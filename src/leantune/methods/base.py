@@ -49,6 +49,7 @@ class Capabilities:
     changes_trainable: bool = False  # what trains changes during the run (data parallelism cannot fix it at wrap)
     fsdp: bool = True  # trains under FSDP2 (train/parallel.py); when not, fsdp_refusal says why
     fsdp_refusal: str = ""
+    identity_at_init: bool = True  # the model computes what the base computes right after apply (soft prompts do not)
     quantized_base: bool = False  # trains on a bitsandbytes-quantized base (leantune.quant); else quantized_refusal
     quantized_refusal: str = "it has not been made to work on a quantized base"
 
@@ -337,6 +338,14 @@ class Method:
     # -- the fine-tune as tensors ---------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to resume training exactly; ``state()`` unless the method trains tensors that
+        its saved form folds away (prefix tuning's reparametrization)."""
+        return self.state()
+
+    def load_training_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state(state)
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = self.state()

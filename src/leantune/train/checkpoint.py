@@ -51,7 +51,8 @@ def save_checkpoint(out: Path, step: int, model, optimizer, hooks, keep: int, sc
     """``scaler``: fp16's gradient scaler, whose scale and growth counter a resumed run must continue from.
     ``par`` (train/parallel.py): with several processes every rank calls this, the method's tensors and the
     optimizer state are gathered whole, and rank 0 alone writes."""
-    state = par.full_state(model.leantune_method) if par is not None else None
+    method = model.leantune_method
+    state = par.full_state(method, training=True) if par is not None else method.training_state()
     opt_state = par.optimizer_state(optimizer) if par is not None else optimizer.state_dict()
     if par is not None and not par.is_main:
         par.barrier()
@@ -103,7 +104,7 @@ def load_checkpoint(path: Path, method, hooks) -> int:
     if lost:
         raise ValueError(f"checkpoint {path} holds the state of schedule hook(s) {lost} that this run does not "
                          "have: resume with the same method, or use a new output folder")
-    method.load_state(tensors)
+    method.load_training_state(tensors)
     return int(state["step"])
 
 

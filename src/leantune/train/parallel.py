@@ -55,9 +55,10 @@ class Parallel:
             return value
         return float(sum_over_ranks(torch.tensor([float(value)], dtype=torch.float64)))
 
-    def full_state(self, method) -> dict[str, torch.Tensor]:
-        """The method's tensors, whole, on every rank (a collective under FSDP: call it on all ranks)."""
-        return method.state()
+    def full_state(self, method, training: bool = False) -> dict[str, torch.Tensor]:
+        """The method's tensors (``training``: what a checkpoint holds), whole, on every rank (a collective under
+        FSDP: call it on all ranks)."""
+        return method.training_state() if training else method.state()
 
     def optimizer_state(self, optimizer) -> dict:
         """The optimizer's state dict with whole tensors, the same whatever the number of ranks (a collective
@@ -141,8 +142,8 @@ class FSDP(Parallel):
         wrapped.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
-    def full_state(self, method):
-        return {k: _whole(v) for k, v in method.state().items()}
+    def full_state(self, method, training: bool = False):
+        return {k: _whole(v) for k, v in (method.training_state() if training else method.state()).items()}
 
     def optimizer_state(self, optimizer):
         sd = optimizer.state_dict()
