@@ -130,3 +130,14 @@ def _collate_seq2seq(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     labels, _ = _pad([b["labels"] for b in batch], IGNORE)
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask,
             "labels": labels}
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch: ``(input_ids, attention_mask)``, both (len(seqs), longest)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[j, width - len(s):] = 1
+    return ids, mask

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from .encode import Example, bos_prefix, decoder_start
+from .encode import Example, bos_prefix, decoder_start, left_pad
 
 
 def normalize(text: str) -> str:
@@ -31,12 +31,8 @@ def greedy_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, b
             chunk = [c + [eos] if eos is not None and c[-1:] != [eos] else c for c in chunk]
         else:
             chunk = [bos_prefix(tokenizer, c) + c for c in chunk]
-        width = max(len(c) for c in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, c in enumerate(chunk):
-            ids[j, width - len(c):] = torch.tensor(c)
-            mask[j, width - len(c):] = 1
+        ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+        width = ids.shape[1]
         gen = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

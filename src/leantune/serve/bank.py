@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..anatomy import is_conv1d, weight_2d
+from ..data.encode import left_pad
 from ..files import AdapterError
 from ..methods import fused
 from ..methods.terms import Bias, Columns, InScale, LowRank, OutScale, Rows
@@ -291,12 +292,8 @@ class AdapterBank:
         device = next(self.model.parameters()).device
         out: list[list[int]] = [[] for _ in prompts]
         for rows in self.groups(names):
-            width = max(len(prompts[i]) for i in rows)
-            ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, i in enumerate(rows):
-                ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[j, width - len(prompts[i]):] = 1
+            ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
+            width = ids.shape[1]
             with self.using([names[i] for i in rows]):
                 gen = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                           max_new_tokens=max_new_tokens, do_sample=False,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.encode import left_pad
 from .bank import AdapterBank
 
 
@@ -202,12 +203,7 @@ class Engine:
                                       past_key_values=co.cache, use_cache=True, logits_to_keep=1)
             return rows, out.logits
         seqs = [r.prompt + r.tokens for r in rows]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, s in enumerate(seqs):
-            ids[j, width - len(s):] = torch.tensor(s)
-            mask[j, width - len(s):] = 1
+        ids, mask = left_pad(seqs, self.pad)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with self.bank.using([r.adapter for r in rows]):
