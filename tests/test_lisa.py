@@ -17,16 +17,11 @@ from leantune.methods.lisa import draw_blocks
 from leantune.models import byte_tokenizer, load_model
 from leantune.train.loop import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # -- helpers ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they spin: one thread, restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llama(layers: int = 4):

@@ -28,17 +28,11 @@ from leantune.quant import QuantizeConfig, dequantize_model_, quantize_model, te
 from leantune.train.loop import TrainConfig, train
 
 pytest.importorskip("bitsandbytes")
-pytestmark = pytest.mark.filterwarnings("ignore:MatMul8bitLt", "ignore:.*budget")
+pytestmark = [pytest.mark.filterwarnings("ignore:MatMul8bitLt", "ignore:.*budget"), pytest.mark.usefixtures("one_thread")]
 
 RTOL, ATOL = 1e-4, 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def qbase(kind: str = "nf4", name: str = "builtin:tiny-llama"):
