@@ -67,6 +67,16 @@ def bank_setup(request, tmp_path_factory):
     return name, folders
 
 
+def filled_bank(name, folders):
+    """A fresh base, its parameters before anything was added, and a bank holding every adapter of ``folders``."""
+    model = base(name)
+    before = params(model)
+    bank = AdapterBank(model)
+    for n, f in folders.items():
+        bank.add(n, f)
+    return model, before, bank
+
+
 def test_every_mixed_batch_method_is_covered():
     mixed = {cls.name for cls in list_methods() if cls().capabilities.mixed_batch}
     assert mixed == {m for m, _ in MIXED}, "a method says mixed_batch: add it to MIXED"
@@ -74,11 +84,7 @@ def test_every_mixed_batch_method_is_covered():
 
 def test_mixed_batch_logits_equal_each_adapter_alone(bank_setup):
     name, folders = bank_setup
-    model = base(name)
-    before = params(model)
-    bank = AdapterBank(model)
-    for n, f in folders.items():
-        bank.add(n, f)
+    model, before, bank = filled_bank(name, folders)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # adding left the base as it was
     names = [*folders, None, *reversed(list(folders))]  # every adapter, the base, each twice
     x = ids(1, b=len(names))
@@ -91,11 +97,7 @@ def test_mixed_batch_logits_equal_each_adapter_alone(bank_setup):
 
 def test_whole_batch_on_one_adapter_takes_the_switch_and_the_base_comes_back_bitwise(bank_setup):
     name, folders = bank_setup
-    model = base(name)
-    before = params(model)
-    bank = AdapterBank(model)
-    for n, f in folders.items():
-        bank.add(n, f)
+    model, before, bank = filled_bank(name, folders)
     x = ids(2, b=2)
     for n in folders:
         got = bank.forward(x, [n, n])
