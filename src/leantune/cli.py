@@ -416,6 +416,8 @@ def plan(
     distributed: str = typer.Option("no", "--distributed", help="no | ddp | fsdp"),
     world_size: int = typer.Option(1, "--world-size", help="processes (with --distributed)"),
     device: str = typer.Option("cuda", "--device", help="cuda (default) or cpu: what to plan for"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8: the base's linear layers "
+                                           "quantized with bitsandbytes (QLoRA)"),
     device_memory: Optional[str] = typer.Option(None, "--device-memory", help="e.g. 24GB: what fits, per method"),
     prune_plan: Optional[Path] = typer.Option(None, "--prune-plan", help="a finished Light-PEFT run's adapter "
                                               "folder: plan its real prune instead of the bound"),
@@ -432,7 +434,7 @@ def plan(
         settings = planner.PlanSettings(
             batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
             mixed_precision=mixed_precision, base_dtype=base_dtype, device=device, distributed=distributed,
-            world_size=world_size)
+            world_size=world_size, quantize=quantize)
         budget = planner.parse_bytes(device_memory) if device_memory else None
         options = parse_options(option)
         if not compare and not method:

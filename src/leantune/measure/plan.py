@@ -79,6 +79,7 @@ class PlanSettings:
     device: str = "cuda"
     distributed: str = "no"
     world_size: int = 1
+    quantize: str | None = None  # nf4 | fp4 | int8: the frozen base's linear layers through bitsandbytes
 
     def __post_init__(self):
         checks = [
@@ -92,7 +93,16 @@ class PlanSettings:
             (self.distributed != "no" or self.world_size == 1,
              f"--world-size {self.world_size} needs --distributed ddp or fsdp"),
             (not (self.mixed_precision == "fp16" and self.device == "cpu"), "fp16 mixed precision needs CUDA; use bf16"),
+            (self.quantize is None or self.distributed != "fsdp",
+             "--quantize with --distributed fsdp is not planned: FSDP shards flat parameters, which packed 4-bit/"
+             "8-bit weights are not; plan ddp or one process"),
         ]
+        if isinstance(self.quantize, str) and self.quantize.strip().lower() in ("", "none", "no", "off"):
+            self.quantize = None
+        if self.quantize is not None:
+            from ..quant import QuantizeConfig
+
+            self.quantize = QuantizeConfig.from_any(self.quantize).type  # names the value and the choices
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -386,6 +396,86 @@ def _moves_in_place():
         torch.nn.Module.to = real_to
 
 
+# -- a quantized base ----------------------------------------------------------------------------------------
+
+
+def build_model(source: ModelSource, settings: PlanSettings, fake: bool):
+    """The model as ``load_model`` would give it: in the planned dtype, its linear layers quantized with
+    ``--quantize`` (for real: ``quant.quantize_model``; traced: :func:`_fake_quantize_model`)."""
+    model = source.build(plan_dtype(source, settings))
+    if settings.quantize is not None:
+        from ..quant import quantize_model
+
+        (_fake_quantize_model if fake else quantize_model)(model, settings.quantize)
+    return model
+
+
+def _fake_quantize_model(model, quantize) -> None:
+    """``quant.quantize_model`` under fake tensors. bitsandbytes' parameter classes (``Params4bit``,
+    ``Int8Params``) cannot wrap a fake tensor, so each layer is bitsandbytes' own ``Linear4bit`` /
+    ``Linear8bitLt``, made on the meta device outside the fake mode, given as plain parameters what bitsandbytes'
+    quantize functions return for the (fake) weight through their registered fake kernels: the packed codes and
+    the quantization state with the shapes and dtypes a real quantize gives (4-bit: ``(n*k+1)//2`` bytes, an
+    absmax per 64-value block, with double quantization those as bytes plus a float per 256 of them and the code
+    tables; int8: the codes and a float32 scale per row). Forward and backward are then bitsandbytes' own
+    (``MatMul4Bit``: dequantize for the input's gradient; ``MatMul8bitFp``: dequantize in both), on fake tensors."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from ..quant import ATTR, QuantizeConfig
+
+    cfg = QuantizeConfig.from_any(quantize)
+    cached = dict(bnbf.name2qmap)  # bitsandbytes caches its code table: a fake one must not outlive the trace
+    bnbf.name2qmap.clear()
+    try:
+        _fake_quantize_layers(model, cfg, bnb, bnbf)
+    finally:
+        bnbf.name2qmap.clear()
+        bnbf.name2qmap.update(cached)
+    model.__dict__[ATTR] = cfg
+
+
+def _fake_quantize_layers(model, cfg, bnb, bnbf) -> None:
+    from torch import nn
+
+    from ..anatomy import is_conv1d
+    from ..quant import _CONV1D, _compute_dtype, _targets
+
+    tied = getattr(getattr(model, "get_input_embeddings", lambda: None)(), "weight", None)
+    for name, mod in _targets(model, cfg):
+        if tied is not None and mod.weight is tied:
+            continue
+        w = (mod.weight.t() if is_conv1d(mod) else mod.weight).detach().contiguous()
+        out_f, in_f = w.shape
+        has_bias = mod.bias is not None
+        with _disable_current_modes(), unset_fake_temporarily():  # meta tensors, no data: the classes' own init
+            if cfg.type == "int8":
+                q = bnb.nn.Linear8bitLt(in_f, out_f, bias=has_bias, has_fp16_weights=False, threshold=cfg.threshold,
+                                        device="meta")
+            else:
+                q = bnb.nn.Linear4bit(in_f, out_f, bias=has_bias, compute_dtype=_compute_dtype(cfg, w.dtype),
+                                      compress_statistics=cfg.double_quant, quant_type=cfg.type, device="meta")
+        if cfg.type == "int8":  # as Int8Params quantizes, and as the layer's first forward moves the codes
+            codes, scales, _ = bnbf.int8_vectorwise_quant(w.to(torch.float16))
+            q.weight = nn.Parameter(codes, requires_grad=False)
+            q.weight.CB = q.weight.SCB = None
+            q.state.CB, q.state.SCB = codes, scales
+        else:  # as Params4bit quantizes (its default 64-value blocks)
+            packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=cfg.double_quant,
+                                               quant_type=cfg.type, quant_storage=torch.uint8)
+            q.weight = nn.Parameter(packed, requires_grad=False)
+            q.weight.quant_state = q.quant_state = state
+            q.weight.quant_type, q.weight.compress_statistics, q.weight.blocksize = cfg.type, cfg.double_quant, 64
+            q.support_avx512bf16_for_cpu = False
+        if has_bias:
+            q.bias = nn.Parameter(mod.bias.detach().clone(), requires_grad=False)
+        q.train(mod.training)
+        if is_conv1d(mod):
+            q.__dict__[_CONV1D] = type(mod)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+
 # -- one planned (or measured) step -------------------------------------------------------------------------
 
 
@@ -433,7 +523,7 @@ class _Session:
             self._stack.enter_context(_masks_as_real())
             self._stack.enter_context(_moves_in_place())
         try:
-            self.model = source.build(plan_dtype(source, settings))
+            self.model = build_model(source, settings, fake)
             torch.manual_seed(0)
             self.method = apply(self.model, method, **options)
             if settings.gradient_checkpointing:
@@ -528,19 +618,27 @@ def measure_real(source: ModelSource, method: str, options: dict, settings: Plan
 # -- Light-PEFT: the most expensive prune its amounts allow ---------------------------------------------------
 
 
-def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings, method: str = "light_peft") -> dict:
-    """A prune plan that keeps, within Light-PEFT's configured amounts (head_ratio, ffn_ratio, module_keep,
-    rank_keep), the most expensive parts: per layer the head shape with the most KV groups, FFN channels packed
-    into the first layers (whole layers are the widest adapter modules), the adapter modules with the most
-    parameters, and the ranks of the modules whose rank costs most. Counts follow the prune's own rules
-    (``prune/plan.py``), so every kept count equals the real prune's; only which parts are kept is chosen."""
+def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings, method: str = "light_peft") -> list[dict]:
+    """Prune plans that keep, within Light-PEFT's configured amounts (head_ratio, ffn_ratio, module_keep,
+    rank_keep), the most expensive parts; the bound is the largest of their figures (:class:`_BoundSession`).
+    Counts follow the prune's own rules (``prune/plan.py``), so every kept count equals the real prune's; only
+    which parts are kept is chosen (every plan here is one a run can reach):
+
+    - heads: per layer the head shape with the most KV groups (the query-head count is fixed by the amount);
+    - FFN channels: packed into whole layers from the first (the global count is fixed; whole layers make the
+      widest adapted projections and the widest inputs an adapter must save);
+    - adapter modules, two ways, one plan each: the modules with the most parameters (gradients, optimizer
+      state, weights), and the first adapted module in forward order (a step saves activations from the first
+      module that trains onwards) followed by the modules whose inputs are the widest distinct tensors (LoRA saves
+      its input for its gradient; modules fed the same tensor, q/k/v, save it once), found by one fake forward;
+    - ranks: on the modules whose rank costs most parameters (the total kept is fixed)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from ..api import apply
     from ..prune.plan import PrunePlan, group_shapes, kept_count
 
-    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter():
-        model = source.build(plan_dtype(source, settings))
+    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter(), _masks_as_real():
+        model = build_model(source, settings, fake=True)
         m = apply(model, method, **options)
         cfg, anat = m.config, m.anatomy
         L, H, KV, inter = len(anat.blocks), anat.n_heads, anat.n_kv_heads, anat.intermediate
@@ -564,19 +662,96 @@ def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings,
         m.apply_plan(PrunePlan.from_dict({**plan.to_dict(), "modules": None, "ranks": None}))
         widths = m.peft.prune_widths()
         cost = {n: sum(p.numel() for p in m.peft.child(n).parameters()) for n in widths}
+        inputs = _adapter_inputs(model, {n: m.peft.layers[n] for n in widths}, source)
     names = list(widths)
-    keep = sorted(sorted(names, key=lambda n: (-cost[n], names.index(n)))[:kept_count(cfg.module_keep, len(names))],
-                  key=names.index)
-    per_rank = {n: cost[n] / widths[n] for n in keep}
-    total = kept_count(cfg.rank_keep, sum(widths[n] for n in keep), minimum=len(keep))
-    ranks = {n: 1 for n in keep}
-    left = total - len(keep)
-    for n in sorted(keep, key=lambda n: (-per_rank[n], keep.index(n))):
-        extra = min(left, widths[n] - 1)
-        ranks[n] += extra
-        left -= extra
-    plan.modules = keep
-    plan.ranks = {n: list(range(r)) for n, r in ranks.items()}
+    n_keep = kept_count(cfg.module_keep, len(names))
+    by_params = sorted(names, key=lambda n: (-cost[n], names.index(n)))
+    groups: dict[int, list[str]] = {}  # modules fed the same tensor, the most parameters first
+    for n in by_params:
+        groups.setdefault(inputs[n][0], []).append(n)
+    earliest = min(names, key=lambda n: inputs[n][2])  # gradients flow back to it: all after it saves activations
+    firsts = sorted((ms[0] for ms in groups.values()), key=lambda n: (-inputs[n][1], -cost[n], names.index(n)))
+    by_inputs = [earliest] + [n for n in firsts if n != earliest] + [n for n in by_params if n not in firsts]
+    plans = []
+    for order in (by_params, by_inputs):
+        keep = sorted(order[:n_keep], key=names.index)
+        if any(p["modules"] == keep for p in plans):
+            continue
+        per_rank = {n: cost[n] / widths[n] for n in keep}
+        total = kept_count(cfg.rank_keep, sum(widths[n] for n in keep), minimum=len(keep))
+        ranks = {n: 1 for n in keep}
+        left = total - len(keep)
+        for n in sorted(keep, key=lambda n: (-per_rank[n], keep.index(n))):
+            extra = min(left, widths[n] - 1)
+            ranks[n] += extra
+            left -= extra
+        plan.modules = keep
+        plan.ranks = {n: list(range(r)) for n, r in ranks.items()}
+        plans.append(plan.to_dict())
+    return plans
+
+
+def _adapter_inputs(model, layers: dict[str, torch.nn.Module], source: ModelSource) -> dict[str, tuple[int, int, int]]:
+    """Per adapted layer, (which tensor it is fed, its width in bytes per token, its place in the forward), from
+    one fake forward of two tokens: layers fed the same tensor (q, k and v) share the first number."""
+    seen: dict[str, tuple[int, int, int]] = {}
+    held = []  # the inputs stay alive through the forward, so no id is reused
+
+    def hook(name):
+        def pre(_mod, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))
+            held.append(x)
+            seen.setdefault(name, (id(x), x.shape[-1] * x.element_size(), len(seen)))
+        return pre
+
+    handles = [mod.register_forward_pre_hook(hook(n), with_kwargs=True) for n, mod in layers.items()]
+    try:
+        batch = _batch(source.vocab, 1, 2)
+        start = decoder_start(model)
+        if start is not None:
+            batch.update(decoder_input_ids=torch.full_like(batch["input_ids"], start))
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: seen.get(n, (id(n), 0, len(seen))) for n in layers}
+
+
+def sample_prune_plan(source: ModelSource, options: dict, settings: PlanSettings, seed: int,
+                      skew: float = 0.0, method: str = "light_peft") -> dict:
+    """A prune plan Light-PEFT could make for these amounts: its own selection rules (``prune/plan.py``'s
+    ``select_heads``, ``select_channels``, ``select_modules``, ``select_ranks``) fed seeded random scores instead
+    of the ones the data would give. ``skew`` > 0 multiplies each layer's and each module's scores by a random
+    factor ``exp(skew * N(0, 1))``, so uneven prunes (whole layers kept, ranks piled on a few modules) come up
+    too. What the bound is checked against: every plan this makes is one a run can reach."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..api import apply
+    from ..prune.plan import PrunePlan, select_channels, select_heads, select_modules, select_ranks
+
+    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter():
+        model = build_model(source, settings, fake=True)
+        m = apply(model, method, **options)
+        cfg, anat = m.config, m.anatomy
+        widths = m.peft.prune_widths()
+    g = torch.Generator().manual_seed(seed)
+
+    def scores(n: int, layers: int) -> list[torch.Tensor]:
+        factor = torch.exp(skew * torch.randn(layers, 1, generator=g, dtype=torch.float64))
+        return list(torch.rand(layers, n, generator=g, dtype=torch.float64) * factor)
+
+    L = len(anat.blocks)
+    plan = PrunePlan(L, anat.n_heads, anat.n_kv_heads, anat.head_dim, anat.intermediate)
+    if cfg.head_ratio > 0:
+        plan.heads, plan.kv_heads = select_heads(scores(anat.n_heads, L), anat.n_kv_heads, cfg.head_ratio,
+                                                 cfg.uniform, divisor_of=anat.hidden)
+    if cfg.ffn_ratio > 0:
+        plan.ffn = select_channels(scores(anat.intermediate, L), cfg.ffn_ratio, cfg.uniform)
+    names = list(widths)
+    module = scores(1, len(names))
+    plan.modules = select_modules({n: float(module[i][0]) for i, n in enumerate(names)}, cfg.module_keep)
+    plan.ranks = select_ranks({n: scores(widths[n], 1)[0] for n in plan.modules}, cfg.rank_keep)
     return plan.to_dict()
 
 
@@ -609,14 +784,17 @@ def _label(method_cls, options: dict) -> str:
 
 
 def prepare(source: ModelSource, method: str, options: dict, settings: PlanSettings,
-            prune_plan: dict | None = None, bound: bool = True) -> tuple[dict, list[str]]:
-    """The options the method is planned with, and notes on the state planned (schedules, bounds)."""
+            prune_plan: dict | None = None, bound: bool = True) -> tuple[list[dict], list[str]]:
+    """The options the method is planned with (several for Light-PEFT's bound: one per candidate prune, the bound
+    is the largest of their figures), and notes on the state planned (schedules, bounds)."""
     from ..methods import get_method
 
     cls = get_method(method)
     cfg = cls.config_cls.from_dict(options, method=method)  # a bad option fails here, before any model is built
     notes: list[str] = []
     caps = cls(cfg).capabilities
+    if settings.quantize is not None and not caps.quantized_base:
+        raise ValueError(f"{method} does not train on a quantized base: {caps.quantized_refusal}")
     if caps.schedule_ends:
         if prune_plan is not None:
             options = {**options, "plan": prune_plan}
@@ -624,12 +802,58 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
         elif not bound:
             notes.append("measured after its schedule ran (small steps until it pruned), as the bench does")
         else:
-            options = {**options, "plan": light_peft_bound(source, options, settings, method)}
-            notes.append("after pruning; an upper bound for the configured amounts (the most expensive heads, "
-                         "channels, modules and ranks kept); --prune-plan ADAPTER_DIR plans a finished run exactly")
+            plans = light_peft_bound(source, options, settings, method)
+            notes.append(f"after pruning; an upper bound for the configured amounts (the largest figures of {len(plans)} "
+                         "prunes keeping the most expensive heads, channels, modules and ranks); --prune-plan "
+                         "ADAPTER_DIR plans a finished run exactly")
+            if settings.distributed == "fsdp" and not caps.fsdp:
+                raise ValueError(f"{method} does not train under FSDP: {caps.fsdp_refusal}")
+            return [{**options, "plan": plan} for plan in plans], notes
     if settings.distributed == "fsdp" and not caps.fsdp:
         raise ValueError(f"{method} does not train under FSDP: {caps.fsdp_refusal}")
-    return options, notes
+    return [options], notes
+
+
+class _BoundSession:
+    """Light-PEFT's bound over candidate prunes: each measured in turn (a fake session is a mode on the stack:
+    one at a time), each figure the largest of theirs. The peak is composed so that it also covers a prune that
+    has one candidate's peak moment with another's larger parts: max over candidates of (its peak + what every
+    other figure's maximum adds to its own)."""
+
+    def __init__(self, source: ModelSource, method: str, planned: list[dict], settings: PlanSettings):
+        self.source, self.method_name, self.planned, self.settings = source, method, planned, settings
+        self.method = None
+        self.first = self.measure()
+
+    def measure(self, batch_size: int | None = None, seq_len: int | None = None) -> dict[str, int]:
+        mems = []
+        for options in self.planned:
+            session = _Session(self.source, self.method_name, options, self.settings, fake=True)
+            try:
+                mems.append(session.measure(batch_size, seq_len))
+                self.method = session.method
+            finally:
+                session.close()
+        out = {k: max(m[k] for m in mems) for k in MEMORY_KEYS}
+        parts = ("weights", "grads", "optimizer", "activations")
+        out["step_peak"] = max(m["step_peak"] + sum(out[k] - m[k] for k in parts) for m in mems)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def _open(source: ModelSource, method: str, planned: list[dict], settings: PlanSettings):
+    """A fake session for the planned options (several: Light-PEFT's bound) and its first measured step."""
+    if len(planned) > 1:
+        session = _BoundSession(source, method, planned, settings)
+        return session, session.first
+    session = _Session(source, method, planned[0], settings, fake=True)
+    try:
+        return session, session.measure()
+    except BaseException:
+        session.close()
+        raise
 
 
 def _distribute(memory: dict, settings: PlanSettings, caps, notes: list[str], largest_block: int) -> dict:
@@ -672,14 +896,9 @@ def plan_method(model: str | ModelSource, method: str, options: dict | None = No
         raise ValueError("a measured step runs once, in one process, on this machine's CPU: device='cpu', no "
                          "device_memory, no distribution")
     if fake:
-        session = _Session(source, method, planned, settings, fake=True)
-        try:
-            memory = session.measure()
-        except BaseException:
-            session.close()
-            raise
+        session, memory = _open(source, method, planned, settings)
     else:
-        session, memory = measure_real(source, method, planned, settings)
+        session, memory = measure_real(source, method, planned[0], settings)
     try:
         caps = session.method.capabilities
         anat = session.method.anatomy
@@ -792,7 +1011,7 @@ def peak_curve(model: str | ModelSource, method: str, options: dict | None, sett
     """step_peak at each sequence length (one traced model, one measured step per length)."""
     source = model if isinstance(model, ModelSource) else resolve_model(model)
     planned, _ = prepare(source, method, method_options(method, options, bench_settings), settings)
-    session = _Session(source, method, planned, settings, fake=True)
+    session, _ = _open(source, method, planned, settings)
     try:
         return [session.measure(settings.batch_size, n)["step_peak"] for n in lengths]
     finally:

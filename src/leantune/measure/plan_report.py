@@ -42,6 +42,7 @@ def render(model: str, settings: PlanSettings, plans: list[MethodPlan], budget: 
     lines = [f"{model}: batch {settings.batch_size} x {settings.seq_len} tokens, grad_accum {settings.grad_accum}, "
              f"mixed precision {settings.mixed_precision}, base dtype {settings.base_dtype}, "
              f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, "
+             + (f"base quantized {settings.quantize}, " if settings.quantize else "") +
              f"{settings.distributed if settings.distributed != 'no' else 'one process'}"
              + (f" x {settings.world_size}" if settings.world_size > 1 else "") + f", planned for {settings.device}",
              "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
