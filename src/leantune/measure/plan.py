@@ -856,8 +856,36 @@ def _open(source: ModelSource, method: str, planned: list[dict], settings: PlanS
         raise
 
 
-def _distribute(memory: dict, settings: PlanSettings, caps, notes: list[str], largest_block: int) -> dict:
-    """Per-rank memory under data parallelism, from the one-process step (arithmetic, not traced)."""
+def _shard_bytes(t: torch.Tensor, n: int) -> int:
+    """Bytes of rank 0's shard of ``t`` under FSDP2 over ``n`` ranks: dim 0 cut into ``ceil(d0 / n)`` rows (rank 0
+    holds a full chunk, the largest; later ranks hold the rest); a 0-dim tensor stays whole."""
+    if t.dim() == 0:
+        return t.element_size()
+    d0 = t.shape[0]
+    return -(-d0 // n) * (t.numel() // max(d0, 1)) * t.element_size()
+
+
+def fsdp_layout(model, optimizer, blocks, n: int) -> dict[str, int]:
+    """What FSDP2 (``train/parallel.py``: ``fully_shard`` on every block, then the root) gives rank 0 of ``n``,
+    from the traced model and optimizer: its shards of the weights, gradients and optimizer state (each tensor
+    shaped like its parameter is sharded; AdamW's scalar ``step`` stays whole), the root unit's parameters (the
+    ones in no block: embeddings, head, final norm), the largest block's parameters and its trainable part."""
+    params = {id(p): p for p in model.parameters()}
+    in_blocks = {id(p) for b in blocks for p in b.module.parameters()}
+    state = [(p, v) for p, st in optimizer.state.items() for v in st.values() if torch.is_tensor(v)]
+    return {
+        "weights": sum(_shard_bytes(p, n) for p in params.values()),
+        "grads": sum(_shard_bytes(p, n) for p in params.values() if p.requires_grad),
+        "optimizer": sum(_shard_bytes(v, n) if v.shape == p.shape else v.numel() * v.element_size() for p, v in state),
+        "root": sum(p.numel() * p.element_size() for i, p in params.items() if i not in in_blocks),
+        "block": max(sum(p.numel() * p.element_size() for p in b.module.parameters()) for b in blocks),
+        "block_grads": max(sum(p.numel() * p.element_size() for p in b.module.parameters() if p.requires_grad)
+                           for b in blocks),
+    }
+
+
+def _distribute(memory: dict, settings: PlanSettings, notes: list[str], layout: dict | None) -> dict:
+    """Per-rank memory under data parallelism, derived from the one-process step (arithmetic, not traced)."""
     n = settings.world_size
     if settings.distributed == "ddp":
         out = dict(memory)
@@ -869,11 +897,15 @@ def _distribute(memory: dict, settings: PlanSettings, caps, notes: list[str], la
         out = dict(memory)
         saved = 0
         for key in ("weights", "grads", "optimizer"):
-            out[key] = memory[key] // n
+            out[key] = layout[key]
             saved += memory[key] - out[key]
-        out["step_peak"] = memory["step_peak"] - saved + 2 * largest_block
-        notes.append(f"fsdp over {n} ranks: weights, gradients and optimizer state / {n}, + two unsharded blocks "
-                     "(the one computing and the one prefetched); derived from the traced step, not traced")
+        root_shard = -(-layout["root"] // n)
+        out["step_peak"] = (memory["step_peak"] - saved + (layout["root"] - root_shard) + 2 * layout["block"]
+                            + layout["block_grads"])
+        notes.append(f"fsdp, rank 0 of {n}: its shards of weights, gradients and optimizer state (dim 0 in {n} "
+                     "chunks, rank 0's the largest); step_peak + the root unit unsharded (kept through the step), two "
+                     "unsharded blocks (the one computing and the one prefetched) and one block's unsharded "
+                     "gradients (before the reduce-scatter); derived from the traced step, not traced")
         return out
     return memory
 
@@ -902,18 +934,19 @@ def plan_method(model: str | ModelSource, method: str, options: dict | None = No
     try:
         caps = session.method.capabilities
         anat = session.method.anatomy
-        largest = max(sum(p.numel() * p.element_size() for p in b.module.parameters()) for b in anat.blocks)
+        layout = (fsdp_layout(session.model, session.stepper.optimizer, anat.blocks, settings.world_size)
+                  if settings.distributed == "fsdp" else None)
         if caps.changes_trainable and not caps.schedule_ends:  # a schedule that redraws what trains (LISA)
             active = sum(any(p.requires_grad for p in b.module.parameters()) for b in anat.blocks)
             notes.append(f"planned with {active} of {len(anat.blocks)} blocks training: the schedule's first draw "
                          "(every draw trains as many)")
-        memory = _distribute(memory, settings, caps, notes, largest)
+        memory = _distribute(memory, settings, notes, layout)
         plan = MethodPlan(method, _label(type(session.method), opts), opts, memory, notes)
         plan.needed = memory["step_peak"] + allowance_bytes(memory["step_peak"], settings)
         if device_memory is not None:
             plan.fits = plan.needed <= device_memory
             def needed(b: int, n: int) -> int:
-                peak = _distribute(session.measure(b, n), settings, caps, [], largest)["step_peak"]
+                peak = _distribute(session.measure(b, n), settings, [], layout)["step_peak"]
                 return peak + allowance_bytes(peak, settings)
 
             plan.max_batch_size = _largest(lambda b: needed(b, settings.seq_len), device_memory,
