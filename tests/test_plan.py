@@ -82,8 +82,8 @@ def _check_bound(predicted: dict, measured: dict, tight=("weights", "step_peak")
 def _kept_counts(plan: dict) -> tuple:
     """What Light-PEFT's amounts fix: query heads per layer, FFN channels in all, adapter modules, ranks in all."""
     return ([len(h) for h in plan["heads"]] if plan["heads"] else None,
-            sum(map(len, plan["ffn"])) if plan["ffn"] else None, len(plan["modules"]),
-            sum(map(len, plan["ranks"].values())))
+            sum(map(len, plan["ffn"])) if plan["ffn"] else None, plan["modules"] and len(plan["modules"]),
+            plan["ranks"] and sum(map(len, plan["ranks"].values())))
 
 
 @pytest.mark.parametrize("model", ["builtin:tiny-llama"] + (["builtin:tiny-gpt2", SMALL_EFFICIENCY] if SLOW else []))
@@ -93,7 +93,7 @@ def test_light_peft_bound_is_the_worst_prune_its_amounts_allow(model):
     too), and every figure of the bound is at least every such prune's and within 25 % of the largest."""
     source = planner.resolve_model(model) if model != SMALL_EFFICIENCY else _source(model)
     settings = planner.PlanSettings(batch_size=2, seq_len=32, device="cpu")
-    samples = [planner.sample_prune_plan(source, {}, settings, seed=i, skew=k) for i in range(4) for k in (0.0, 3.0)]
+    samples = [planner.sample_prune_plan(source, {}, settings, seed=i, skew=k) for i in range(2) for k in (0.0, 3.0)]
     candidates = planner.light_peft_bound(source, {}, settings)
     assert len({repr(_kept_counts(p)) for p in samples + candidates}) == 1
     bound = planner.plan_method(source, "light_peft", {}, settings).memory
