@@ -25,26 +25,27 @@ def main() -> None:
     from leantune.dist import rank
     from leantune.train import TrainConfig, TrainHook, train
 
+    class Watch(TrainHook):
+        def __init__(self):
+            self.held = {}
+
+        def on_step_end(self, ctx):
+            params = list({id(p): p for p in ctx.model.parameters()}.values())
+            self.held["weights"] = sum(local_bytes(p) for p in params)
+            self.held["grads"] = sum(local_bytes(p) for p in params if p.requires_grad)
+            self.held["optimizer"] = sum(local_bytes(v) for st in ctx.optimizer.state.values() for v in st.values()
+                                         if torch.is_tensor(v))
+
     out = Path(sys.argv[1])
     for name in sys.argv[2:]:
         torch.manual_seed(0)
         model, tok = leantune.load_model("builtin:tiny-llama")
-        method = leantune.apply(model, name)
-        held = {}
-
-        class Watch(TrainHook):
-            def on_step_end(self, ctx):
-                params = {id(p): p for p in ctx.model.parameters()}.values()
-                held["weights"] = sum(local_bytes(p) for p in params)
-                held["grads"] = sum(local_bytes(p) for p in params if p.requires_grad)
-                held["optimizer"] = sum(local_bytes(v) for st in ctx.optimizer.state.values() for v in st.values()
-                                        if torch.is_tensor(v))
-
+        leantune.apply(model, name)
         data = encode_examples(tok, get_task("builtin:arith").split("train")[:8], 32)
         cfg = TrainConfig(max_steps=1, batch_size=2, lr=1e-3, progress=False, distributed="fsdp")
-        train(model, data, cfg, pad_id=tok.pad_token_id, hooks=[Watch()])
-        (out / f"{name}-rank{rank()}.json").write_text(json.dumps(held))
-        del method
+        watch = Watch()
+        train(model, data, cfg, pad_id=tok.pad_token_id, hooks=[watch])
+        (out / f"{name}-rank{rank()}.json").write_text(json.dumps(watch.held))
 
 
 if __name__ == "__main__":

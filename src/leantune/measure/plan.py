@@ -11,12 +11,13 @@ activations, gradients, temporaries), without what the process held before the m
 
 Schedules are planned in the state the bench measures: LISA with its first draw of ``gamma`` active blocks (every
 draw has the same size), Light-PEFT after pruning. Light-PEFT's prune depends on the data, so without
-``--prune-plan`` it is planned as an upper bound for its configured amounts: the KV-head groups, FFN layers,
-adapter modules and ranks kept are the most expensive ones those amounts allow (:func:`light_peft_bound`).
+``--prune-plan`` it is planned as an upper bound for its configured amounts: the largest figures of prunes that
+keep exactly the configured counts and the most expensive parts (:func:`light_peft_bound`).
 
+A quantized base (``--quantize``) is bitsandbytes' own layers on fake tensors (:func:`_fake_quantize_model`).
+Data parallelism is derived from the one-process step, per rank (:func:`_distribute`, :func:`fsdp_layout`).
 What fake tensors cannot see is the named ``ALLOWANCE`` below, added for a device-memory verdict, never to the
-breakdown itself. The planner knows no method by name (it reads capabilities); a quantized base slots in as one
-more way to build the model (``ModelSource.build``).
+breakdown itself. The planner knows no method by name (it reads capabilities).
 """
 
 from __future__ import annotations
