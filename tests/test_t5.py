@@ -351,3 +351,17 @@ def test_the_cross_attention_adapters_train():
     cross = [a for name, _l, a in m.children() if "EncDecAttention" in name]
     assert len(cross) == 2 and all(a.up.weight.abs().sum() > 0 for a in cross)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".adapter." not in n)
+
+
+def test_cli_trains_t5_houlsby_with_its_cross_attention_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import run
+
+    out = tmp_path / "houlsby"
+    summary = json.loads(run("train", "--model", T5, "--method", "houlsby", "--task", "builtin:arith", "--max-steps",
+                             "3", "--output-dir", str(out), "--eval-samples", "0", "--no-progress").stdout)
+    assert summary["steps"] == 3 and summary["final_loss"] is not None
+    saved = load_file(out / "adapter.safetensors")
+    cross = [k for k in saved if "EncDecAttention.o.adapter.up.weight" in k]
+    assert len(cross) == 2 and all(saved[k].abs().sum() > 0 for k in cross)  # trained, not the zero init
