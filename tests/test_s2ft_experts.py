@@ -1,5 +1,5 @@
-"""S²FT on a mixture of experts: channels selected per routed expert in the 3-D ``experts.down_proj`` [E, H, I], each
-expert's dense block trained with the gradient the full weight would get on those columns (the family matrix walks
+"""S²FT on a mixture of experts: channels selected per routed expert in the 3-D ``experts.down_proj`` [E, H, I] (and
+the up half of ``experts.gate_up_proj`` [E, 2I, H]), each expert's dense block trained with the gradient the full weight would get on those columns (the family matrix walks
 apply / train / save / load / merge / export on Mixtral and Qwen2-MoE)."""
 
 from __future__ import annotations
@@ -94,15 +94,100 @@ def test_a_state_for_other_experts_is_refused():
         method.load_state(state)
 
 
-@pytest.mark.parametrize(("options", "words"), [
-    (dict(targets="o,up"), "in down only"),
-    (dict(selection="activation"), "selected at random or by weight norm"),
-])
-def test_what_expert_channels_cannot_do_yet_is_refused_at_apply(options, words):
+def test_activation_selection_of_expert_channels_is_refused_at_apply():
     model, _ = tiny(MIXTRAL)
-    with pytest.raises(ConfigError, match=words):
-        leantune.apply(model, "s2ft", **options)
+    with pytest.raises(ConfigError, match="not by activation norm yet"):
+        leantune.apply(model, "s2ft", selection="activation")
     assert all(p.requires_grad for p in model.parameters())  # refused before touching the model
+
+
+# -- up: output rows of the up half of the fused gate_up_proj [E, 2I, H] ----------------------------------------
+
+
+def test_up_trains_rows_of_the_up_half_of_each_experts_gate_up_with_the_full_weight_gradient():
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    method = leantune.apply(model, "s2ft", targets="o,down,up", budget="count", heads=1, channels=3)
+    ups = [(name, c, w) for name, c, w in _channels(method) if name.endswith("gate_up_proj")]
+    assert len(ups) == 2
+    inter = method.anatomy.intermediate
+    for name, c, w in ups:
+        e, two_i, h = w.shape
+        assert two_i == 2 * inter and tuple(c.delta.shape) == (e, 3, h)
+        units = torch.tensor(method.selected_units()[name])
+        assert torch.equal(c.indices, units + inter)  # the up half: channel c is row I + c (the anatomy's offset)
+    with torch.no_grad():
+        for _, c, _ in _channels(method):
+            c.delta.normal_(0, 0.05)
+    loss_of(model, batch).backward()
+
+    # the slow reference: each expert's weights written out as transformers splits them (gate, up = chunk(2)), the
+    # block added on the up matrix's rows of the selected channels, the whole 3-D parameters trainable
+    reference, _ = tiny(MIXTRAL)
+    names = dict(reference.named_modules())
+    for name, c, _ in _channels(method):
+        module, attr = name.rsplit(".", 1)
+        w = getattr(names[module], attr)
+        with torch.no_grad():
+            if attr == "gate_up_proj":
+                gate, up = w.chunk(2, dim=1)
+                for e, chans in enumerate(method.selected_units()[name]):
+                    up[e, chans] += c.delta[e].detach()
+                w.copy_(torch.cat([gate, up], dim=1))
+            else:
+                w.scatter_add_(2, c.spread(w), c.delta.to(w.dtype))
+        w.requires_grad_(True)
+    for mod_name, mod in dict(model.named_modules()).items():
+        if hasattr(mod, "s2ft") and mod_name in method.layers:
+            with torch.no_grad():
+                names[mod_name].weight.copy_(mod.weight)
+    torch.testing.assert_close(logits(model, batch), logits(reference, batch), rtol=1e-5, atol=1e-6)
+    loss_of(reference, batch).backward()
+    for name, c, _ in _channels(method):
+        module, attr = name.rsplit(".", 1)
+        full = getattr(names[module], attr).grad
+        assert c.delta.grad.abs().sum() > 0
+        torch.testing.assert_close(c.delta.grad, full.gather(c.dim, c.spread(full)), rtol=1e-5, atol=1e-7)
+
+
+def test_up_expert_rows_merge_save_and_load(tmp_path):
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    method = leantune.apply(model, "s2ft", targets="o,up", budget="count", heads=1, channels=4, selection="weight")
+    base = {name: w.detach().clone() for name, _, w in _channels(method)}
+    for name, _c, w in _channels(method):  # by weight norm: each expert's smallest up rows
+        norms = w.detach().float().pow(2).sum(2)[:, method.anatomy.expert_ffn_rows("up")].sqrt()
+        assert torch.equal(torch.tensor(method.selected_units()[name]),
+                           torch.sort(torch.argsort(norms, dim=1)[:, :4], dim=1).values)
+    with torch.no_grad():
+        for _, c, _ in _channels(method):
+            c.delta.normal_(0, 0.1)
+    unmerged = logits(model, batch)
+    leantune.save(model, tmp_path / "up")
+    fresh, _ = tiny(MIXTRAL)
+    leantune.load(fresh, tmp_path / "up")
+    torch.testing.assert_close(logits(fresh, batch), unmerged, rtol=0, atol=0)
+    method.merge()
+    torch.testing.assert_close(logits(model, batch), unmerged, rtol=0, atol=1e-5)
+    method.unmerge()
+    assert all(torch.equal(w.detach(), base[name]) for name, _, w in _channels(method))
+
+
+def test_gradient_selection_picks_each_experts_channels_by_the_full_gradient():
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    method = leantune.apply(model, "s2ft", targets="o,down,up", budget="count", heads=1, channels=3,
+                            selection="gradient").calibrate([batch])
+    reference, _ = tiny(MIXTRAL)  # the untouched base, every weight trainable: its gradient is the score
+    loss_of(reference, batch).backward()
+    names = dict(reference.named_modules())
+    rows = method.anatomy.expert_ffn_rows("up")
+    for name, _c, _w in _channels(method):
+        module, attr = name.rsplit(".", 1)
+        g = getattr(names[module], attr).grad
+        norms = g.pow(2).sum(1).sqrt() if attr == "down_proj" else g.pow(2).sum(2)[:, rows].sqrt()
+        assert torch.equal(torch.tensor(method.selected_units()[name]),
+                           torch.sort(torch.argsort(norms, dim=1)[:, :3], dim=1).values), name
 
 
 def test_no_lora_form_for_expert_channels():

@@ -683,6 +683,18 @@ class Anatomy:
         fused = any("gate_up" in b.linears for b in self.blocks)
         return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
 
+    def expert_ffn_rows(self, part: str, channels=None) -> torch.Tensor:
+        """Rows of FFN ``part`` (``gate`` or ``up``) channels in the routed experts' 3-D ``gate_up_proj`` [E, 2I, H]
+        (``[gate | up]`` along its rows, as transformers' ``chunk(2)``); all I channels when None."""
+        if part not in ("gate", "up"):
+            raise ValueError(f"expert_ffn_rows: part must be gate or up, not {part!r}")
+        experts = next((b.experts for b in self.blocks if b.experts is not None), None)
+        if experts is None:
+            raise ValueError(f"expert_ffn_rows: model_type {self.model_type!r} has no routed experts")
+        inter = experts.gate_up_proj.shape[1] // 2
+        ch = torch.arange(inter) if channels is None else torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+        return ch + (inter if part == "up" else 0)
+
     def qk_norm_entries(self, heads) -> torch.Tensor:
         """Entries of a whole-projection q/k norm's weight that belong to ``heads`` (of its own projection)."""
         h = torch.as_tensor(heads, dtype=torch.long).reshape(-1)

@@ -183,40 +183,51 @@ class S2FTSlice(nn.Module):
 
 
 class ExpertChannels(nn.Module):
-    """Per routed expert e, k channels ``indices[e]`` of a 3-D ``down_proj`` [E, H, I] (its input columns) and a
-    dense block ``delta[e]`` (H, k), zero at init; a child ``s2ft_down_proj`` of the experts module."""
+    """Per routed expert e, k channels of one 3-D expert weight and a dense block ``delta[e]``, zero at init; a child
+    ``s2ft_<param>`` of the experts module. ``down_proj`` [E, H, I]: input columns ``indices[e]`` (``dim`` 2), block
+    (H, k); ``gate_up_proj`` [E, 2I, H]: output rows ``indices[e]`` of its up half (``dim`` 1), block (k, H).
+    ``unit_index[c]`` is channel c's index on the sliced axis (the anatomy's: ``expert_ffn_rows``)."""
 
-    def __init__(self, weight: torch.Tensor, count: int):
+    def __init__(self, weight: torch.Tensor, count: int, dim: int, unit_index: torch.Tensor):
         super().__init__()
-        e, h, _i = weight.shape
-        self.delta = nn.Parameter(torch.zeros(e, h, count, dtype=trainable_dtype(weight), device=weight.device))
+        e, rows, cols = weight.shape
+        shape = (e, rows, count) if dim == 2 else (e, count, cols)
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=trainable_dtype(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(e, count, dtype=torch.long, device=weight.device),
                              persistent=False)
         self.register_buffer("saved", None, persistent=False)
-        self.n_units = weight.shape[2]
+        self.register_buffer("unit_index", unit_index.to(dtype=torch.long, device=weight.device), persistent=False)
+        self.dim, self.n_units = dim, len(unit_index)
         self.selected = self.merged = False
         self.active = True
 
     def spread(self, like: torch.Tensor) -> torch.Tensor:
-        """The indices expanded over the H rows, for scatter/gather on the [E, H, I] weight."""
-        return self.indices[:, None, :].expand(-1, like.shape[1], -1)
+        """The indices expanded over the other axis, for scatter/gather on the 3-D weight."""
+        if self.dim == 2:
+            return self.indices[:, None, :].expand(-1, like.shape[1], -1)
+        return self.indices[:, :, None].expand(-1, -1, like.shape[2])
+
+    def unit_norms(self, w3d: torch.Tensor) -> torch.Tensor:
+        """[E, channels]: each expert's L2 norm of every channel's slice of ``w3d`` (a weight or its gradient)."""
+        sq = w3d.detach().float().pow(2).sum(3 - self.dim)  # over the axis that is not sliced
+        return sq[:, self.unit_index.to(sq.device)].sqrt()
 
     @torch.no_grad()
     def merge_into(self, w: torch.Tensor) -> None:
         idx = self.spread(w)
-        self.saved = w.gather(2, idx)  # the original values, for a bitwise unmerge
-        w.scatter_add_(2, idx, self.delta.to(w.dtype))
+        self.saved = w.gather(self.dim, idx)  # the original values, for a bitwise unmerge
+        w.scatter_add_(self.dim, idx, self.delta.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def restore(self, w: torch.Tensor) -> None:
-        w.scatter_(2, self.spread(w), self.saved)
+        w.scatter_(self.dim, self.spread(w), self.saved)
         self.saved, self.merged = None, False
 
 
 class _ExpertChannelsDelta(nn.Module):
     """The parametrization: W -> W with each expert's block added on its channels (its gradient is the full-weight
-    gradient's selected columns; the channels are held by reference, so their delta stays under the experts module)."""
+    gradient's selected slices; the channels are held by reference, so their delta stays under the experts module)."""
 
     def __init__(self, channels: ExpertChannels):
         super().__init__()
@@ -226,7 +237,7 @@ class _ExpertChannelsDelta(nn.Module):
         c = self.__dict__["channels"]
         if not c.active or c.merged:
             return w
-        return w.scatter_add(2, c.spread(w), c.delta.to(w.dtype))
+        return w.scatter_add(c.dim, c.spread(w), c.delta.to(w.dtype))
 
 
 def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -291,7 +302,7 @@ class S2FT(AttachedMethod):
     def _apply(self, model, anat):
         cfg = self.config
         self._start()
-        self.experts: dict[str, nn.Module] = {}  # "<experts module>.down_proj" -> the experts module
+        self.experts: dict[str, nn.Module] = {}  # "<experts module>.<down_proj | gate_up_proj>" -> the module
         self._expert_hooks = []
         per_block = self._targets(anat)
         lora_params = self._lora_params(anat)
@@ -303,7 +314,7 @@ class S2FT(AttachedMethod):
                     continue
                 mod = t["module"]
                 if t.get("experts"):
-                    self._attach_experts(t["name"], mod, counts[t["name"]])
+                    self._attach_experts(t["name"], mod, counts[t["name"]], t["unit_index"])
                     continue
                 self.attach(t["name"], mod, S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)),
                             _s2ft_forward)
@@ -318,24 +329,28 @@ class S2FT(AttachedMethod):
         elif self.calibration is not None:
             self.calibrate(self.calibration)
 
-    def _attach_experts(self, name: str, mod: nn.Module, count: int) -> None:
+    def _attach_experts(self, name: str, mod: nn.Module, count: int, unit_index: torch.Tensor) -> None:
         from torch.nn.utils import parametrize
 
-        channels = ExpertChannels(mod.down_proj, count)
-        mod.add_module("s2ft_down_proj", channels)
-        parametrize.register_parametrization(mod, "down_proj", _ExpertChannelsDelta(channels), unsafe=True)
-        self._expert_hooks.append(fused.override_forward(mod, _experts_forward))
+        attr = name.rsplit(".", 1)[1]  # down_proj: input columns; gate_up_proj: output rows of its up half
+        channels = ExpertChannels(getattr(mod, attr), count, 2 if attr == "down_proj" else 1, unit_index)
+        mod.add_module(f"s2ft_{attr}", channels)
+        if not hasattr(mod, "parametrizations"):  # the forward that computes the parametrized weights once per call
+            self._expert_hooks.append(fused.override_forward(mod, _experts_forward))
+        parametrize.register_parametrization(mod, attr, _ExpertChannelsDelta(channels), unsafe=True)
         self.experts[name] = mod
 
     def _expert_channels(self):
-        """(name, experts module, ExpertChannels, the stored [E, H, I] weight) per adapted experts module."""
+        """(name, experts module, ExpertChannels, the stored 3-D weight) per adapted expert parameter."""
         for name, mod in getattr(self, "experts", {}).items():
-            yield name, mod, mod.s2ft_down_proj, mod.parametrizations.down_proj.original
+            attr = name.rsplit(".", 1)[1]
+            yield name, mod, getattr(mod, f"s2ft_{attr}"), getattr(mod.parametrizations, attr).original
 
     def trainable_parameters(self):
         yield from self._named_child_parameters()
         for name, _mod, c, _w in self._expert_channels():
-            yield f"{name.rsplit('.', 1)[0]}.s2ft_down_proj.delta", c.delta
+            module, attr = name.rsplit(".", 1)
+            yield f"{module}.s2ft_{attr}.delta", c.delta
 
     def unload(self) -> nn.Module:
         """Take the expert channels off too (the weights as they are: merged values after merge_and_unload)."""
@@ -344,9 +359,10 @@ class S2FT(AttachedMethod):
         self._model()
         for h in getattr(self, "_expert_hooks", []):
             h.remove()
-        for _name, mod, _c, _w in list(self._expert_channels()):
-            parametrize.remove_parametrizations(mod, "down_proj", leave_parametrized=False)
-            delattr(mod, "s2ft_down_proj")
+        for name, mod, _c, _w in list(self._expert_channels()):
+            attr = name.rsplit(".", 1)[1]
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            delattr(mod, f"s2ft_{attr}")
         self.experts, self._expert_hooks = {}, []
         return super().unload()
 
@@ -354,12 +370,10 @@ class S2FT(AttachedMethod):
         if not anat.n_experts or "down" not in self.config.roles and "up" not in self.config.roles:
             return
         where = f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D parameters"
-        if "up" in self.config.roles:
-            raise ConfigError(f"{where}; S²FT selects channels per expert in down only, not in the fused gate_up "
-                              "projection yet: use targets=o,down (or o,v,down)")
-        if self.config.selection in DATA_SELECTIONS:
-            raise ConfigError(f"{where}; per-expert channels are selected at random or by weight norm, not by "
-                              f"selection={self.config.selection!r} yet: use selection=random or weight")
+        if self.config.selection == "activation":
+            raise ConfigError(f"{where}; per-expert channels are selected at random, by weight norm or by gradient "
+                              "norm, not by activation norm yet (the experts' activations are inside one forward): "
+                              "use selection=random, weight or gradient")
         if self.exclude is not None:
             raise ConfigError(f"{where}; exclude= (disjoint selections for fusion) is not done for expert channels yet")
 
@@ -380,8 +394,9 @@ class S2FT(AttachedMethod):
                     if int(unit_index.max()) >= out_f:
                         raise ValueError(f"s2ft: {name} has {out_f} outputs, too few for {anat.n_kv_heads} KV heads of "
                                          f"{hd} in the {anat.qkv_layout!r} layout (q/k/v layout not understood)")
-                elif role == "up":
-                    unit_index = anat.ffn_rows("up")[:, None]
+                elif role == "up":  # the module's own channels (a shared expert's FFN is not the experts' size)
+                    unit_index = anat.ffn_rows("up", torch.arange(out_f // 2 if _real_role == "gate_up" else out_f))
+                    unit_index = unit_index[:, None]
                 else:
                     unit_index = torch.arange(in_f)[:, None]
                 side = _SIDE[role]
@@ -389,12 +404,17 @@ class S2FT(AttachedMethod):
                 cost = unit * (out_f if side == "in" else in_f)  # parameters per selected unit
                 out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit_index": unit_index,
                                "n_units": n_units, "cost": cost, "kind": _KIND[role]})
-        for b in anat.blocks if "down" in self.config.roles else ():
-            if b.experts is not None:  # one channel in each expert costs E x H parameters
-                e, h, i = b.experts.down_proj.shape
-                out[b.index].append({"name": f"{anat.name_of(b.experts)}.down_proj", "role": "down",
-                                     "module": b.experts, "side": "in", "unit_index": torch.arange(i)[:, None],
-                                     "n_units": i, "cost": e * h, "kind": "channel", "experts": True})
+        for role in [r for r in self.config.roles if r in ("down", "up")]:
+            for b in anat.blocks:
+                if b.experts is None:
+                    continue
+                # one channel in each expert costs E x H parameters: a column of down_proj, a row of gate_up_proj's up
+                attr = "down_proj" if role == "down" else "gate_up_proj"
+                e, h = b.experts.down_proj.shape[:2]
+                unit_index = torch.arange(b.experts.down_proj.shape[2]) if role == "down" else anat.expert_ffn_rows("up")
+                out[b.index].append({"name": f"{anat.name_of(b.experts)}.{attr}", "role": role, "module": b.experts,
+                                     "side": _SIDE[role], "unit_index": unit_index, "n_units": len(unit_index),
+                                     "cost": e * h, "kind": "channel", "experts": True})
         return out
 
     def _lora_params(self, anat: Anatomy) -> dict[int, int]:
@@ -446,15 +466,15 @@ class S2FT(AttachedMethod):
         """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
         self._select_layers(scores)
         gen = torch.Generator().manual_seed(self.config.seed + 1)
-        for _name, _mod, c, w in self._expert_channels():  # per expert: its own channels
-            count = c.delta.shape[2]
+        for name, _mod, c, w in self._expert_channels():  # per expert: its own channels
+            count = c.indices.shape[1]
             if scores is None:
                 score = torch.rand(w.shape[0], c.n_units, generator=gen)
-            else:  # weight: the norm of each expert's input column
-                score = w.detach().float().pow(2).sum(1).sqrt().double().cpu()
+            else:  # [E, channels]: each expert's norms (of the weight, or of its gradient from calibration)
+                score = (scores[name] if name in scores else c.unit_norms(w)).double().cpu()
                 score = -score if self.config.order == "largest" else score
-            order = torch.argsort(score, dim=1, stable=True)[:, :count]
-            c.indices = torch.sort(order, dim=1).values.to(c.delta.device)
+            units = torch.sort(torch.argsort(score, dim=1, stable=True)[:, :count], dim=1).values
+            c.indices = c.unit_index[units.to(c.unit_index.device)]
             c.selected = True
 
     def _select_layers(self, scores: dict[str, torch.Tensor] | None) -> None:
@@ -488,7 +508,8 @@ class S2FT(AttachedMethod):
         if cfg.selection not in DATA_SELECTIONS:
             raise ConfigError(f"s2ft: selection={cfg.selection!r} uses no calibration data; "
                               f"calibrate() is for {' or '.join(DATA_SELECTIONS)}")
-        if any(bool(m.s2ft.delta.detach().ne(0).any()) for m in self.layers.values()):
+        deltas = [m.s2ft.delta for m in self.layers.values()] + [c.delta for _n, _m, c, _w in self._expert_channels()]
+        if any(bool(d.detach().ne(0).any()) for d in deltas):
             raise RuntimeError("s2ft: calibrate() re-selects indices and must run before training (deltas are not zero)")
         if self.merged:
             raise RuntimeError("s2ft: unmerge() before calibrate()")
@@ -500,13 +521,14 @@ class S2FT(AttachedMethod):
         batches = [{k: v.to(device) for k, v in b.items() if torch.is_tensor(v)} for b in batches]
         was_training = model.training
         model.eval()
-        for m in self.layers.values():
-            m.s2ft.active = False  # calibrate the base alone
+        parts = [m.s2ft for m in self.layers.values()] + [c for _n, _m, c, _w in self._expert_channels()]
+        for part in parts:
+            part.active = False  # calibrate the base alone
         try:
             scores = self._activation_scores(batches) if cfg.selection == "activation" else self._gradient_scores(batches)
         finally:
-            for m in self.layers.values():
-                m.s2ft.active = True
+            for part in parts:
+                part.active = True
             model.train(was_training)
         self._select(scores)
         return self
@@ -543,7 +565,9 @@ class S2FT(AttachedMethod):
         return {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
 
     def _gradient_scores(self, batches) -> dict[str, torch.Tensor]:
+        """Per layer the norm of each unit's slice of the full weight gradient (per expert: [E, channels])."""
         weights = {n: m.weight for n, m in self.layers.items()}
+        weights.update({n: w for n, _m, _c, w in self._expert_channels()})  # through the parametrization
         for w in weights.values():
             w.grad = None
             w.requires_grad_(True)  # calibration only: the full gradient of the target layers, once
@@ -557,6 +581,8 @@ class S2FT(AttachedMethod):
             for n, m in self.layers.items():
                 g = m.weight.grad.t() if is_conv1d(m) else m.weight.grad
                 scores[n] = self._unit_norms(m.s2ft, _coord_sq(g, m.s2ft.side))
+            for n, _m, c, w in self._expert_channels():
+                scores[n] = c.unit_norms(w.grad)
         finally:
             for w in weights.values():
                 w.grad = None
@@ -575,7 +601,8 @@ class S2FT(AttachedMethod):
         """Per layer, the selected heads / channels (unit numbers, not indices)."""
         out = {n: _unit_of(m.s2ft, weight_2d(m).shape[m.s2ft.dim])[m.s2ft.indices[:: m.s2ft.unit].cpu()].tolist()
                for n, m in self.layers.items()}
-        out.update({n: c.indices.tolist() for n, _m, c, _w in self._expert_channels()})  # per expert
+        out.update({n: torch.searchsorted(c.unit_index, c.indices).tolist()  # per expert: channel numbers
+                    for n, _m, c, _w in self._expert_channels()})
         return out
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -608,13 +635,15 @@ class S2FT(AttachedMethod):
             idx, delta = state[f"{name}.{s.side}_indices"], state[f"{name}.{s.side}_delta"]
             checked[name] = (_check_slice(name, s, weight_2d(mod).shape, idx, delta), delta)
         experts = {}
-        for name, _mod, _c, w in self._expert_channels():
+        for name, _mod, c, w in self._expert_channels():
             idx, delta = state[f"{name}.expert_indices"], state[f"{name}.expert_delta"]
-            e, h, i = w.shape
-            if (idx.dim() != 2 or idx.shape[0] != e or tuple(delta.shape) != (e, h, idx.shape[1])
-                    or idx.dtype.is_floating_point or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= i))):
+            e, k = w.shape[0], idx.shape[-1]
+            want = (e, w.shape[1], k) if c.dim == 2 else (e, k, w.shape[2])
+            if (idx.dim() != 2 or idx.shape[0] != e or tuple(delta.shape) != want or idx.dtype.is_floating_point
+                    or not bool(torch.isin(idx.cpu(), c.unit_index.cpu()).all())):
                 raise ValueError(f"s2ft: {name}: expert channels {tuple(idx.shape)} / block {tuple(delta.shape)} do "
-                                 f"not fit {e} experts of {i} channels and {h} outputs; made for another base model?")
+                                 f"not fit {e} experts of {c.n_units} channels (block {want}); made for another "
+                                 "base model?")
             experts[name] = (idx.to(torch.long), delta)
         was_merged = self.merged
         if was_merged:
@@ -714,7 +743,8 @@ class _SelectionGuard:
 
     def on_train_begin(self, ctx):
         method = ctx.method
-        if all(m.s2ft.selected for m in method.layers.values()):
+        if all(m.s2ft.selected for m in method.layers.values()) and all(
+                c.selected for _n, _m, c, _w in method._expert_channels()):
             return
         if getattr(ctx, "_batches", None) is None:
             raise RuntimeError(f"s2ft: selection={method.config.selection!r} needs calibration data: call "
