@@ -19,7 +19,9 @@ The adapter state is, per module, ``<name>.in_indices`` + ``<name>.in_delta`` (i
 Mixture of experts: ``down`` also selects channels per routed expert in the 3-D ``experts.down_proj`` [E, H, I]:
 expert e trains a dense block D_e (H, k) on its own k channels idx_e, ``W_e[:, idx_e] += D_e`` (a parametrization of
 the experts module, computed once per forward); the state holds ``<experts>.down_proj.expert_indices`` [E, k] and
-``.expert_delta`` [E, H, k]. Selection: random or weight norms (per expert); no LoRA/PEFT form, no fuse yet.
+``.expert_delta`` [E, H, k]; ``up`` likewise trains k output rows of the up half of each expert's fused
+``experts.gate_up_proj`` [E, 2I, H] (rows from the anatomy's ``expert_ffn_rows``; block [E, k, H]). Selection: random,
+weight norms or gradient norms (per expert); no LoRA/PEFT form, no fuse yet.
 """
 
 from __future__ import annotations
