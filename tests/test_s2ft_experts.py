@@ -171,6 +171,13 @@ def test_up_expert_rows_merge_save_and_load(tmp_path):
     torch.testing.assert_close(logits(model, batch), unmerged, rtol=0, atol=1e-5)
     method.unmerge()
     assert all(torch.equal(w.detach(), base[name]) for name, _, w in _channels(method))
+    from transformers import AutoModelForCausalLM
+
+    from leantune.export import save_merged
+
+    assert save_merged(model, tok, tmp_path / "merged")["kind"] == "huggingface"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # transformers alone reads the merged experts
+    torch.testing.assert_close(logits(plain, batch), unmerged, rtol=1e-5, atol=1e-5)
 
 
 def test_gradient_selection_picks_each_experts_channels_by_the_full_gradient():
