@@ -94,9 +94,11 @@ def test_a_state_for_other_experts_is_refused():
         method.load_state(state)
 
 
-def test_activation_selection_of_expert_channels_is_refused_at_apply():
+def test_activation_selection_without_the_experts_activation_is_refused_at_apply():
     model, _ = tiny(MIXTRAL)
-    with pytest.raises(ConfigError, match="not by activation norm yet"):
+    for layer in model.model.layers:  # an experts module leantune cannot compute act(gate)·up for
+        del layer.mlp.experts.act_fn
+    with pytest.raises(ConfigError, match="no act_fn"):
         leantune.apply(model, "s2ft", selection="activation")
     assert all(p.requires_grad for p in model.parameters())  # refused before touching the model
 
@@ -221,3 +223,60 @@ def test_the_adapter_bank_serves_expert_channels_through_the_switch(tmp_path):
     torch.testing.assert_close(got[1:], alone(MIXTRAL, None, x[1:]), atol=0, rtol=0)
     bank.switch(None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class _ExpertProducts(torch.overrides.TorchFunctionMode):
+    """Records, per routed expert, the squared norms of what its own matmuls see: the input of ``down_proj[e]`` (the
+    activation act(gate)·up) and the output of ``gate_up_proj[e]``, found by the weight's storage address."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.where, self.sums = {}, {}
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.down_proj", "experts.gate_up_proj")):
+                for e in range(p.shape[0]):
+                    self.where[p[e].data_ptr()] = (name, e, p.shape[0])
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.nn.functional.linear and args[1].data_ptr() in self.where:
+            name, e, n = self.where[args[1].data_ptr()]
+            seen = args[0] if name.endswith("down_proj") else out
+            sq = self.sums.setdefault(name, torch.zeros(n, seen.shape[-1]))
+            sq[e] += seen.detach().float().pow(2).sum(0)
+        return out
+
+
+def test_activation_selection_scores_each_expert_by_what_its_own_matmuls_see():
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    method = leantune.apply(model, "s2ft", targets="o,down,up", budget="count", heads=1, channels=3,
+                            selection="activation").calibrate([batch])
+    reference, _ = tiny(MIXTRAL)
+    reference.config._experts_implementation = "eager"  # transformers' loop over experts: one matmul per expert
+    with torch.no_grad(), _ExpertProducts(reference) as seen:
+        reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert len(seen.sums) == 4  # both parameters of both blocks
+    rows = method.anatomy.expert_ffn_rows("up")
+    for name, _c, _w in _channels(method):
+        sq = seen.sums[name]
+        norms = sq.sqrt() if name.endswith("down_proj") else sq[:, rows].sqrt()
+        assert torch.equal(torch.tensor(method.selected_units()[name]),
+                           torch.sort(torch.argsort(norms, dim=1)[:, :3], dim=1).values), name
+
+
+def test_activation_selection_of_expert_channels_skips_padding():
+    model, tok = tiny(MIXTRAL)
+    method = leantune.apply(model, "s2ft", targets="o,down,up", budget="count", heads=1, channels=3,
+                            selection="activation")
+    for mod in method.layers.values():
+        mod.s2ft.active = False  # the base alone, as calibrate() scores it
+    batch = fixed_batch(len(tok))
+    batch["attention_mask"][1, 7:] = 0  # right padding: the real tokens' activations are the row's alone
+    rows = [{k: v[i:i + 1, : (12 if i == 0 else 7)] for k, v in batch.items()} for i in range(2)]
+    both = method._activation_scores([batch])
+    alone = [method._activation_scores([r]) for r in rows]
+    experts = [n for n, *_ in method._expert_channels()]
+    assert len(experts) == 4
+    for n in experts:
+        torch.testing.assert_close(both[n] ** 2, alone[0][n] ** 2 + alone[1][n] ** 2, rtol=1e-4, atol=1e-6)

@@ -684,15 +684,21 @@ class Anatomy:
         return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
 
     def expert_ffn_rows(self, part: str, channels=None) -> torch.Tensor:
-        """Rows of FFN ``part`` (``gate`` or ``up``) channels in the routed experts' 3-D ``gate_up_proj`` [E, 2I, H]
-        (``[gate | up]`` along its rows, as transformers' ``chunk(2)``); all I channels when None."""
+        """Rows of FFN ``part`` (``gate`` or ``up``) channels in the routed experts' 3-D ``gate_up_proj`` [E, 2I, H]:
+        ``[gate | up]`` along its rows (transformers' ``chunk(2)``), or interleaved per channel where the experts
+        module says ``is_concatenated=False``; all I channels when None."""
         if part not in ("gate", "up"):
             raise ValueError(f"expert_ffn_rows: part must be gate or up, not {part!r}")
         experts = next((b.experts for b in self.blocks if b.experts is not None), None)
         if experts is None:
             raise ValueError(f"expert_ffn_rows: model_type {self.model_type!r} has no routed experts")
+        if getattr(experts, "is_transposed", False):  # transformers' flag: [E, H, 2I], rows are not channels
+            raise UnsupportedModelError(f"model_type {self.model_type!r}: its experts store gate_up_proj transposed "
+                                        "([E, H, 2I]); expert channels are not rows there")
         inter = experts.gate_up_proj.shape[1] // 2
         ch = torch.arange(inter) if channels is None else torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+        if not getattr(experts, "is_concatenated", True):  # interleaved [gate_0, up_0, gate_1, up_1, ...]
+            return 2 * ch + (1 if part == "up" else 0)
         return ch + (inter if part == "up" else 0)
 
     def qk_norm_entries(self, heads) -> torch.Tensor:

@@ -21,7 +21,8 @@ expert e trains a dense block D_e (H, k) on its own k channels idx_e, ``W_e[:, i
 the experts module, computed once per forward); the state holds ``<experts>.down_proj.expert_indices`` [E, k] and
 ``.expert_delta`` [E, H, k]; ``up`` likewise trains k output rows of the up half of each expert's fused
 ``experts.gate_up_proj`` [E, 2I, H] (rows from the anatomy's ``expert_ffn_rows``; block [E, k, H]). Selection: random,
-weight norms or gradient norms (per expert); no LoRA/PEFT form, no fuse yet.
+weight norms, gradient norms or activation norms (per expert: act(gate)·up and the gate_up output over the tokens
+routed to it, recomputed from the experts module's ``act_fn`` in a hook); no LoRA/PEFT form, no fuse yet.
 """
 
 from __future__ import annotations
@@ -209,10 +210,13 @@ class ExpertChannels(nn.Module):
             return self.indices[:, None, :].expand(-1, like.shape[1], -1)
         return self.indices[:, :, None].expand(-1, -1, like.shape[2])
 
-    def unit_norms(self, w3d: torch.Tensor) -> torch.Tensor:
-        """[E, channels]: each expert's L2 norm of every channel's slice of ``w3d`` (a weight or its gradient)."""
-        sq = w3d.detach().float().pow(2).sum(3 - self.dim)  # over the axis that is not sliced
-        return sq[:, self.unit_index.to(sq.device)].sqrt()
+    def coord_sq(self, w3d: torch.Tensor) -> torch.Tensor:
+        """[E, sliced axis]: each expert's squared L2 norm of every index's slice of ``w3d`` (a weight, a gradient)."""
+        return w3d.detach().float().pow(2).sum(3 - self.dim)  # over the axis that is not sliced
+
+    def unit_norms(self, coord_sq: torch.Tensor) -> torch.Tensor:
+        """[E, channels]: per expert, each channel's L2 norm from squared norms along the sliced axis."""
+        return coord_sq[:, self.unit_index.to(coord_sq.device)].sqrt()
 
     @torch.no_grad()
     def merge_into(self, w: torch.Tensor) -> None:
@@ -372,10 +376,11 @@ class S2FT(AttachedMethod):
         if not anat.n_experts or "down" not in self.config.roles and "up" not in self.config.roles:
             return
         where = f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D parameters"
-        if self.config.selection == "activation":
-            raise ConfigError(f"{where}; per-expert channels are selected at random, by weight norm or by gradient "
-                              "norm, not by activation norm yet (the experts' activations are inside one forward): "
-                              "use selection=random, weight or gradient")
+        experts = next(b.experts for b in anat.blocks if b.experts is not None)
+        if self.config.selection == "activation" and not callable(getattr(experts, "act_fn", None)):
+            raise ConfigError(f"{where}, whose experts module ({type(experts).__name__}) has no act_fn to compute "
+                              "their activations from; per-expert channels are selected by activation norm only "
+                              "where it has one: use selection=random, weight or gradient")
         if self.exclude is not None:
             raise ConfigError(f"{where}; exclude= (disjoint selections for fusion) is not done for expert channels yet")
 
@@ -473,7 +478,7 @@ class S2FT(AttachedMethod):
             if scores is None:
                 score = torch.rand(w.shape[0], c.n_units, generator=gen)
             else:  # [E, channels]: each expert's norms (of the weight, or of its gradient from calibration)
-                score = (scores[name] if name in scores else c.unit_norms(w)).double().cpu()
+                score = (scores[name] if name in scores else c.unit_norms(c.coord_sq(w))).double().cpu()
                 score = -score if self.config.order == "largest" else score
             units = torch.sort(torch.argsort(score, dim=1, stable=True)[:, :count], dim=1).values
             c.indices = c.unit_index[units.to(c.unit_index.device)]
@@ -551,7 +556,31 @@ class S2FT(AttachedMethod):
             sq = t.float().pow(2).reshape(-1, t.shape[-1]).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
 
-        handles = []
+        def record_experts(mod, args, kwargs, _out):
+            """Per routed expert, the squared norms of its FFN's intermediate activation act(gate)·up (down's input
+            columns) and of its gate_up output (up's rows), over the real tokens routed to it."""
+            x = args[0] if args else kwargs["hidden_states"]
+            routes = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            mask = current["masks"]["input"]
+            real = mask.reshape(-1).bool() if mask is not None and mask.numel() == x.shape[0] else None
+            gate_up = mod.gate_up_proj  # the base's weights: the channels are inactive during calibration
+            for name, c in expert_parts[id(mod)]:
+                sq = sums.setdefault(name, torch.zeros(c.indices.shape[0], gate_up.shape[1] // (2 if c.dim == 2 else 1),
+                                                       device=x.device))
+                for e in range(gate_up.shape[0]):
+                    hit = (routes == e).any(-1) if real is None else (routes == e).any(-1) & real
+                    h = F.linear(x[hit], gate_up[e]).float()
+                    if c.dim == 2:  # down's inputs, from the [gate | up] halves where the anatomy puts them
+                        h = mod.act_fn(h[:, rows["gate"]]) * h[:, rows["up"]]
+                    sq[e] += h.pow(2).sum(0)
+
+        rows = {p: anat.expert_ffn_rows(p) for p in ("gate", "up")} if anat.n_experts else {}
+        expert_parts: dict[int, list] = {}  # experts module -> its adapted parameters' (name, channels)
+        expert_mods = {}
+        for name, mod, c, _w in self._expert_channels():
+            expert_parts.setdefault(id(mod), []).append((name, c))
+            expert_mods[id(mod)] = mod
+        handles = [mod.register_forward_hook(record_experts, with_kwargs=True) for mod in expert_mods.values()]
         for name, mod in self.layers.items():
             if mod.s2ft.side == "in":
                 handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: record(name, a[0])))
@@ -564,7 +593,9 @@ class S2FT(AttachedMethod):
         finally:
             for h in handles:
                 h.remove()
-        return {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
+        scores = {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
+        scores.update({n: c.unit_norms(sums[n]) for n, _m, c, _w in self._expert_channels()})
+        return scores
 
     def _gradient_scores(self, batches) -> dict[str, torch.Tensor]:
         """Per layer the norm of each unit's slice of the full weight gradient (per expert: [E, channels])."""
@@ -584,7 +615,7 @@ class S2FT(AttachedMethod):
                 g = m.weight.grad.t() if is_conv1d(m) else m.weight.grad
                 scores[n] = self._unit_norms(m.s2ft, _coord_sq(g, m.s2ft.side))
             for n, _m, c, w in self._expert_channels():
-                scores[n] = c.unit_norms(w.grad)
+                scores[n] = c.unit_norms(c.coord_sq(w.grad))
         finally:
             for w in weights.values():
                 w.grad = None
