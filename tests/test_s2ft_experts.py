@@ -280,3 +280,57 @@ def test_activation_selection_of_expert_channels_skips_padding():
     assert len(experts) == 4
     for n in experts:
         torch.testing.assert_close(both[n] ** 2, alone[0][n] ** 2 + alone[1][n] ** 2, rtol=1e-4, atol=1e-6)
+
+
+def _expert_opts(seed):
+    from leantune.methods.s2ft import S2FTConfig
+
+    return S2FTConfig(targets="o,down,up", budget="count", heads=1, channels=3, seed=seed)
+
+
+def _trained_state(model, method):
+    g = torch.Generator().manual_seed(len(method.state()) + method.config.seed)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return {k: v.clone() for k, v in method.state().items()}
+
+
+def _both_merged(states):
+    """The slow reference: each adapter merged into the base in turn."""
+    from leantune.methods.s2ft import S2FT
+
+    model, _ = tiny(MIXTRAL)
+    for state in states:
+        method = leantune.apply(model, S2FT(_expert_opts(0)))
+        method.load_state(state)
+        method.merge()
+        method.unload()  # the merged weights stay
+    return model
+
+
+def test_exclude_keeps_each_experts_channels_disjoint_and_fuse_adds_both_adapters():
+    from leantune.methods.s2ft import S2FT, fuse
+
+    model, tok = tiny(MIXTRAL)
+    batch = fixed_batch(len(tok))
+    first = _trained_state(model, leantune.apply(model, S2FT(_expert_opts(0))))
+    other, _ = tiny(MIXTRAL)
+    second_method = leantune.apply(other, S2FT(_expert_opts(1), exclude=first))
+    second = _trained_state(other, second_method)
+    for key in [k for k in first if k.endswith("expert_indices")]:
+        assert all(not set(a.tolist()) & set(b.tolist()) for a, b in zip(first[key], second[key], strict=True))
+    third, _ = tiny(MIXTRAL)
+    overlapping = _trained_state(third, leantune.apply(third, S2FT(_expert_opts(2))))  # no exclude: channels shared
+    for states in ([first, second], [first, overlapping]):
+        if states[1] is overlapping:
+            with pytest.warns(UserWarning, match="overlap"):
+                fused = fuse(states)
+            ks = {tuple(len(set(a.tolist()) | set(b.tolist())) for a, b in zip(first[k], overlapping[k], strict=True))
+                  for k in first if k.endswith("expert_indices")}
+            assert any(len(set(k)) > 1 for k in ks)  # unions of different sizes: some experts padded
+        else:
+            fused = fuse(states)
+        target, _ = tiny(MIXTRAL)
+        leantune.apply(target, S2FT(_expert_opts(0))).load_state(fused)
+        torch.testing.assert_close(logits(target, batch), logits(_both_merged(states), batch), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,8 @@ the experts module, computed once per forward); the state holds ``<experts>.down
 ``.expert_delta`` [E, H, k]; ``up`` likewise trains k output rows of the up half of each expert's fused
 ``experts.gate_up_proj`` [E, 2I, H] (rows from the anatomy's ``expert_ffn_rows``; block [E, k, H]). Selection: random,
 weight norms, gradient norms or activation norms (per expert: act(gate)·up and the gate_up output over the tokens
-routed to it, recomputed from the experts module's ``act_fn`` in a hook); no LoRA/PEFT form, no fuse yet.
+routed to it, recomputed from the experts module's ``act_fn`` in a hook); ``exclude=`` and ``fuse`` work per expert
+(``_fuse_experts``); no LoRA/PEFT form.
 """
 
 from __future__ import annotations
@@ -381,8 +382,6 @@ class S2FT(AttachedMethod):
             raise ConfigError(f"{where}, whose experts module ({type(experts).__name__}) has no act_fn to compute "
                               "their activations from; per-expert channels are selected by activation norm only "
                               "where it has one: use selection=random, weight or gradient")
-        if self.exclude is not None:
-            raise ConfigError(f"{where}; exclude= (disjoint selections for fusion) is not done for expert channels yet")
 
     def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
         """Per block, the target layers with their slicing geometry: the anatomy says where each unit's indices are
@@ -473,13 +472,26 @@ class S2FT(AttachedMethod):
         """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
         self._select_layers(scores)
         gen = torch.Generator().manual_seed(self.config.seed + 1)
+        excluded = _expert_state_indices(_as_state(self.exclude)) if self.exclude is not None else {}
         for name, _mod, c, w in self._expert_channels():  # per expert: its own channels
             count = c.indices.shape[1]
             if scores is None:
-                score = torch.rand(w.shape[0], c.n_units, generator=gen)
+                score = torch.rand(w.shape[0], c.n_units, generator=gen).double()
             else:  # [E, channels]: each expert's norms (of the weight, or of its gradient from calibration)
                 score = (scores[name] if name in scores else c.unit_norms(c.coord_sq(w))).double().cpu()
                 score = -score if self.config.order == "largest" else score
+            if name in excluded:  # the other adapter's channels of each expert come last, and must not be needed
+                ex = excluded[name]
+                if ex.shape[0] != w.shape[0] or not bool(torch.isin(ex, c.unit_index.cpu()).all()):
+                    raise ValueError(f"s2ft: exclude= holds {tuple(ex.shape)} expert indices for {name}, which do not "
+                                     f"fit its {w.shape[0]} experts; exclude an adapter of this base model")
+                blocked = torch.zeros(score.shape, dtype=torch.bool)
+                blocked.scatter_(1, torch.searchsorted(c.unit_index.cpu(), ex), True)
+                free = int((~blocked).sum(1).min())
+                if free < count:
+                    raise ValueError(f"s2ft: {name} needs {count} channels per expert but only {free} are outside the "
+                                     "excluded adapter in some expert; lower the budget or exclude less")
+                score = score.masked_fill(blocked, math.inf)
             units = torch.sort(torch.argsort(score, dim=1, stable=True)[:, :count], dim=1).values
             c.indices = c.unit_index[units.to(c.unit_index.device)]
             c.selected = True
@@ -855,9 +867,41 @@ def _state_indices(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], torc
         for side in ("in", "out"):
             if key.endswith(f".{side}_indices"):
                 out[(key[: -len(f".{side}_indices")], side)] = v.long().flatten().cpu()
-    if not out:
+    if not out and not _expert_state_indices(state):
         raise ValueError("s2ft: this state has no '<module>.in_indices' / '<module>.out_indices' tensors")
     return out
+
+
+def _expert_state_indices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"<experts>.<parameter>": [E, k] indices}`` of an s2ft state's per-expert channels."""
+    return {k[: -len(".expert_indices")]: v.long().cpu() for k, v in state.items() if k.endswith(".expert_indices")}
+
+
+def _fuse_experts(name: str, idxs: list[torch.Tensor], deltas: list[torch.Tensor], weights: list[float]):
+    """Per expert, the union of the adapters' channels and ``sum w_i D_i`` on it, as one [E, k] / block pair; k is
+    the largest union, and an expert whose union is smaller is padded with channels other experts use (valid indices
+    of this parameter) carrying a zero block. Returns (indices, delta, shared indices summed over experts)."""
+    dim = 2 if name.endswith("down_proj") else 1  # down_proj [E, H, k]: columns; gate_up_proj [E, k, H]: rows
+    n_exp = idxs[0].shape[0]
+    if any(i.shape[0] != n_exp for i in idxs):
+        raise ValueError(f"s2ft.fuse: {name}: the adapters hold different expert counts")
+    unions = [torch.unique(torch.cat([i[e] for i in idxs])) for e in range(n_exp)]
+    shared = sum(sum(i.shape[1] for i in idxs) - len(u) for u in unions)
+    k = max(len(u) for u in unions)
+    every = torch.unique(torch.cat(unions))
+    for e, u in enumerate(unions):
+        if len(u) < k:
+            spare = every[~torch.isin(every, u)][: k - len(u)]
+            unions[e] = torch.sort(torch.cat([u, spare])).values
+    fused_idx = torch.stack(unions)
+    shape = list(deltas[0].shape)
+    shape[dim] = k
+    fused = torch.zeros(shape, dtype=deltas[0].dtype)
+    for idx, d, w in zip(idxs, deltas, weights, strict=True):
+        d = d.detach().cpu().to(fused.dtype)
+        for e in range(n_exp):
+            fused[e].index_add_(dim - 1, torch.searchsorted(fused_idx[e], idx[e]), d[e], alpha=w)
+    return fused_idx, fused, shared
 
 
 def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
@@ -867,8 +911,6 @@ def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
     states = [_as_state(a) for a in adapters]
     if not states:
         raise ValueError("s2ft.fuse: no adapters given")
-    if any(k.endswith(".expert_delta") for st in states for k in st):
-        raise ValueError("s2ft.fuse: these adapters hold per-expert channels (MoE), which fuse does not sum yet")
     weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
     if len(weights) != len(states):
         raise ValueError(f"s2ft.fuse: {len(states)} adapters but {len(weights)} weights")
@@ -890,9 +932,20 @@ def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
             fused.index_add_(dim, torch.searchsorted(union, idx), d.detach().cpu().to(fused.dtype), alpha=w)
         out[f"{name}.{side}_indices"] = union
         out[f"{name}.{side}_delta"] = fused
+    experts = [_expert_state_indices(s) for s in states]
+    if any(set(ex) != set(experts[0]) for ex in experts):
+        raise ValueError("s2ft.fuse: the adapters adapt different expert parameters; fuse adapters made with the same "
+                         "targets")
+    for name in sorted(experts[0]):
+        fused_idx, fused_delta, shared = _fuse_experts(name, [ex[name] for ex in experts],
+                                                       [s[f"{name}.expert_delta"] for s in states], weights)
+        if shared:
+            overlaps.append((name, shared))
+        out[f"{name}.expert_indices"], out[f"{name}.expert_delta"] = fused_idx, fused_delta
     if overlaps:
         name, n = overlaps[0]
-        warnings.warn(f"s2ft.fuse: index sets overlap in {len(overlaps)} of {len(layers[0])} layers (e.g. {name}: "
+        warnings.warn(f"s2ft.fuse: index sets overlap in {len(overlaps)} of {len(layers[0]) + len(experts[0])} "
+                      f"layers (e.g. {name}: "
                       f"{n} shared indices); their deltas add up there. Disjoint selections fuse best: train the "
                       "next adapter with S2FT(config, exclude=<first adapter>)", stacklevel=2)
     return out
