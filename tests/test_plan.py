@@ -292,6 +292,13 @@ def test_a_quantized_base_is_planned_as_measured(quantize, method, packed):
     assert (predicted["weights"] < plain["weights"]) == packed
 
 
+def test_a_quantized_bf16_base_under_autocast_is_planned_as_measured():
+    settings = planner.PlanSettings(2, 32, device="cpu", quantize="nf4", base_dtype="bf16", mixed_precision="bf16")
+    predicted = planner.plan_method("builtin:tiny-llama", "lora", {}, settings).memory
+    measured = planner.plan_method("builtin:tiny-llama", "lora", {}, settings, fake=False).memory
+    _check(predicted, measured, "lora on an nf4 bf16 base under bf16 autocast")
+
+
 def test_a_quantized_plan_refuses_what_the_method_refuses():
     from leantune.methods import get_method
 
