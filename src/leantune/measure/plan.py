@@ -796,6 +796,9 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
     caps = cls(cfg).capabilities
     if settings.quantize is not None and not caps.quantized_base:
         raise ValueError(f"{method} does not train on a quantized base: {caps.quantized_refusal}")
+    if settings.quantize == "int8" and settings.device == "cuda":
+        notes.append("int8 traced with bitsandbytes' CPU training path (the weight dequantized for each matmul); "
+                     "on CUDA it runs LLM.int8's own matmul, whose temporaries differ")
     if caps.schedule_ends:
         if prune_plan is not None:
             options = {**options, "plan": prune_plan}
