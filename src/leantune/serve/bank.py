@@ -73,11 +73,23 @@ class _Stacks:
 
 
 @dataclass
+class _Slots:
+    """The slot of every row of the batch for one kind of term on one layer; ``start`` when the rows take
+    consecutive slots in order (``start, start + 1, ...``): the stacks are then read as a view, no gather."""
+
+    idx: torch.Tensor
+    start: int | None
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(0, self.start, self.idx.shape[0]) if self.start is not None else t.index_select(0, self.idx)
+
+
+@dataclass
 class _Layer:
     module: nn.Module
     handle: fused.ForwardHandle
     stacks: dict[type, _Stacks] = field(default_factory=dict)
-    slots: dict[type, torch.Tensor] = field(default_factory=dict)  # per kind, the slot of every row of the batch
+    slots: dict[type, _Slots] = field(default_factory=dict)  # per kind, the slot of every row of the batch
 
 
 class AdapterBank:
@@ -95,6 +107,7 @@ class AdapterBank:
         self._rows: torch.Tensor | None = None  # adapter number per row while a mixed batch runs
         self._current: str | None = None  # the adapter switched into the weights
         self._undo: list = []
+        self._slots_of: tuple | None = None  # (adapter numbers of the rows, {layer: slots}) of the last mixed batch
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -182,6 +195,9 @@ class AdapterBank:
         self._numbers = {n: i + 1 for i, n in enumerate(self.adapters)}
         self._dirty = True
 
+    def _number(self, name: str | None) -> int:
+        return 0 if name is None else self._numbers[name]
+
     def _adapter(self, name: str) -> BankAdapter:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} in the bank; known: {', '.join(self.adapters) or 'none'}")
@@ -223,7 +239,27 @@ class AdapterBank:
             layer = self._layers[lname]
             layer.stacks = {kind: _stack(kind, entries, len(self.adapters) + 1, layer.module)
                             for kind, entries in kinds.items()}
+        self._slots_of = None
         self._dirty = False
+
+    def _row_slots(self, numbers: tuple[int, ...], device) -> dict[str, dict[type, _Slots]]:
+        """Per layer and kind, the slot of every row (kinds no row uses left out); the last batch's is kept (a
+        decode loop asks for the same rows at every step)."""
+        if self._slots_of is not None and self._slots_of[0] == numbers:
+            return self._slots_of[1]
+        out = {}
+        for lname, layer in self._layers.items():
+            per = {}
+            for kind, st in layer.stacks.items():
+                table = st.table.tolist()
+                s = [table[a] for a in numbers]
+                if not any(s):
+                    continue
+                start = s[0] if s[0] > 0 and s == list(range(s[0], s[0] + len(s))) else None
+                per[kind] = _Slots(torch.tensor(s, device=device), start)
+            out[lname] = per
+        self._slots_of = (numbers, out)
+        return out
 
     @contextlib.contextmanager
     def using(self, names: list[str | None]):
@@ -245,11 +281,10 @@ class AdapterBank:
         self.switch(None)
         self._build()
         device = next(self.model.parameters()).device
-        rows = torch.tensor([0 if n is None else self._numbers[n] for n in names], device=device)
-        for layer in self._layers.values():
-            layer.slots = {kind: st.table.to(device)[rows] for kind, st in layer.stacks.items()}
-            layer.slots = {kind: s for kind, s in layer.slots.items() if bool(s.any())}
-        self._rows = rows
+        numbers = tuple(self._number(n) for n in names)
+        for lname, slots in self._row_slots(numbers, device).items():
+            self._layers[lname].slots = slots
+        self._rows = torch.tensor(numbers, device=device)
         try:
             yield
         finally:
@@ -271,8 +306,13 @@ class AdapterBank:
         """Logits of ``model(input_ids)`` with row i run through adapter ``names[i]``."""
         if len(names) != input_ids.shape[0]:
             raise ValueError(f"{len(names)} adapter names for a batch of {input_ids.shape[0]} rows")
+        # rows of one adapter together, adapters in the bank's order: rows on consecutive slots read them as views
+        groups = [sorted(g, key=lambda i: self._number(names[i])) for g in self.groups(names)]
+        if len(groups) == 1 and groups[0] == list(range(len(names))):  # one batch, in order: the logits as they come
+            with self.using(names):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         out = None
-        for rows in self.groups(names):
+        for rows in groups:
             idx = torch.tensor(rows, device=input_ids.device)
             mask = None if attention_mask is None else attention_mask[idx]
             with self.using([names[i] for i in rows]):
@@ -292,6 +332,7 @@ class AdapterBank:
         device = next(self.model.parameters()).device
         out: list[list[int]] = [[] for _ in prompts]
         for rows in self.groups(names):
+            rows = sorted(rows, key=lambda i: self._number(names[i]))  # as in forward: consecutive slots as views
             ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
             width = ids.shape[1]
             with self.using([names[i] for i in rows]):
@@ -395,7 +436,7 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
     h = x
     if InScale in slots:
         (v,) = stacks[InScale].tensors
-        g = v.index_select(0, slots[InScale])[:, None, :]
+        g = slots[InScale].take(v)[:, None, :]
         h = (x3.to(g.dtype) * g).to(x.dtype).view(x.shape)
     y = base_forward(h, *args, **kwargs)
     y3 = y.reshape(n, -1, y.shape[-1])
@@ -403,7 +444,7 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
     inplace = not torch.is_grad_enabled()
     if OutScale in slots:
         (v,) = stacks[OutScale].tensors
-        g = v.index_select(0, slots[OutScale])[:, None, :]
+        g = slots[OutScale].take(v)[:, None, :]
         y3 = y3.mul_(g) if inplace and y3.dtype == g.dtype else (y3.to(g.dtype) * g).to(y.dtype)
     for kind in (LowRank, Columns, Rows, Bias):
         if kind not in slots:
@@ -415,20 +456,20 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
         target = y3 if direct else torch.zeros((*y3.shape[:-1], y3.shape[-1]), dtype=dt, device=y3.device)
         if kind is LowRank:  # BGMV: each row's A and B gathered, two batched products
             at, bt = ts
-            target.baddbmm_(torch.bmm(xt, at.index_select(0, s)), bt.index_select(0, s))
+            target.baddbmm_(torch.bmm(xt, s.take(at)), s.take(bt))
         elif kind is Columns:  # the row's k input columns, times its D block
             idx, d = ts
-            ri = idx.index_select(0, s)
+            ri = s.take(idx)
             cols = torch.gather(xt, 2, ri[:, None, :].expand(n, xt.shape[1], ri.shape[1]))
-            target.baddbmm_(cols, d.index_select(0, s))
+            target.baddbmm_(cols, s.take(d))
         elif kind is Rows:  # x times the row's D block, into its k output rows
             idx, d = ts
-            ri = idx.index_select(0, s)
-            part = torch.bmm(xt, d.index_select(0, s))
+            ri = s.take(idx)
+            part = torch.bmm(xt, s.take(d))
             target.scatter_add_(2, ri[:, None, :].expand_as(part), part)
         else:
             (b,) = ts
-            target.add_(b.index_select(0, s)[:, None, :])
+            target.add_(s.take(b)[:, None, :])
         if not direct:
             y3 = y3 + target.to(y3.dtype)
     return y3.reshape(*y.shape[:-1], y3.shape[-1])
