@@ -75,8 +75,9 @@ def call(port, method, path, body=None, headers=None, raw=None):
     return resp.status, dict(resp.getheaders()), payload
 
 
-def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS):
-    body = {"model": model, "max_tokens": max_tokens, "stream": stream}
+def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS, **sampling):
+    """The answer's text (greedy unless ``sampling`` says otherwise: OpenAI's default temperature is 1)."""
+    body = {"model": model, "max_tokens": max_tokens, "stream": stream, "temperature": 0, **sampling}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -246,3 +247,56 @@ def test_shutdown_finishes_requests_in_flight(served):
         body = json.loads(payload)
         assert body["choices"][0]["finish_reason"] in ("length", "stop")
         assert body["usage"]["completion_tokens"] == 200 or body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_temperature_0_is_greedy_a_seed_repeats_and_another_seed_differs(served):
+    live, folders, _ = served
+    greedy = expected(folders["l4"], PROMPTS[:1])[0]
+    assert complete(live.port, "l4", PROMPTS[0]) == greedy  # temperature 0 (what complete() sends by default)
+    draws = {seed: [complete(live.port, "l4", PROMPTS[0], max_tokens=12, temperature=1.5, seed=seed, stream=stream)
+                    for stream in (False, True)] for seed in (1, 2)}
+    assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1]  # a seed draws the same tokens, streamed or not
+    assert draws[1][0] != draws[2][0]  # ... and another seed others
+    assert complete(live.port, "l4", PROMPTS[0], temperature=1.5, seed=1, top_p=1e-9) == greedy  # nucleus of one
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token():
+    from leantune.serve.engine import next_tokens
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [Request([1], None, 4, lambda *a: None, 0.0, temperature=t, top_p=p, seed=7)
+            for t, p in ((0.0, 1.0), (2.0, 1e-6), (2.0, 1.0))]
+    got = next_tokens(logits, rows)
+    assert got[:2] == logits[:2].argmax(-1).tolist()
+    draws = [next_tokens(logits[2:], [Request([1], None, 4, lambda *a: None, 0.0, temperature=1.0, seed=s)])[0]
+             for s in range(200)]
+    freq = torch.bincount(torch.tensor(draws), minlength=50).double() / 200
+    torch.testing.assert_close(freq, torch.softmax(logits[2].double(), -1), atol=0.08, rtol=0)
+
+
+def test_stop_strings_cut_the_text_and_finish_with_stop(served):
+    live, _folders, _ = served
+    full = complete(live.port, "l8.rs", PROMPTS[3], max_tokens=12)
+    stop = full[5:7]
+    want = full[:full.find(stop)]
+    for stream in (False, True):
+        body = {"model": "l8.rs", "prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0, "stop": [stop, "\x00zz"],
+                "stream": stream}
+        status, _h, payload = call(live.port, "POST", "/v1/completions", body)
+        assert status == 200, payload
+        if stream:
+            parts = [json.loads(e[6:])["choices"][0] for e in payload.split("\n") if e.startswith("data: {")]
+            text, reason = "".join(p["text"] for p in parts), parts[-1]["finish_reason"]
+        else:
+            choice = json.loads(payload)["choices"][0]
+            text, reason = choice["text"], choice["finish_reason"]
+        assert (text, reason) == (want, "stop"), stream
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5),
+                                         ("seed", 1.5), ("seed", True), ("stop", ""), ("stop", ["a"] * 5),
+                                         ("stop", 3), ("n", 2)])
+def test_bad_sampling_values_get_400_naming_the_field(served, field, value):
+    live, _folders, _ = served
+    status, _h, p = call(live.port, "POST", "/v1/completions", {"model": "l4", "prompt": "x", field: value})
+    assert status == 400 and f"'{field}'" in json.loads(p)["error"]["message"], p

@@ -2,7 +2,9 @@
 in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
 joins at the next one).
 
-Decoding is greedy, with a KV cache per group of rows: while the group's rows stay the same (or only lose finished
+Each row picks its tokens with its own parameters (``next_tokens``: greedy at temperature 0, else a draw from its
+own seeded generator, nucleus top_p) and finishes at EOS, at a stop string, or at its token limit. KV cache per
+group of rows: while the group's rows stay the same (or only lose finished
 rows, dropped from the cache), a step feeds each row its last token; when a request joins, the step prefills every
 row's whole sequence (prompt + tokens so far, left-padded, positions from the mask) and that becomes the group's
 cache. Requests whose adapters are served through the switch only (no mixed-batch form) step as their own group,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +71,47 @@ class Request:
     deadline: float
     tokens: list[int] = field(default_factory=list)
     number: int = 0
+    temperature: float = 0.0  # 0: greedy (argmax); else a draw from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus: draw among the most likely tokens whose probabilities reach top_p
+    seed: int | None = None  # the row's own generator; None: a fresh random seed
+    stop: tuple[str, ...] = ()  # finish ("stop") once the decoded text contains one of these
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text (needed with ``stop``)
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.stop and self.decode is None:
+            raise ValueError("a request with stop strings needs a decode function (token ids -> text)")
+        self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
+    def stopped(self) -> bool:
+        """Whether the text so far contains a stop string."""
+        if not self.stop:
+            return False
+        text = self.decode(self.tokens)
+        return any(s in text for s in self.stop)
+
+
+def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
+    """One token per row from its last position's logits (rows, vocab): the argmax where the row's temperature is
+    0; else a draw from ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely
+    tokens whose probabilities reach top_p), by inverting the cumulative distribution at one uniform number from
+    the row's own generator, so a seeded request draws the same tokens whatever batch it shares."""
+    out = logits.argmax(-1).tolist()
+    sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+    if not sampled:
+        return out
+    device = logits.device
+    temps = torch.tensor([rows[i].temperature for i in sampled], dtype=torch.float64, device=device)
+    probs = torch.softmax(logits[torch.tensor(sampled, device=device)].double() / temps[:, None], dim=-1)
+    p, order = probs.sort(dim=-1, descending=True, stable=True)
+    top = torch.tensor([rows[i].top_p for i in sampled], dtype=torch.float64, device=device)
+    p = p * ((p.cumsum(-1) - p) < top[:, None])  # the nucleus: a token stays while the ones before it are < top_p
+    c = p.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in sampled]).to(device)
+    k = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=c.shape[-1] - 1)
+    for j, tok in zip(sampled, order.gather(1, k)[:, 0].tolist(), strict=True):
+        out[j] = tok
+    return out
 
 
 class Engine:
@@ -165,7 +209,7 @@ class Engine:
         keys = {self._group_key([self._active[i] for i in g]) for g in groups}
         self._cohorts = {k: c for k, c in self._cohorts.items() if k in keys}  # groups with no rows left: freed
         rows, logits = self._decode(key, rows)
-        nxt = logits[:, -1].argmax(-1).tolist()
+        nxt = next_tokens(logits[:, -1], rows)
         self.steps += 1
         self.tokens += len(rows)
         for r, tok in zip(rows, nxt, strict=True):
@@ -174,7 +218,9 @@ class Engine:
                 continue
             r.tokens.append(tok)
             r.on_token(tok, None)
-            if len(r.tokens) >= r.max_new_tokens:
+            if r.stopped():
+                self._finish(r, "stop")
+            elif len(r.tokens) >= r.max_new_tokens:
                 self._finish(r, "length")
 
     def _group_key(self, rows: list[Request]):

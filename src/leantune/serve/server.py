@@ -167,6 +167,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}")
+        sampling = sampling_params(body)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = bos_prefix(tokenizer, ids) + ids
         if len(ids) > limits.max_prompt_tokens:
@@ -178,7 +179,9 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         def on_token(tok, end):  # called from the engine's thread
             loop.call_soon_threadsafe(events.put_nowait, (tok, end))
 
-        req = Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s)
+        stops = sampling["stop"]
+        req = Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s, **sampling,
+                      decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True))
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -188,7 +191,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         created = int(time.time())
         name = body.get("model") or BASE
         if stream:
-            return StreamingResponse(_events(events, rid, created, name, chat, len(ids)),
+            return StreamingResponse(_events(events, rid, created, name, chat, stops),
                                      media_type="text/event-stream")
         tokens, reason = [], None
         while reason is None:
@@ -200,7 +203,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                            "timeout_error")
         if reason.startswith("error"):
             raise ApiError(500, f"generation failed: {reason}", "server_error")
-        out = tokenizer.decode(tokens, skip_special_tokens=True)
+        out = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason}
@@ -209,7 +212,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": reason}], "usage": usage}
 
-    async def _events(events, rid, created, name, chat, n_prompt):
+    async def _events(events, rid, created, name, chat, stops):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text, reason, first=False):
@@ -222,17 +225,21 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                                           "choices": [choice]}) + "\n\n"
 
         tokens, sent, reason = [], "", None
+        hold = max((len(s) for s in stops), default=1) - 1  # what could be the start of a stop string waits
         if chat:
             yield chunk("", None, first=True)
         while reason is None:
             tok, reason = await events.get()
             if tok is not None:
                 tokens.append(tok)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                full = tokenizer.decode(tokens, skip_special_tokens=True)
+                text = cut_at_stop(full, stops)
+                if len(text) == len(full):
+                    text = text[:len(text) - hold]
                 if not text.endswith("\ufffd") and len(text) > len(sent):  # whole characters only
                     yield chunk(text[len(sent):], None)
                     sent = text
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
         if reason in ("stop", "length"):
             yield chunk(text[len(sent):], reason)
         else:
@@ -241,6 +248,47 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         yield "data: [DONE]\n\n"
 
     return app
+
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's: a request without "temperature" is sampled; send 0 for greedy
+MAX_STOPS = 4
+
+
+def sampling_params(body: dict) -> dict:
+    """OpenAI's sampling fields of a request, checked: ``temperature`` (0 to 2, default 1; 0 is greedy),
+    ``top_p`` (over 0 to 1, default 1), ``seed`` (an integer: the same seed draws the same tokens), ``stop`` (a
+    string or up to 4; the text is cut before the first and finishes with "stop"); ``n`` other than 1 is refused.
+    Raises :class:`ApiError` (400) naming the field."""
+
+    def number(key, default, ok, what):
+        v = body.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ApiError(400, f"'{key}' must be {what}, got {v!r}")
+        return float(v)
+
+    temperature = number("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "a number in [0, 2] (0: greedy)")
+    top_p = number("top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise ApiError(400, f"'seed' must be an integer (64-bit), got {seed!r}")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {n!r}); send n "
+                            "requests instead")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(x, str) and x for x in stops):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them, "
+                            f"got {stop!r}")
+    return {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stops)}
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` up to (not including) the earliest stop string in it."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(ends)] if ends else text
 
 
 async def _json(request) -> dict:
