@@ -224,7 +224,7 @@ def server_figures(root: Path, requests: int = 200, new_tokens: int = 8) -> dict
 
     def one(i):
         body = {"model": adapters[i % 8][0], "prompt": prompts[(i // 8) % 4], "max_tokens": new_tokens,
-                "stream": i % 3 == 0}
+                "stream": i % 3 == 0, "temperature": 0}
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})

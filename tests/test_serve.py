@@ -89,6 +89,7 @@ def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS, *
         return choice["message"]["content"] if chat else choice["text"]
     events = [line[6:] for line in payload.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
+    assert all("choices" in json.loads(e) for e in events[:-1]), payload
     parts = [json.loads(e)["choices"][0] for e in events[:-1]]
     return "".join(p["delta"].get("content", "") if chat else p["text"] for p in parts)
 
@@ -150,6 +151,78 @@ def test_200_concurrent_requests_across_8_adapters_each_get_their_own_output(ser
     wrong = [(j, g) for j, g in zip(jobs, got, strict=True)
              if not (g == want[j[0]][j[1]] if j[3] == TOKENS else want[j[0]][j[1]].startswith(g.rstrip("\ufffd")))]
     assert not wrong, wrong[:3]
+
+
+def test_a_joining_request_prefills_only_itself_and_every_row_keeps_its_output(served):
+    """Requests join a decoding batch with longer and shorter sequences than its cache (either side left-padded),
+    one leaves early: every answer equals its adapter's greedy output alone, and no row is prefilled twice."""
+    from concurrent.futures import Future
+
+    from leantune.data.encode import bos_prefix
+    from leantune.pipeline import load_for_inference
+
+    _live, folders, _ = served
+    bank, tok = load_bank(MODEL, {n: folders[n] for n in ("l4", "s2ft_a", "ia3")})
+    engine = Engine(bank, tok.pad_token_id, tok.eos_token_id)
+    jobs = {"a": ("l4", "Once upon a time", 3), "b": ("s2ft_a", "The cat sat on the mat and then it", 6),
+            "c": ("ia3", "hi", 6), "d": (None, "1 + 1 =", 5)}
+    joins = {("a", 1): "bc", ("b", 2): "d"}  # when a has 1 token, b and c join; when b has 2, d joins
+    done, reqs = {k: Future() for k in jobs}, {}
+
+    def submit(k):
+        adapter, prompt, n = jobs[k]
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+
+        def on_token(t, end, k=k):
+            if end is not None:
+                done[k].set_result((reqs[k].tokens, end))
+            for j in joins.get((k, len(reqs[k].tokens)), "") if t is not None else "":
+                submit(j)
+
+        reqs[k] = Request(bos_prefix(tok, ids) + ids, adapter, n, on_token, time.monotonic() + 120)
+        engine.submit(reqs[k])
+
+    submit("a")
+    engine.start()
+    try:
+        got = {k: f.result(timeout=120) for k, f in done.items()}
+    finally:
+        engine.stop()
+    for k, (adapter, prompt, n) in jobs.items():
+        model, t = load_for_inference(MODEL, folders[adapter] if adapter else None)
+        want = greedy_generate(model, t, [prompt], n)[0]
+        assert tok.decode(got[k][0], skip_special_tokens=True) == want, (k, got[k])
+    assert engine.prefill_tokens == sum(len(r.prompt) for r in reqs.values())  # each prompt prefilled once
+
+
+def test_appending_and_trimming_a_cohort_keep_every_rows_attended_keys():
+    from transformers.cache_utils import DynamicCache
+
+    from leantune.serve.engine import _append, _Cohort, _trim
+
+    def cohort(lengths, width, tag):
+        cache = DynamicCache()
+        k = torch.randn(len(lengths), 2, width, 3)
+        mask = torch.stack([(torch.arange(width) >= width - n).long() for n in lengths])
+        cache.update(k, k + 1, 0)
+        return _Cohort([f"{tag}{i}" for i in range(len(lengths))], cache, mask)
+
+    def attended(co):  # row -> the keys its mask attends to
+        keys = co.cache.layers[0].keys
+        return {r: keys[i][:, co.mask[i].bool()] for i, r in enumerate(co.rows)}
+
+    a, b = cohort([5, 2], 5, "a"), cohort([7, 3], 7, "b")
+    want = {**attended(a), **attended(b)}
+    _append(a, b)  # the narrower side (a) left-padded to 7
+    assert a.mask.shape == (4, 7) and a.rows == ["a0", "a1", "b0", "b1"]
+    got = attended(a)
+    assert all(torch.equal(got[r], want[r]) for r in want)
+    a.cache.batch_select_indices(torch.tensor([1, 3]))
+    a.mask, a.rows = a.mask[[1, 3]], [a.rows[1], a.rows[3]]
+    _trim(a)  # rows of 2 and 3 positions left: 4 leading positions no row attends to
+    assert a.mask.shape == (2, 3) and a.cache.layers[0].keys.shape[2] == 3
+    got = attended(a)
+    assert all(torch.equal(got[r], want[r]) for r in a.rows)
 
 
 def test_bad_requests_get_clear_4xx(served):

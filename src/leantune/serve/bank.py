@@ -262,15 +262,16 @@ class AdapterBank:
         return out
 
     @contextlib.contextmanager
-    def using(self, names: list[str | None]):
+    def using(self, names: list[str | None], switch: bool = True):
         """Run the model with one adapter per row (None: the base) inside this block. One adapter for every row
-        (or the base for all) takes the fast path: switched into the weights. Otherwise every name must be an
-        adapter that shares a batch (``mixed``)."""
+        (or the base for all) takes the fast path: switched into the weights (``switch=False``: computed as terms
+        all the same, when a short forward would cost less than folding the adapter in and out). Otherwise every
+        name must be an adapter that shares a batch (``mixed``)."""
         names = list(names)
         distinct = set(names)
         for n in distinct - {None}:
             self._adapter(n)
-        if len(distinct) == 1:
+        if len(distinct) == 1 and (switch or not all(self.adapters[n].mixed for n in distinct - {None})):
             self.switch(names[0])
             yield
             return
