@@ -373,3 +373,19 @@ def test_bad_sampling_values_get_400_naming_the_field(served, field, value):
     live, _folders, _ = served
     status, _h, p = call(live.port, "POST", "/v1/completions", {"model": "l4", "prompt": "x", field: value})
     assert status == 400 and f"'{field}'" in json.loads(p)["error"]["message"], p
+
+
+def test_serve_refuses_an_encoder_decoder_base_at_start(monkeypatch):
+    from typer.testing import CliRunner
+
+    import leantune.serve.server as server
+    from leantune.cli import app
+
+    monkeypatch.setattr(server, "run", lambda *a, **k: pytest.fail("the server started on an encoder-decoder"))
+
+    result = CliRunner().invoke(app, ["serve", "--model", "builtin:tiny-t5", "--port", str(free_port())])
+    assert result.exit_code != 0 and "encoder-decoder" in result.output and "decoder-only" in result.output, \
+        result.output
+    bank, tok = load_bank("builtin:tiny-t5", {})
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        bank.generate([[1, 5]], [None], 2, pad_token_id=0)

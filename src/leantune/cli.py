@@ -396,9 +396,10 @@ def serve(
                         max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
                         request_timeout_s=request_timeout, max_batch=max_batch)
         bank, tok = load_bank(model, parse_adapters(adapter), base_dtype)
+        server_app = create_app(bank, tok, limits, admin_token=token, base_name=model)  # refuses T5-style models
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         _fail(e.args[0] if e.args else str(e))
-    run(create_app(bank, tok, limits, admin_token=token, base_name=model), host=host, port=port)
+    run(server_app, host=host, port=port)
 
 
 @app.command()

@@ -330,6 +330,9 @@ class AdapterBank:
         with the model's KV cache, each group of :meth:`groups` as one batch."""
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapter names for {len(prompts)} prompts")
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            raise ValueError("AdapterBank.generate continues causal LMs; this base is an encoder-decoder: call "
+                             "forward() with decoder_input_ids (each row still through its own adapter)")
         device = next(self.model.parameters()).device
         out: list[list[int]] = [[] for _ in prompts]
         for rows in self.groups(names):

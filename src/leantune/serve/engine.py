@@ -99,6 +99,17 @@ def _trim(co: _Cohort) -> None:
         co.mask = co.mask[:, first:]
 
 
+def refuse_encoder_decoder(model) -> None:
+    """The engine decodes causal LMs (the prompt and the tokens so far as one sequence, one KV cache); an
+    encoder-decoder (T5 and kin) would need its encoder's output beside a decoder cache: refused, saying so."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        name = getattr(config, "name_or_path", "") or type(model).__name__
+        raise ValueError(f"{name} is an encoder-decoder model ({getattr(config, 'model_type', '?')}); leantune serve "
+                         "serves decoder-only (causal) models only. Use `leantune generate` for it, or the adapter "
+                         "bank's forward with decoder_input_ids")
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -157,6 +168,7 @@ def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
 
 class Engine:
     def __init__(self, bank: AdapterBank, pad_token_id: int, eos_token_id: int | None, limits: Limits | None = None):
+        refuse_encoder_decoder(bank.model)
         self.bank = bank
         self.pad, self.eos = pad_token_id, eos_token_id
         self.limits = limits or Limits()
