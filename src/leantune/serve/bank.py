@@ -79,9 +79,38 @@ class _Slots:
 
     idx: torch.Tensor
     start: int | None
+    group: _Group | None = None  # when slots repeat: the rows laid out by distinct slot
 
     def take(self, t: torch.Tensor) -> torch.Tensor:
         return t.narrow(0, self.start, self.idx.shape[0]) if self.start is not None else t.index_select(0, self.idx)
+
+
+@dataclass
+class _Group:
+    """Rows laid out on a grid of (distinct slot, k-th row of it): ``fill`` (the row at every grid place; spare
+    places repeat row 0, their results are never read) and ``place`` (every row's place). A low-rank term then
+    gathers each distinct adapter once instead of once per row (SGMV-like, padded to the largest count)."""
+
+    slots: torch.Tensor  # the distinct slots
+    per: int  # rows per slot on the grid (the largest count)
+    fill: torch.Tensor
+    place: torch.Tensor
+
+
+def _grouping(s: list[int], device) -> _Group | None:
+    distinct = sorted(set(s))
+    if len(distinct) == len(s):
+        return None
+    pos = {v: i for i, v in enumerate(distinct)}
+    per = max(s.count(v) for v in distinct)
+    fill, place, seen = [0] * (len(distinct) * per), [], {}
+    for row, v in enumerate(s):
+        p = pos[v] * per + seen.get(v, 0)
+        seen[v] = seen.get(v, 0) + 1
+        fill[p] = row
+        place.append(p)
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return _Group(as_t(distinct), per, as_t(fill), as_t(place))
 
 
 @dataclass
@@ -256,7 +285,7 @@ class AdapterBank:
                 if not any(s):
                     continue
                 start = s[0] if s[0] > 0 and s == list(range(s[0], s[0] + len(s))) else None
-                per[kind] = _Slots(torch.tensor(s, device=device), start)
+                per[kind] = _Slots(torch.tensor(s, device=device), start, _grouping(s, device) if kind is LowRank else None)
             out[lname] = per
         self._slots_of = (numbers, out)
         return out
@@ -458,9 +487,18 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
         xt = x3 if x3.dtype == dt else x3.to(dt)
         direct = inplace and y3.dtype == dt
         target = y3 if direct else torch.zeros((*y3.shape[:-1], y3.shape[-1]), dtype=dt, device=y3.device)
-        if kind is LowRank:  # BGMV: each row's A and B gathered, two batched products
+        if kind is LowRank:
             at, bt = ts
-            target.baddbmm_(torch.bmm(xt, s.take(at)), s.take(bt))
+            g, t = s.group, xt.shape[1]
+            if g is not None and 2 * t * g.fill.shape[0] <= (n - g.slots.shape[0]) * at.shape[2]:
+                # few tokens, repeated adapters (decoding): copying the rows onto the grid costs less than
+                # gathering every row's A and B; each distinct adapter's A and B gathered once
+                u, m = g.slots.shape[0], g.per
+                xg = xt.index_select(0, g.fill).view(u, m * t, xt.shape[-1])
+                z = torch.bmm(torch.bmm(xg, at.index_select(0, g.slots)), bt.index_select(0, g.slots))
+                target.add_(z.view(u * m, t, -1).index_select(0, g.place))
+            else:  # BGMV: each row's A and B gathered (or read as a view), two batched products
+                target.baddbmm_(torch.bmm(xt, s.take(at)), s.take(bt))
         elif kind is Columns:  # the row's k input columns, times its D block
             idx, d = ts
             ri = s.take(idx)
