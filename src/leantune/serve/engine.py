@@ -308,7 +308,8 @@ class Engine:
             ids = torch.tensor([[r.tokens[-1]] for r in co.rows], device=device)
             co.mask = torch.cat([co.mask, co.mask.new_ones(len(co.rows), 1)], dim=1)
             positions = co.mask.sum(-1, keepdim=True) - 1
-            with self.bank.using([r.adapter for r in co.rows]):
+            # with rows joining, the terms (no switch in and straight out again for the joiners' prefill)
+            with self.bank.using([r.adapter for r in co.rows], switch=not joining):
                 out = self.bank.model(input_ids=ids, attention_mask=co.mask, position_ids=positions,
                                       past_key_values=co.cache, use_cache=True, logits_to_keep=1)
             logits.append(out.logits)
