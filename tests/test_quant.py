@@ -87,11 +87,16 @@ def test_bad_quantize_value_is_a_clear_error():
 # -- methods on a quantized base -------------------------------------------------------------------------------
 
 SUPPORTED = [("lora", {}), ("lora", {"dora": True}), ("lora", {"rslora": True}), ("ia3", {}), ("houlsby", {}),
-             ("parallel", {}), ("bitfit", {}), ("ln_tuning", {}), ("s2ft", {}), ("lisa", {"gamma": 1})]
+             ("parallel", {}), ("bitfit", {}), ("ln_tuning", {}), ("s2ft", {}), ("lisa", {"gamma": 1}),
+             # soft prompts touch no weight; KronA's term sits beside the layer as LoRA's; the PEFT bridge for the
+             # types PEFT injects into bitsandbytes layers itself
+             ("prompt_tuning", {}), ("prefix_tuning", {}), ("prefix_flat", {}), ("krona", {}),
+             ("peft", {"peft_type": "LORA", "r": 4}), ("peft", {"peft_type": "IA3"})]
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-@pytest.mark.parametrize("method,opts", SUPPORTED, ids=[f"{m}-{'-'.join(o) or 'plain'}" for m, o in SUPPORTED])
+@pytest.mark.parametrize("method,opts", SUPPORTED, ids=[f"{m}-{'-'.join(str(v) if k == 'peft_type' else k for k, v in o.items()) or 'plain'}"
+                                              for m, o in SUPPORTED])
 def test_method_trains_on_a_quantized_base_changes_only_its_tensors_and_round_trips(method, opts, kind, tmp_path):
     model = qbase(kind)
     base = {n: t.clone() for n, t in model.state_dict().items()}
@@ -117,6 +122,33 @@ def test_full_and_light_peft_refuse_a_quantized_base_at_start(method):
     with pytest.raises(ConfigError, match=f"method '{method}' cannot train on a nf4-quantized base: "):
         leantune.apply(model, method)
     assert getattr(model, "leantune_method", None) is None
+
+
+def test_peft_bridge_on_nf4_wraps_the_4bit_layers_leaves_them_bitwise_and_refuses_types_without_bnb_layers():
+    pytest.importorskip("peft")
+    model = qbase("nf4")
+    q = model.model.layers[0].self_attn.q_proj
+    codes = q.weight.detach().clone()
+    m = leantune.apply(model, "peft", peft_type="LORA", r=4)
+    layer = m.layers["model.layers.0.self_attn.q_proj"]
+    assert type(layer).__name__ == "Linear4bit" and type(layer).__module__ == "peft.tuners.lora.bnb"
+    train_steps(model, fixed_batch(), steps=3)
+    assert layer.get_base_layer() is q and torch.equal(q.weight, codes)
+    with pytest.raises(ValueError, match="re-quantize the update silently"):
+        leantune.merge(model)
+    with pytest.raises(ConfigError, match="PEFT has no bitsandbytes layer for LOHA .*covers .*LORA"):
+        leantune.apply(qbase("nf4"), "peft", peft_type="LOHA")
+
+
+def test_krona_merge_into_a_quantized_layer_is_refused_before_anything_changes():
+    model = qbase("nf4")
+    m = leantune.apply(model, "krona")
+    train_steps(model, fixed_batch(), steps=1)
+    before = logits(model, fixed_batch())
+    with pytest.raises(ValueError, match="krona: cannot merge into a quantized layer"):
+        leantune.merge(model)
+    assert not m.merged
+    torch.testing.assert_close(logits(model, fixed_batch()), before, rtol=0, atol=0)
 
 
 def test_s2ft_gradient_selection_refuses_a_quantized_base():

@@ -280,11 +280,21 @@ def _stats_bytes(mod: nn.Module) -> int:
     return total
 
 
+class QuantizedMergeError(ValueError):
+    """A merge into a 4-bit/8-bit layer, refused (:func:`refuse_quantized_merge`)."""
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a bitsandbytes quantized layer (``--quantize`` or a pre-quantized
+    checkpoint)."""
+    return any(is_quantized_layer(m) for m in model.modules())
+
+
 def refuse_quantized_merge(mod: nn.Module, method: str) -> None:
     """A merge writes into the base weights; a 4-bit/8-bit one would be silently re-quantized (rounding most of
     the update away), so it is refused. A merged export dequantizes the base first (:func:`dequantize_model_`)."""
     if is_quantized_layer(mod):
-        raise ValueError(
+        raise QuantizedMergeError(
             f"{method}: cannot merge into a quantized layer ({type(mod).__name__}): that would re-quantize the "
             "update silently. Dequantize the base first (leantune.quant.dequantize_model_(model), what "
             "`leantune export --format merged` does) or keep the adapter unmerged"

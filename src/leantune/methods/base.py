@@ -433,7 +433,8 @@ class Method:
         """The common end of remove()/unload(): the model trainable again and free of this method."""
         model = self._model()
         for p in model.parameters():
-            p.requires_grad_(True)
+            if p.is_floating_point():  # a quantized base's packed weights take no gradient
+                p.requires_grad_(True)
         model.__dict__.pop("leantune_method", None)
         self.model = None
         return model
