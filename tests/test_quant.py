@@ -373,3 +373,37 @@ def test_flops_of_a_4bit_base_count_its_products_as_the_matmuls_they_stand_for()
             loss.backward()
         totals.append((fwd.total, bwd.total))
     assert totals[0] == totals[1]
+
+
+def test_the_survey_suite_honours_quantize_with_a_quantized_row_or_the_reason_for_each_row(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from dataclasses import replace
+
+    from leantune.measure import bench
+    from leantune.measure.suite import suite_config
+    from test_suite import TINY_EFF, _in_process
+
+    cfg = bench.config_from_options(quick=True, preset=suite_config("survey", quick=True), quantize="nf4")
+    labels = [e["label"] for e in cfg.entries]
+    assert len(labels) == 40 and labels[:4] == ["full", "full+nf4", "houlsby", "houlsby+nf4"] and cfg.methods == labels
+    by = {e["label"]: e for e in cfg.entries}
+    refused = {k: v["unavailable"] for k, v in by.items() if "unavailable" in v}
+    assert set(refused) == {"full+nf4", "light_peft+nf4", "peft:lora+nf4", "mam+nf4", "unipelt+nf4"}
+    assert refused["full+nf4"].startswith("does not train on a nf4-quantized base: full fine-tuning updates")
+    assert "leantune's methods only" in refused["peft:lora+nf4"]
+    assert by["lora_qv+nf4"]["quantize"] == "nf4" and by["lora_qv+nf4"]["options"]["targets"] == "q,v"
+    # a tiny run of three rows: the quantized one measured on the quantized base, the refused one a row saying so
+    _in_process(monkeypatch)
+    cfg = replace(cfg, entries=[by[k] for k in ("lora_qv", "lora_qv+nf4", "full+nf4")], base="builtin:tiny-llama",
+                  tasks=["builtin:arith"], budget=bench.Budget(max_steps=2, batch_size=2, seeds=1, eval_samples=2),
+                  timing=bench.TimingPlan(warmup_rounds=0, rounds=1, infer_warmup_rounds=0, infer_rounds=1),
+                  efficiency_model=bench.parse_efficiency_model(TINY_EFF), output_dir=str(tmp_path), threads=1)
+    res, failed = bench.run_bench(cfg)
+    assert not failed, failed
+    rows = {r["label"]: r for r in res["runs"]}
+    assert set(rows) == {"lora_qv", "lora_qv+nf4"} and rows["lora_qv+nf4"]["quantize"] == "nf4"
+    assert "quantize" not in rows["lora_qv"]
+    assert rows["lora_qv+nf4"]["memory"]["weights"] < rows["lora_qv"]["memory"]["weights"]
+    assert [(u["label"], u["quantize"]) for u in res["unavailable"]] == [("full+nf4", "nf4")]
+    md = (tmp_path / "results.md").read_text()
+    assert "| full+nf4 | – | not run: does not train on a nf4-quantized base: full fine-tuning" in md

@@ -155,7 +155,7 @@ def resolve_entries(entries: list[dict], strict: bool = True, lrs: dict[str, flo
     runs, notes, missing = [], [], []
     for entry in entries:
         label, method, impl = entry["label"], entry["method"], entry["impl"]
-        reason = None
+        reason = entry.get("unavailable")  # a suite's quantized row whose method refuses a quantized base
         if impl == "peft":
             try:
                 import peft  # noqa: F401
@@ -605,7 +605,8 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality, missing: list[d
     }
     if cfg.suite:
         results["suite"] = cfg.suite
-        results["unavailable"] = [{k: m[k] for k in ("label", "method", "impl", "reason")} for m in missing or []]
+        results["unavailable"] = [{k: m[k] for k in ("label", "method", "impl", "reason", "quantize") if m.get(k)}
+                                  for m in missing or []]
     return results
 
 
@@ -716,6 +717,11 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else cfg.methods
     if quantize:
         names = quantized_names(names, quantize.strip().lower())
+        if cfg.entries is not None:  # a suite: each row and its quantized row (measure/suite.py)
+            from .suite import quantized_entries
+
+            cfg = replace(cfg, entries=quantized_entries(cfg.entries, quantize))
+            names = [e["label"] for e in cfg.entries]
     return replace(cfg, base=base or cfg.base, task=task or cfg.task, methods=names, budget=budget, timing=timing,
                    efficiency_model=parse_efficiency_model(efficiency_model, cfg.efficiency_model),
                    output_dir=output_dir or ("bench-quick" if quick and preset is None else cfg.output_dir), sweep=sweep,
