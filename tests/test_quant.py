@@ -24,7 +24,7 @@ from leantune.data.tasks import get_task
 from leantune.hooks import TrainHook
 from leantune.methods.base import ConfigError
 from leantune.models import byte_tokenizer, load_model
-from leantune.quant import QuantizeConfig, dequantize_model_, quantize_model, tensor_bytes
+from leantune.quant import QuantizeConfig, dequantize_model_, quantization_of, quantize_model, tensor_bytes
 from leantune.train.loop import TrainConfig, train
 
 pytest.importorskip("bitsandbytes")
@@ -407,3 +407,87 @@ def test_the_survey_suite_honours_quantize_with_a_quantized_row_or_the_reason_fo
     assert [(u["label"], u["quantize"]) for u in res["unavailable"]] == [("full+nf4", "nf4")]
     md = (tmp_path / "results.md").read_text()
     assert "| full+nf4 | – | not run: does not train on a nf4-quantized base: full fine-tuning" in md
+
+
+# -- a pre-quantized checkpoint (config.json carries quantization_config, as a hub "...-bnb-4bit" model) -----------
+
+
+@pytest.fixture(scope="module")
+def prequantized(tmp_path_factory):
+    """A folder that transformers saved from a tiny model it loaded in 4 bits, and the full-precision original."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("prequantized")
+    model, tok = load_model("builtin:tiny-llama")
+    model.save_pretrained(root / "full")
+    tok.save_pretrained(root / "full")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = AutoModelForCausalLM.from_pretrained(root / "full", quantization_config=bnb, device_map="cpu")
+    q.save_pretrained(root / "q4")
+    tok.save_pretrained(root / "q4")
+    return root
+
+
+def test_a_prequantized_checkpoint_trains_as_stored_records_it_and_evals_and_exports_merged(prequantized, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    ckpt = str(prequantized / "q4")
+    stored = load_file(prequantized / "q4" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    model = load_model(ckpt)[0]
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up).__name__ == "Linear4bit" and torch.equal(up.weight.data, stored)  # as stored: not re-quantized
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--model", ckpt, "--method", "lora", "--task", "builtin:arith",
+                                   "--max-steps", "3", "--batch-size", "2", "--max-length", "48", "--output-dir",
+                                   str(out), "--no-progress", "--eval-samples", "2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "leantune.json").read_text())
+    assert meta["base"]["quantization"] == {"type": "nf4", "double_quant": False, "compute_dtype": "fp32",
+                                            "quantize_head": False, "threshold": 0.0, "prequantized": True}
+    res = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--task", "builtin:arith", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", str(out), "--format", "merged", "--output-dir", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    want = load_model(ckpt)[0]
+    leantune.load(want, out)
+    torch.testing.assert_close(logits(merged, fixed_batch()), logits(want, fixed_batch()), rtol=RTOL, atol=1e-5)
+
+
+def test_an_adapter_on_a_prequantized_checkpoint_binds_to_its_dequantized_weights(prequantized, tmp_path):
+    ckpt = str(prequantized / "q4")
+    model = load_model(ckpt)[0]
+    leantune.apply(model, "lora", r=4)
+    train_steps(model, fixed_batch(), steps=1)
+    leantune.save(model, tmp_path / "a")
+    leantune.load(load_model(ckpt)[0], tmp_path / "a")  # the same checkpoint
+    plain = load_model(ckpt)[0]
+    dequantize_model_(plain)
+    stored = plain.__dict__.pop(files.UNQUANTIZED_FINGERPRINT)
+    assert files.fingerprint(plain) == stored  # the fingerprint is the dequantized model's own
+    leantune.load(plain, tmp_path / "a")
+    with pytest.raises(files.AdapterError, match="weights differ from those the adapter was trained on"):  # not the
+        # original it was quantized from (NF4 moved most sampled values)
+        leantune.load(load_model(str(prequantized / "full"))[0], tmp_path / "a")
+    with pytest.raises(ValueError, match="trained on a checkpoint stored quantized"):
+        load_model(str(prequantized / "full"), quantize=json.loads((tmp_path / "a" / "leantune.json").read_text())
+                   ["base"]["quantization"])
+
+
+def test_quantize_that_disagrees_with_a_prequantized_checkpoint_is_a_clear_error(prequantized):
+    ckpt = str(prequantized / "q4")
+    with pytest.raises(ValueError, match=r"disagrees with the checkpoint.*type 'int8' asked, 'nf4' stored"):
+        load_model(ckpt, quantize="int8")
+    with pytest.raises(ValueError, match=r"double_quant True asked, False stored"):
+        load_model(ckpt, quantize={"type": "nf4", "double_quant": True})
+    with pytest.raises(ValueError, match=r"cannot be loaded in full precision"):
+        load_model(ckpt, quantize="none")
+    model = load_model(ckpt, quantize="nf4")[0]  # agrees: taken as stored
+    assert quantization_of(model).prequantized

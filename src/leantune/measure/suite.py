@@ -51,35 +51,6 @@ SUITES = {"survey": SURVEY}
 SUITE_TASKS = ["builtin:world", "builtin:listops", "builtin:arith"]
 
 
-def quantized_entries(entries: list[dict], quant: str) -> list[dict]:
-    """``--quantize nf4`` on a suite: after each row, its ``LABEL+nf4`` row on the quantized base; a row whose method
-    does not train on a quantized base (or is not leantune's) still comes, with the reason it is not run (a row
-    saying so in the report, as rows whose method this install lacks)."""
-    from ..methods import get_method
-    from ..quant import QUANT_TYPES
-
-    quant = quant.strip().lower()
-    if quant not in QUANT_TYPES:
-        raise ValueError(f"--quantize {quant!r} is not one of {', '.join(QUANT_TYPES)}")
-    out = []
-    for e in entries:
-        out.append(e)
-        q = {**e, "options": dict(e["options"]), "label": f"{e['label']}+{quant}", "quantize": quant}
-        if e["impl"] != "leantune":
-            q["unavailable"] = f"not run on a {quant} base: quantized rows run leantune's methods only"
-        else:
-            try:
-                cls = get_method(e["method"])
-            except KeyError:
-                out.append(q)  # the bench says the method is not registered
-                continue
-            caps = cls(cls.config_cls.from_dict(e["options"], method=e["method"])).capabilities
-            if not caps.quantized_base:
-                q["unavailable"] = f"does not train on a {quant}-quantized base: {caps.quantized_refusal}"
-        out.append(q)
-    return out
-
-
 def suite_entries(name: str) -> list[dict]:
     if name not in SUITES:
         raise ValueError(f"--suite {name!r}: unknown suite; known: {', '.join(SUITES)}")
