@@ -25,11 +25,12 @@ pytestmark = [pytest.mark.filterwarnings("ignore:MatMul8bitLt", "ignore:.*budget
 
 MODEL = "builtin:tiny-llama"
 RTOL, ATOL = 1e-5, 1e-6
-# every mixed-batch method, and two switch-only ones: DoRA (its merge would write into the 4-bit weights: attached)
-# and LN tuning (its merge writes only norms: the switch)
+# every mixed-batch method, and switch-only ones: DoRA and KronA (their merge would write into the 4-bit weights:
+# attached) and LN tuning (its merge writes only norms: the switch)
 ADAPTERS = {
     "lora": ("lora", {"r": 4}), "s2ft": ("s2ft", {"budget": "count", "heads": 1, "channels": 6, "seed": 1}),
     "ia3": ("ia3", {}), "bitfit": ("bitfit", {}), "dora": ("lora", {"r": 4, "dora": True}), "ln": ("ln_tuning", {}),
+    "krona": ("krona", {}),
 }
 
 
@@ -49,8 +50,8 @@ def make_adapter(folder, method, noise_seed, kind="nf4", **opts):
 
 
 @torch.no_grad()
-def alone(folder, x):
-    model = qbase()
+def alone(folder, x, kind="nf4"):
+    model = qbase(kind)
     if folder is not None:
         leantune.load(model, folder)
     return model(input_ids=x).logits
@@ -74,9 +75,8 @@ def folders(tmp_path_factory):
     return {n: make_adapter(root / n, m, i, **o) for i, (n, (m, o)) in enumerate(ADAPTERS.items())}
 
 
-@pytest.fixture
-def bank(folders):
-    model = qbase()
+def filled(folders, kind="nf4"):
+    model = qbase(kind)
     before = state(model)
     bank = AdapterBank(model)
     for n, f in folders.items():
@@ -85,16 +85,22 @@ def bank(folders):
     return bank, before
 
 
-def test_mixed_rows_on_nf4_equal_each_adapter_alone(folders, bank):
-    bank, before = bank
+@pytest.fixture
+def bank(folders):
+    return filled(folders)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])  # the nf4-trained adapters load on an int8 base too
+def test_mixed_rows_on_a_quantized_base_equal_each_adapter_alone(folders, kind):
+    bank, before = filled(folders, kind)
     assert bank.quantized
-    assert {n for n, a in bank.adapters.items() if a.attached is not None} == {"dora"}
+    assert {n for n, a in bank.adapters.items() if a.attached is not None} == {"dora", "krona"}
     names = [*folders, None, *reversed(list(folders))]
     x = ids(1, len(names))
     got = bank.forward(x, names)
-    base_rows = alone(None, x)
+    base_rows = alone(None, x, kind)
     for i, n in enumerate(names):
-        want = alone(folders[n] if n else None, x[i:i + 1])
+        want = alone(folders[n] if n else None, x[i:i + 1], kind)
         torch.testing.assert_close(got[i:i + 1], want, rtol=RTOL, atol=ATOL, msg=f"row {i} ({n})")
         if n is not None:  # the adapter changes the output: the comparison is not the base against itself
             assert (want - base_rows[i:i + 1]).abs().max() > 1e-3, n
