@@ -16,6 +16,7 @@ mergeable where PEFT's layers of that type implement ``merge``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ def _layer_package(peft_type: str) -> str:
     return tuner.__module__.rsplit(".", 1)[0]
 
 
-def peft_bnb_types() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def peft_bnb_types() -> tuple[str, ...]:
     """The PEFT types whose tuner ships bitsandbytes layers (``peft/tuners/<type>/bnb.py``): the ones PEFT itself
     injects into 4-bit / 8-bit layers, so the bridge trains them on a quantized base. Empty without PEFT."""
     import importlib.util
@@ -155,7 +157,7 @@ def peft_bnb_types() -> list[str]:
     try:
         tuners = _peft().mapping.PEFT_TYPE_TO_TUNER_MAPPING
     except ConfigError:
-        return []
+        return ()
     out = []
     for key in tuners:
         try:
@@ -163,7 +165,7 @@ def peft_bnb_types() -> list[str]:
                 out.append(str(getattr(key, "value", key)))
         except (ImportError, KeyError, ValueError):
             continue
-    return sorted(out)
+    return tuple(sorted(out))
 
 
 def peft_type_merges(peft_type: str) -> bool:
