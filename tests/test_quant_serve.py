@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import leantune
+from conftest import fixed_batch, train_steps
 from leantune.models import load_model
 from leantune.serve.bank import AdapterBank
 
@@ -135,6 +136,19 @@ def test_switch_only_adapters_alternate_with_the_mixed_group_and_the_base_comes_
     with pytest.raises(ValueError, match="served unmerged on this quantized base"):
         bank.fuse("f", {"dora": 1.0})
     bank.fuse("f", {"lora": 0.5, "s2ft": 1.0})  # terms fuse as terms: fine on a quantized base
+
+
+def test_a_switch_only_adapter_that_cannot_come_off_a_quantized_base_is_refused_naming_it(tmp_path):
+    model = qbase()
+    leantune.apply(model, "lisa", gamma=1)  # its blocks dequantized in place: its merge rewrites packed weights
+    train_steps(model, fixed_batch(), steps=1)
+    leantune.save(model, tmp_path / "lisa")
+    bank = AdapterBank(qbase())
+    before = state(bank.model)
+    with pytest.raises(ValueError, match=r"adapter 'blocks' .*method 'lisa' cannot be merged into a quantized base "
+                                         r"and cannot be taken off it"):
+        bank.add("blocks", tmp_path / "lisa")
+    assert same(state(bank.model), before) and not bank.names()  # tried on a copy: the bank's base untouched
 
 
 def test_generate_through_the_bank_on_nf4_equals_each_adapter_alone(folders, bank):

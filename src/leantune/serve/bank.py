@@ -154,28 +154,25 @@ class AdapterBank:
         if not self.quantized:
             return self._merged_values(name, folder)
         try:
-            adapter = self._merged_values(name, folder)
+            return self._merged_values(name, folder)
         except QuantizedMergeError:
             return self._attached(name, folder)
-        quantized = {f"{n}.weight" for n, m in self.model.named_modules() if is_quantized_layer(m)}
-        if set(adapter.replace) & quantized:  # a merge that re-quantized a weight (e.g. PEFT's bnb merge): unmerged
-            return self._attached(name, folder)
-        return adapter
 
     def _attached(self, name, folder) -> BankAdapter:
         """A switch-only adapter on a quantized base, kept as its method, config and state, applied unmerged at
-        switch. Refused unless its removal gives the base back bitwise (checked here, on the bank's base)."""
+        switch. Refused unless its removal gives the base back bitwise (checked here, on a copy of the base)."""
         from ..api import load
 
-        before = {n: t.clone() for n, t in self.model.state_dict().items()}
-        m = load(self.model, folder)
+        scratch = copy.deepcopy(self.model)
+        before = {n: t.clone() for n, t in scratch.state_dict().items()}
+        m = load(scratch, folder)
         cls, config, state = type(m), m.config, {k: v.detach().clone() for k, v in m.state().items()}
         try:
             m.remove()
-        except NotImplementedError as e:
+        except (NotImplementedError, RuntimeError) as e:
             raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
                              f"and cannot be taken off it ({e}), so a bank cannot serve it; serve it alone") from None
-        after = self.model.state_dict()
+        after = scratch.state_dict()
         if after.keys() != before.keys() or any(not torch.equal(after[k], before[k]) for k in before):
             raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
                              "and taking it off does not give the base back exactly, so a bank cannot serve it; "
@@ -206,8 +203,12 @@ class AdapterBank:
                              f"computes (max |logit difference| {err:.3g} on a probe), so a bank cannot switch it in; "
                              "serve it alone")
         base = dict(self.model.named_parameters())
+        quantized = {f"{n}.weight" for n, mod in self.model.named_modules() if is_quantized_layer(mod)}
         replace = {}
         for n, p in plain.named_parameters():
+            if n in quantized and (base[n].shape != p.shape or not torch.equal(base[n], p)):
+                # a merge that dequantized or re-quantized a packed weight (LISA's blocks, PEFT's bnb merge)
+                raise QuantizedMergeError(f"adapter {name!r}: method {m.name!r}'s merge changes the quantized {n}")
             if n not in base or base[n].shape != p.shape:
                 raise ValueError(f"adapter {name!r}: method {m.name!r} changes the architecture ({n}); a bank "
                                  "serves adapters that keep the base's shapes")
