@@ -151,11 +151,9 @@ class AdapterBank:
     def _switch_only(self, name, folder) -> BankAdapter:
         """A switch-only adapter: its merged values, or on a quantized base where its merge would write into a
         quantized layer, the adapter served attached (unmerged)."""
-        if not self.quantized:
-            return self._merged_values(name, folder)
         try:
             return self._merged_values(name, folder)
-        except QuantizedMergeError:
+        except QuantizedMergeError:  # raised on a quantized base only
             return self._attached(name, folder)
 
     def _attached(self, name, folder) -> BankAdapter:
@@ -385,7 +383,8 @@ class AdapterBank:
         if a.attached is not None:  # a quantized base: the method applied unmerged while the adapter is current
             cls, config, state = a.attached
             self._uninstall()
-            m = cls(copy.deepcopy(config)).apply(self.model)
+            with torch.random.fork_rng(devices=[]):  # the method's init draws (overwritten) leave the caller's RNG be
+                m = cls(copy.deepcopy(config)).apply(self.model)
             m.load_state(state)
             for _, p in m.trainable_parameters():
                 p.requires_grad_(False)
