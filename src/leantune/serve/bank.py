@@ -17,6 +17,13 @@ group. ``switch(name)`` folds one adapter into the weights (the fast path when a
 keeps the original values of what it changed, so switching back gives the base bitwise: S²FT's k columns
 (``index_add_``, cost independent of the layer's width), whole weights for LoRA and the scales. ``fuse`` makes a
 weighted sum of adapters as a new one.
+
+On a quantized base (bitsandbytes 4-bit / LLM.int8 layers, ``leantune.quant``) nothing is ever merged into a
+quantized weight (that would re-quantize the update): a mixed-batch adapter is served through its terms on top of
+the quantized layer's output also when it has the whole batch (no switch fast path), and a switch-only adapter whose
+merge would write into a quantized layer (DoRA, KronA) is served *attached*: its method applied unmerged to the base
+while its group runs and removed after (checked at ``add`` to give the base back bitwise; else refused with the
+reason). One whose merge touches only full-precision tensors (LN tuning: norms) keeps the switch.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import is_conv1d, weight_2d
+from ..anatomy import is_conv1d, is_quantized_layer, weight_2d
 from ..data.encode import left_pad
 from ..files import AdapterError
 from ..methods import fused
 from ..methods.terms import Bias, Columns, InScale, LowRank, OutScale, Rows
+from ..quant import QuantizedMergeError, is_quantized_model, refuse_quantized_merge
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BASE = "base"  # what the server calls the base model; in the bank the base is None
@@ -58,6 +66,8 @@ class BankAdapter:
     terms: dict[str, list] | None  # layer name -> bank terms (mixed-batch adapters)
     replace: dict[str, torch.Tensor] | None = None  # parameter name -> merged value (switch-only adapters)
     source: str = ""
+    # a switch-only adapter on a quantized base, served unmerged: (method class, config, state), applied at switch
+    attached: tuple | None = None
 
     @property
     def mixed(self) -> bool:
@@ -137,6 +147,8 @@ class AdapterBank:
         self._current: str | None = None  # the adapter switched into the weights
         self._undo: list = []
         self._slots_of: tuple | None = None  # (adapter numbers of the rows, {layer: slots}) of the last mixed batch
+        self._installed = True  # the bank's layer forwards are on (off while an attached adapter is applied)
+        self.quantized = is_quantized_model(model)  # never merge into its quantized layers
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -174,9 +186,38 @@ class AdapterBank:
                     adapter = BankAdapter(name, method.name, terms, source=str(folder))
                 method.remove()  # applied, never merged: the base back bitwise (the bank_terms contract)
             if adapter is None:
-                adapter = self._merged_values(name, folder)
+                adapter = self._switch_only(name, folder)
         self._put(adapter)
         return adapter
+
+    def _switch_only(self, name, folder) -> BankAdapter:
+        """A switch-only adapter: its merged values, or on a quantized base where its merge would write into a
+        quantized layer, the adapter served attached (unmerged)."""
+        try:
+            return self._merged_values(name, folder)
+        except QuantizedMergeError:  # raised on a quantized base only
+            return self._attached(name, folder)
+
+    def _attached(self, name, folder) -> BankAdapter:
+        """A switch-only adapter on a quantized base, kept as its method, config and state, applied unmerged at
+        switch. Refused unless its removal gives the base back bitwise (checked here, on a copy of the base)."""
+        from ..api import load
+
+        scratch = copy.deepcopy(self.model)
+        before = {n: t.clone() for n, t in scratch.state_dict().items()}
+        m = load(scratch, folder)
+        cls, config, state = type(m), m.config, {k: v.detach().clone() for k, v in m.state().items()}
+        try:
+            m.remove()
+        except (NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
+                             f"and cannot be taken off it ({e}), so a bank cannot serve it; serve it alone") from None
+        after = scratch.state_dict()
+        if after.keys() != before.keys() or any(not torch.equal(after[k], before[k]) for k in before):
+            raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
+                             "and taking it off does not give the base back exactly, so a bank cannot serve it; "
+                             "serve it alone")
+        return BankAdapter(name, m.name, None, source=str(folder), attached=(cls, config, state))
 
     def _merged_values(self, name, folder) -> BankAdapter:
         """A mergeable method without terms: the merged values of what it changes, from a copy of the base (the
@@ -202,8 +243,12 @@ class AdapterBank:
                              f"computes (max |logit difference| {err:.3g} on a probe), so a bank cannot switch it in; "
                              "serve it alone")
         base = dict(self.model.named_parameters())
+        quantized = {f"{n}.weight" for n, mod in self.model.named_modules() if is_quantized_layer(mod)}
         replace = {}
         for n, p in plain.named_parameters():
+            if n in quantized and (base[n].shape != p.shape or not torch.equal(base[n], p)):
+                # a merge that dequantized or re-quantized a packed weight (LISA's blocks, PEFT's bnb merge)
+                raise QuantizedMergeError(f"adapter {name!r}: method {m.name!r}'s merge changes the quantized {n}")
             if n not in base or base[n].shape != p.shape:
                 raise ValueError(f"adapter {name!r}: method {m.name!r} changes the architecture ({n}); a bank "
                                  "serves adapters that keep the base's shapes")
@@ -236,15 +281,27 @@ class AdapterBank:
     def _detached(self):
         """The plain base for a while (nothing switched in, no bank forwards): to apply a method to it."""
         self.switch(None)
-        for layer in self._layers.values():
-            layer.handle.remove()
-            layer.module.__dict__.pop(_BANK, None)
+        self._uninstall()
         self._layers = {}
+        self._installed = True
         self._dirty = True
         yield
 
+    def _uninstall(self) -> None:
+        """The bank's layer forwards off (their stacks kept): ``_build`` puts them back."""
+        if self._installed:
+            for layer in self._layers.values():
+                layer.handle.remove()
+                layer.module.__dict__.pop(_BANK, None)
+        self._installed = False
+
     # -- the installed forwards -----------------------------------------------------------------------------
     def _build(self) -> None:
+        if not self._installed:  # an attached adapter was applied meanwhile: the layers' forwards back on
+            for lname, layer in self._layers.items():
+                layer.handle = fused.override_forward(layer.module, _bank_forward)
+                layer.module.__dict__[_BANK] = (self, lname)
+            self._installed = True
         if not self._dirty:
             return
         modules = dict(self.model.named_modules())
@@ -300,8 +357,9 @@ class AdapterBank:
         distinct = set(names)
         for n in distinct - {None}:
             self._adapter(n)
-        if len(distinct) == 1 and (switch or not all(self.adapters[n].mixed for n in distinct - {None})):
-            self.switch(names[0])
+        if len(distinct) == 1 and (not all(self.adapters[n].mixed for n in distinct - {None})
+                                   or (switch and not (self.quantized and names[0] is not None))):
+            self.switch(names[0])  # on a quantized base a mixed adapter keeps its terms: never merged (below)
             yield
             return
         switch_only = sorted(n for n in distinct - {None} if not self.adapters[n].mixed)
@@ -394,7 +452,19 @@ class AdapterBank:
         if name is None:
             return
         a = self.adapters[name]
-        if a.terms is not None:
+        if a.terms is not None and self.quantized:
+            raise ValueError(f"adapter {name!r}: the bank's base is quantized, and merging into 4-bit/8-bit weights "
+                             "would re-quantize the update; it is served through its terms (using([...]))")
+        if a.attached is not None:  # a quantized base: the method applied unmerged while the adapter is current
+            cls, config, state = a.attached
+            self._uninstall()
+            with torch.random.fork_rng(devices=[]):  # the method's init draws (overwritten) leave the caller's RNG be
+                m = cls(copy.deepcopy(config)).apply(self.model)
+            m.load_state(state)
+            for _, p in m.trainable_parameters():
+                p.requires_grad_(False)
+            self._undo.append(m.remove)
+        elif a.terms is not None:
             modules = dict(self.model.named_modules())
             for lname, terms in a.terms.items():
                 for t in terms:
@@ -428,6 +498,10 @@ class AdapterBank:
         if len(kinds) > 1:
             raise ValueError("fuse: mix of mixed-batch and switch-only adapters; fuse adapters of one kind")
         method = "+".join(sorted({a.method for a, _ in sources}))
+        attached = sorted(a.name for a, _ in sources if a.attached is not None)
+        if attached:
+            raise ValueError(f"fuse: adapters {attached} are served unmerged on this quantized base (their merge "
+                             "would re-quantize it), so they have no merged values to sum")
         if kinds == {True}:
             fused_terms: dict[str, list] = {}
             for lname in sorted({ln for a, _ in sources for ln in a.terms}):
@@ -601,6 +675,7 @@ def _fuse_terms(kind: type, items: list):
 
 def _merge_term(mod: nn.Module, t):
     """Add term ``t`` into ``mod``'s weights; return what undoes it bitwise (from the original values kept here)."""
+    refuse_quantized_merge(mod, "bank switch")
     w = mod.weight
     if isinstance(t, (Columns, Rows)):
         dim = 1 if isinstance(t, Columns) else 0

@@ -318,11 +318,38 @@ def parse_adapters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_bank(model_name: str, adapters: dict[str, str], base_dtype: str | None = None):
-    """The base (eval mode) in a bank with every adapter added: ``(bank, tokenizer)``."""
+def recorded_quantization(adapters: dict[str, str]) -> dict | None:
+    """How the adapters' base was quantized, from their leantune.json (None: full precision); PEFT folders record
+    nothing and do not count. Adapters that disagree are refused, naming them: a bank has one base."""
+    from ..interop.peft import is_peft_folder
+    from ..io import read_meta
+
+    seen: dict[str, list[str]] = {}
+    values: dict[str, dict | None] = {}
+    for name, path in adapters.items():
+        if is_peft_folder(path):
+            continue
+        q = (read_meta(path).get("base") or {}).get("quantization")
+        key = json.dumps(q, sort_keys=True)
+        seen.setdefault(key, []).append(name)
+        values[key] = q
+    if len(seen) > 1:
+        kinds = "; ".join(f"{', '.join(names)}: {values[k]['type'] if values[k] else 'full precision'}"
+                          + (f" {values[k]}" if values[k] else "") for k, names in seen.items())
+        raise ValueError(f"the adapters were trained on bases quantized differently ({kinds}); a server has one "
+                         "base: serve them separately, or choose with --quantize nf4|fp4|int8|none")
+    return next(iter(values.values()), None)
+
+
+def load_bank(model_name: str, adapters: dict[str, str], base_dtype: str | None = None, quantize=None):
+    """The base (eval mode) in a bank with every adapter added: ``(bank, tokenizer)``. ``quantize``: None loads
+    the base quantized the way the adapters were trained (their leantune.json says; they must agree), ``"none"``
+    in full precision, ``"nf4"``/``"fp4"``/``"int8"`` (or a mapping of options) that way."""
     from ..models import load_model
 
-    model, tokenizer = load_model(model_name, dtype=base_dtype)
+    if quantize is None:
+        quantize = recorded_quantization(adapters)
+    model, tokenizer = load_model(model_name, dtype=base_dtype, quantize=quantize)
     bank = AdapterBank(model.eval())
     for name, path in adapters.items():
         bank.add(name, path)
