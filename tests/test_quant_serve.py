@@ -236,3 +236,25 @@ def test_serve_cli_quantize_option_reaches_the_bank(folders, monkeypatch):
                                       "--adapter", f"b={folders['ia3']}"])
     assert result.exit_code == 0, result.output
     assert type(seen["bank"].model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"  # as recorded
+
+
+def test_an_adapter_added_at_run_time_must_match_the_servers_quantized_base(folders, tmp_path):
+    """The admin endpoint: an adapter trained on a full-precision base would load on the nf4 server (its
+    fingerprint is the full-precision weights') but answer unlike `leantune generate`: refused, naming both."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from leantune.serve.server import create_app, load_bank
+    from test_serve import TOKEN, Live, call
+
+    full = make_adapter(tmp_path / "full", "lora", 9, kind=None, r=4)
+    bank, tok = load_bank(MODEL, {"lora": folders["lora"]})
+    live = Live(create_app(bank, tok, admin_token=TOKEN))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    try:
+        status, _h, p = call(live.port, "POST", "/admin/adapters", {"name": "plain", "path": full}, auth)
+        assert status == 400 and "full precision" in p and "nf4" in p, p
+        assert "plain" not in bank.names()
+        status, _h, p = call(live.port, "POST", "/admin/adapters", {"name": "again", "path": folders["s2ft"]}, auth)
+        assert status == 200, p
+    finally:
+        live.stop()

@@ -125,6 +125,10 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         if name in bank.names():
             raise ApiError(409, f"adapter {name!r} is already loaded; DELETE it first", "conflict_error")
         try:
+            check_base_quantization(bank, name, path)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        try:
             await asyncio.wrap_future(engine.call(lambda: bank.add(name, path)))
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise ApiError(400, f"cannot load adapter {name!r}: {e.args[0] if e.args else e}") from None
@@ -339,6 +343,25 @@ def recorded_quantization(adapters: dict[str, str]) -> dict | None:
         raise ValueError(f"the adapters were trained on bases quantized differently ({kinds}); a server has one "
                          "base: serve them separately, or choose with --quantize nf4|fp4|int8|none")
     return next(iter(values.values()), None)
+
+
+def check_base_quantization(bank: AdapterBank, name: str, path: str) -> None:
+    """An adapter loaded at run time must have been trained on a base quantized the way the server's is (its
+    leantune.json says; PEFT folders record nothing): it would load (the fingerprint is the full-precision
+    weights') but answer unlike ``leantune generate`` with it. At start ``--quantize`` chooses for every adapter;
+    at run time the base is fixed, so a mismatch is refused, naming both."""
+    from ..interop.peft import is_peft_folder
+    from ..quant import quantization_of
+
+    q = quantization_of(bank.model)
+    have = q.to_dict() if q is not None else None
+    want = recorded_quantization({name: path})
+    if not is_peft_folder(path) and json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
+        def say(d):
+            return f"{d['type']} {d}" if d else "full precision"
+
+        raise ValueError(f"adapter {name!r} was trained on a base in {say(want)}; this server's base is in "
+                         f"{say(have)}: serve it from a server started on that base (leantune serve --quantize ...)")
 
 
 def load_bank(model_name: str, adapters: dict[str, str], base_dtype: str | None = None, quantize=None):
