@@ -44,8 +44,6 @@ FAMILIES = {
 METHODS = sorted(cls.name for cls in list_methods())
 # (family, method) -> words of the refusal at apply
 REFUSALS = {
-    ("olmo2", "light_peft"): "whole-projection q/k norms",
-    **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
     # an FFN made of experts has no single FFN input/output/activation to attach an adapter or a scale to
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},

@@ -665,7 +665,8 @@ class Anatomy:
         return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
 
     def qk_norm_entries(self, heads) -> torch.Tensor:
-        """Entries of a whole-projection q/k norm's weight that belong to ``heads`` (of its own projection)."""
+        """Entries of a whole-projection q/k norm's weight (and output) that belong to ``heads`` (of its own
+        projection)."""
         h = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
         return (h[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
 

@@ -38,6 +38,8 @@ from .base import (
     warn_once,
 )
 
+DEFAULT_FFN_RATIO = 0.4
+
 
 @dataclass
 class LightPeftConfig(MethodConfig):
@@ -54,7 +56,8 @@ class LightPeftConfig(MethodConfig):
     ffn_mask_lr_scale: float = 50.0
     # what goes: fractions of heads and FFN channels removed; fractions of adapter modules and ranks kept
     head_ratio: float = 0.4
-    ffn_ratio: float = 0.4
+    # None: DEFAULT_FFN_RATIO on a dense FFN, 0 on a mixture of experts (set at apply, so the saved config says which)
+    ffn_ratio: float | None = None
     module_keep: float = 0.25
     rank_keep: float = 0.5
     uniform: bool = False  # the same shape in every layer (a merged model that fits the model's own config)
@@ -104,7 +107,7 @@ class LightPeftConfig(MethodConfig):
             raise ConfigError(f"light_peft: base_method must be a method name, got {self.base_method!r}")
         for name in ("head_ratio", "ffn_ratio"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
+            if v is not None and not 0.0 <= v < 1.0:
                 raise ConfigError(f"light_peft: {name} is the fraction removed, in [0, 1); got {v}")
         for name in ("module_keep", "rank_keep"):
             v = getattr(self, name)
@@ -168,23 +171,27 @@ class LightPeft(Method):
 
     def check_model(self, anat):
         cfg = self.config
+        if cfg.ffn_ratio is None:  # the default: FFN channels where the FFN is one MLP, attention heads only on experts
+            cfg.ffn_ratio = 0.0 if anat.n_experts else DEFAULT_FFN_RATIO
+            if anat.n_experts and cfg.plan is None:
+                warn_once(f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts, "
+                          "whose channels Light-PEFT cannot prune yet: it prunes attention heads only (ffn_ratio=0)")
         ffn = cfg.ffn_ratio > 0 if cfg.plan is None else cfg.plan.get("ffn") is not None
         if ffn and anat.n_experts:
             raise ConfigError(
                 f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts; Light-PEFT "
-                "cannot prune expert channels yet: prune attention heads only with ffn_ratio=0")
+                f"cannot prune expert channels yet (ffn_ratio={cfg.ffn_ratio}): prune attention heads only with "
+                "ffn_ratio=0 (the default on a mixture of experts)")
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
         if heads and anat.seq2seq:
             raise ConfigError(
                 f"light_peft: this {anat.model_type} model is an encoder-decoder: its attention adds a relative position "
                 "bias with one column per head and its decoder's cross-attention has heads of its own, which head "
                 "pruning does not slice yet; prune FFN channels only with head_ratio=0")
-        if heads and anat.qk_norm_kind() == "whole":
+        if heads and anat.qk_norm_kind() == "whole" and any("qkv" in b.linears for b in anat.blocks):
             raise ConfigError(
-                f"light_peft: this {anat.model_type} model normalizes its queries and keys over all heads at once "
-                "(whole-projection q/k norms), so removing a head changes the others' normalization and the pruned "
-                "model would not be the masked model it was estimated on; prune FFN channels only with head_ratio=0"
-            )
+                f"light_peft: this {anat.model_type} model normalizes its fused queries and keys over all heads at "
+                "once, which head pruning cannot keep whole; prune FFN channels only with head_ratio=0")
 
     def _apply(self, model, anat):
         cfg = self.config

@@ -2,7 +2,10 @@
 
 Heads: output rows of q/k/v (a fused qkv: the rows the anatomy names for its layout) and input columns of ``o``,
 in blocks of the model's explicit ``head_dim``. FFN channels: output rows of gate/up (a fused gate_up: both halves)
-and input columns of down. Biases follow their rows, whole-projection q/k norms (OLMo 2) follow their heads.
+and input columns of down. Biases follow their rows. Whole-projection q/k norms (OLMo 2) normalize over every head's
+queries (keys) at once, so there q/k and their norms stay whole and the norm's output keeps the kept heads' features
+(:func:`keep_outputs`): the pruned model is then exactly the masked one (v and o are still sliced; the KV cache and
+the attention hold the kept heads only, the q/k projections do not shrink).
 Attention modules read some head counts at forward time (``num_key_value_groups`` for GQA, GPT-2's ``split_size``,
 Falcon's ``num_kv_heads``), so those attributes are set to the new per-layer values; modules that read them from
 the config at forward time (Phi-3) get a copy of the config of their own. The model config is shared by all layers
@@ -72,18 +75,41 @@ def _noop(layer, side, idx):
     return None
 
 
+KEPT_OUTPUTS = "leantune_kept_outputs"
+
+
+def _keep_outputs_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    return output.index_select(-1, getattr(module, KEPT_OUTPUTS).to(output.device))
+
+
+def keep_outputs(module: nn.Module, idx: torch.Tensor) -> None:
+    """Pass on only output features ``idx`` of ``module`` (computed whole): a forward hook and a buffer that is not
+    saved (``apply_foundation_plan`` puts both back when a pruned model is rebuilt from its plan)."""
+    if hasattr(module, KEPT_OUTPUTS):
+        raise RuntimeError(f"{type(module).__name__} already keeps a subset of its outputs; prune a fresh model")
+    weight = getattr(module, "weight", None)
+    # a skeleton's weights are on meta until loaded (load_merged): the indices are data, kept on a real device
+    device = weight.device if weight is not None and weight.device.type != "meta" else "cpu"
+    module.register_buffer(KEPT_OUTPUTS, idx.to(device), persistent=False)
+    module.register_forward_hook(_keep_outputs_hook)
+
+
 def prune_heads(anat: Anatomy, block: Block, q_heads: list[int], kv_heads: list[int], on_slice: OnSlice = _noop):
     """Keep query heads ``q_heads`` and KV heads ``kv_heads`` (original indices) of one block."""
+    whole_norms = anat.qk_norm_kind() == "whole"
     if "qkv" in block.linears:
+        if whole_norms:
+            raise ValueError(f"model_type {anat.model_type!r}: a fused qkv with whole-projection q/k norms cannot be "
+                             "pruned by heads (the norms need q and k whole)")
         _slice(block.linears["qkv"], "out", anat.qkv_rows(q_heads, kv_heads), on_slice)
+    elif whole_norms:  # the norm spans all heads: q, k and the norms stay whole, the norms' outputs keep the heads
+        keep_outputs(block.qk_norms["q"], anat.qk_norm_entries(q_heads))
+        keep_outputs(block.qk_norms["k"], anat.qk_norm_entries(kv_heads))
+        _slice(block.linear("v"), "out", anat.head_rows("v", kv_heads), on_slice)
     else:
         _slice(block.linear("q"), "out", anat.head_rows("q", q_heads), on_slice)
         _slice(block.linear("k"), "out", anat.head_rows("k", kv_heads), on_slice)
         _slice(block.linear("v"), "out", anat.head_rows("v", kv_heads), on_slice)
-    if anat.qk_norm_kind() == "whole":  # one weight per projection row: it keeps the kept heads' entries
-        for part, heads in (("q", q_heads), ("k", kv_heads)):
-            norm = block.qk_norms[part]
-            _replace(norm, "weight", norm.weight.detach()[anat.qk_norm_entries(heads)])
     _slice(block.linear("o"), "in", anat.head_columns(q_heads), on_slice)
     counts = {k: f(len(q_heads), len(kv_heads), anat.head_dim) for k, f in _HEAD_ATTRS.items()}
     _set_attrs(block, counts)
