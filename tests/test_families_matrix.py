@@ -54,7 +54,6 @@ REFUSALS = {
        for m in ("prefix_tuning", "prefix_flat", "mam", "unipelt")},
     **{("mixtral", m): "defines no placement point" for m in ("mam", "unipelt")},
     ("t5", "prompt_tuning"): "encoder-decoder model",
-    ("t5", "light_peft"): "relative position bias with one column per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {

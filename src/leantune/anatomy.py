@@ -120,6 +120,9 @@ class FamilySpec:
     by_config: Callable | None = None
     # the block's attention module, when it calls transformers' attention interface (the attention entry point)
     attention: str | None = None
+    # the attention modules take and pass on a per-head position bias (keyword ``position_bias``, the second item of
+    # their output), made by a stack's first block and shared by the later ones (T5's relative position bias)
+    shared_position_bias: bool = False
 
 
 _ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
@@ -274,6 +277,7 @@ def _t5_spec(gated: bool) -> FamilySpec:
                       ("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm")),),
         extra_norms=("encoder.final_layer_norm",),
         seq2seq=True,
+        shared_position_bias=True,
         by_config=lambda config: _T5_GATED if getattr(config, "is_gated_act", False) else _T5_PLAIN,
     )
 

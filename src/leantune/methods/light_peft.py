@@ -183,11 +183,12 @@ class LightPeft(Method):
                 f"cannot prune expert channels yet (ffn_ratio={cfg.ffn_ratio}): prune attention heads only with "
                 "ffn_ratio=0 (the default on a mixture of experts)")
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
-        if heads and anat.seq2seq:
+        cross = any("cross_o" in b.linears for b in anat.blocks)
+        if heads and cross and (anat.n_kv_heads != anat.n_heads or anat.qk_norm_kind() is not None
+                                or any("qkv" in b.linears for b in anat.blocks)):
             raise ConfigError(
-                f"light_peft: this {anat.model_type} model is an encoder-decoder: its attention adds a relative position "
-                "bias with one column per head and its decoder's cross-attention has heads of its own, which head "
-                "pruning does not slice yet; prune FFN channels only with head_ratio=0")
+                f"light_peft: this {anat.model_type} model has cross-attention and grouped KV heads, a fused qkv or q/k "
+                "norms, which head pruning does not slice together; prune FFN channels only with head_ratio=0")
         if heads and anat.qk_norm_kind() == "whole" and any("qkv" in b.linears for b in anat.blocks):
             raise ConfigError(
                 f"light_peft: this {anat.model_type} model normalizes its fused queries and keys over all heads at "
@@ -217,7 +218,8 @@ class LightPeft(Method):
     def optimizer_options(self) -> dict[str, dict[str, float]]:
         if self.masks is None:
             return {}
-        scale = {"head_mask": self.config.head_mask_lr_scale, "ffn_mask": self.config.ffn_mask_lr_scale}
+        scale = {"head_mask": self.config.head_mask_lr_scale, "cross_head_mask": self.config.head_mask_lr_scale,
+                 "ffn_mask": self.config.ffn_mask_lr_scale}
         return {n: {"lr_scale": scale[n.rsplit(".", 1)[1]]} for n in self.masks.named}
 
     def num_changed(self) -> int:
@@ -246,6 +248,10 @@ class LightPeft(Method):
             plan.heads, plan.kv_heads = select_heads(
                 scores, anat.n_kv_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden
             )
+        if self.masks is not None and any(m is not None for m in self.masks.cross_head_masks):
+            scores = self.masks.taylor_scores("cross_head_mask") if taylor else self.masks.cross_head_scores()
+            kept = iter(select_heads(scores, anat.n_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden)[0])
+            plan.cross_heads = [next(kept) if m is not None else None for m in self.masks.cross_head_masks]
         if self.masks is not None and self.masks.ffn_masks:
             scores = self.masks.taylor_scores("ffn_mask") if taylor else self.masks.ffn_scores()
             plan.ffn = select_channels(scores, cfg.ffn_ratio, cfg.uniform)
@@ -264,6 +270,8 @@ class LightPeft(Method):
             "heads_kept": sum(heads),
             "heads_kept_per_layer": heads,
             "kv_heads_kept_per_layer": [len(k) for k in plan.kv_heads] if plan.kv_heads else [anat.n_kv_heads] * n_layers,
+            **({"cross_heads_total": anat.n_heads * sum(c is not None for c in plan.cross_heads),
+                "cross_heads_kept": sum(len(c) for c in plan.cross_heads if c is not None)} if plan.cross_heads else {}),
             "ffn_total": anat.intermediate * n_layers,
             "ffn_kept": sum(ffn),
             "ffn_kept_per_layer": ffn,

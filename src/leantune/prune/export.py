@@ -6,8 +6,8 @@ Two kinds, and the folder says which (``leantune_merged.json``) and why:
   (checked by building the config and the model skeleton and comparing every tensor shape). ``transformers``
   loads it by itself (``AutoModelForCausalLM.from_pretrained(dir)``).
 * ``leantune``: otherwise (layers of different shapes; GPT-2 and BERT derive ``head_dim`` from
-  ``hidden / heads``; LlamaConfig insists on ``hidden % heads == 0``; OLMo 2's pruned heads keep q/k whole, which
-  no config describes). The folder holds ``base_config.json``
+  ``hidden / heads``; LlamaConfig insists on ``hidden % heads == 0``; OLMo 2's pruned heads keep q/k whole and T5's
+  keep the shared relative position bias whole, which no config describes). The folder holds ``base_config.json``
   (the unpruned config), ``leantune_pruned.json`` (architecture, per-layer plan) and ``model.safetensors``;
   ``load_merged(dir)`` builds the skeleton, slices it as the plan says and loads the weights.
 """
@@ -101,6 +101,11 @@ def fitting_config(model: nn.Module, plan: PrunePlan, shapes: dict[str, tuple]) 
                       "keeps q/k and their norms whole and passes on the kept heads' features only, which a "
                       f"{cls_name} cannot describe (it would normalize over the kept heads alone); the folder loads "
                       "with leantune.prune.load_merged (train with head_ratio=0 for a plain Hugging Face folder)")
+    if (plan.heads is not None or plan.cross_heads is not None) and family_spec(model).shared_position_bias:
+        return None, (f"{model.config.model_type} shares one relative position bias (a column per head) between the "
+                      "blocks of a stack: with heads pruned it stays whole and each block uses its kept heads' part, "
+                      f"which a {cls_name} cannot describe; the folder loads with leantune.prune.load_merged (train "
+                      "with head_ratio=0 for a plain Hugging Face folder)")
     shape = plan.uniform_shape()
     if shape is None:
         per_layer = ", ".join(f"{s['heads']}h/{s['ffn']}" for s in plan.layer_shapes())
