@@ -435,3 +435,27 @@ def test_cpu_peak_of_a_job_process_is_its_own_not_its_parents():
     code = "from leantune.measure.memory import peak_bytes; print(peak_bytes())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) < len(held)
+
+
+def test_suite_plot_labels_cover_no_label_no_point_and_stay_inside():
+    """The survey plot's crowded points (s2ft/pfeiffer, prefix_tuning/ia3 sat 10 px apart): every label box is
+    clear of every other label, every point's marker, the legend, and inside the axes."""
+    from leantune.measure.report import place_labels
+
+    points = [(400.0, 300.0), (410.0, 302.0), (405.0, 290.0), (420.0, 310.0), (395.0, 305.0), (640.0, 60.0),
+              (100.0, 500.0), (412.0, 296.0)]
+    sizes = [(60.0, 13.0), (45.0, 13.0), (80.0, 13.0), (30.0, 13.0), (55.0, 13.0), (90.0, 13.0), (40.0, 13.0),
+             (70.0, 13.0)]
+    bounds, legend, marker = (80.0, 50.0, 700.0, 600.0), (560.0, 55.0, 690.0, 80.0), 5.0
+    offsets, _far = place_labels(points, sizes, bounds=bounds, avoid=[legend], marker=marker)
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h)
+             for (x, y), (dx, dy), (w, h) in zip(points, offsets, sizes, strict=True)]
+
+    def apart(a, b):
+        return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+    for i, a in enumerate(boxes):
+        assert bounds[0] <= a[0] and a[2] <= bounds[2] and bounds[1] <= a[1] and a[3] <= bounds[3], i
+        assert apart(a, legend), i
+        assert all(apart(a, b) for b in boxes[i + 1:]), i
+        assert all(apart(a, (x - marker, y - marker, x + marker, y + marker)) for x, y in points), i

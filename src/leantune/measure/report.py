@@ -202,6 +202,45 @@ def write_report(results: dict, out: Path, plots: list[str] = (), notes: list[st
     return path
 
 
+def place_labels(points: list[tuple[float, float]], sizes: list[tuple[float, float]],
+                 bounds: tuple[float, float, float, float] | None = None, avoid=(), marker: float = 5.0, gap: float = 3.0,
+                 rings: int = 12) -> tuple[list[tuple[float, float]], list[bool]]:
+    """Where each point's label goes, in display pixels: the offset of the label's lower-left corner from its
+    point, chosen greedily (points in x order) from slots right/left of the point, above/below it, one label
+    height further out per ring, so that no label box overlaps another label box or any point's marker (a
+    square of half-width ``marker``) or any box in ``avoid`` (a legend) or reaches outside ``bounds`` (x0, y0, x1, y1). The first free slot wins; when none is free within ``rings``, the slot
+    with the least overlap. Also says which labels sit away from their point (those get a leader line)."""
+    def overlap(a, b):
+        return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+    dots = [(x - marker, y - marker, x + marker, y + marker) for x, y in points]
+    placed: list[tuple[float, float, float, float]] = [tuple(b) for b in avoid]
+    offsets: list[tuple[float, float]] = [(0.0, 0.0)] * len(points)
+    far = [False] * len(points)
+    for i in sorted(range(len(points)), key=lambda i: points[i]):
+        (x, y), (w, h) = points[i], sizes[i]
+        best = None
+        for ring in range(rings):
+            step, near = ring * (h + gap), marker + gap  # ring 0 touches the point's own marker, no more
+            for dx, dy in ((near, near + step), (near, -h - near - step), (-w - near, near + step),
+                           (-w - near, -h - near - step)):
+                box = (x + dx, y + dy, x + dx + w, y + dy + h)
+                cost = sum(overlap(box, o) for o in placed) + sum(overlap(box, d) for d in dots)
+                if bounds is not None and not (bounds[0] <= box[0] and box[2] <= bounds[2] and bounds[1] <= box[1]
+                                               and box[3] <= bounds[3]):
+                    cost += w * h - overlap(box, bounds) + 1.0  # outside, even by a sliver: never free
+                if best is None or cost < best[0]:
+                    best = (cost, (dx, dy), box, ring)
+                if cost == 0:
+                    break
+            if best[0] == 0:
+                break
+        _, offsets[i], box, ring = best
+        far[i] = ring > 0
+        placed.append(box)
+    return offsets, far
+
+
 def write_plots(results: dict, out: Path) -> list[str]:
     """accuracy_vs_peak_memory.png, accuracy_vs_step_time.png, memory_breakdown.png (file names returned);
     nothing when matplotlib is missing (``pip install 'leantune[plots]'``)."""
@@ -221,36 +260,36 @@ def write_plots(results: dict, out: Path) -> list[str]:
     made = []
 
     def scatter(xkey, xlabel, fname, xfmt):
-        fig, ax = plt.subplots(figsize=(11, 7.5) if many else (6.4, 4.4))
+        fig, ax = plt.subplots(figsize=(11, 7.5) if many else (6.4, 4.4), dpi=120)
         points = [(name, xfmt(g), mean_std(g["acc"])) for name, g in zip(names, groups.values(), strict=True)]
         points = [(n, x, ms) for n, x, ms in points if x is not None]
-        xs, ys = [x for _, x, _ in points], [ms[0] for _, _, ms in points]
-        span_x = (max(xs) - min(xs)) or 1.0 if xs else 1.0
-        span_y = (max(ys) - min(ys)) or 1.0 if ys else 1.0
-        # crowded points (a chain of neighbours closer than a label's width) share a stack of label slots,
-        # alternately above and below: the k-th point of a chain gets slot k
-        slot, prev, k = {}, None, 0
-        for i in sorted(range(len(points)), key=lambda i: points[i][1]):
-            _, x, (m, _s) = points[i]
-            near = prev is not None and x - prev[0] < 0.12 * span_x and abs(m - prev[1]) < 0.05 * span_y
-            k = k + 1 if near else 0
-            slot[i], prev = k, (x, m)
-        for i, (name, x, (m, s)) in enumerate(points):
+        for _name, x, (m, s) in points:
             ax.errorbar(x, m, yerr=s or 0, fmt="o", capsize=3)
-            if many:
-                k = slot[i]
-                dy = 5 + 11 * (k // 2) if k % 2 == 0 else -12 - 11 * (k // 2)
-                ax.annotate(name, (x, m), textcoords="offset points", xytext=(6, dy), fontsize=8,
-                            arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if k > 1 else None)
-            else:  # labels alternate above and below their point: neighbours with equal accuracy stay readable
-                ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12),
-                            fontsize=9)
         ax.axhline(results["base"]["accuracy"], color="grey", ls="--", lw=1, label="untuned base")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"accuracy ({results['task']})")
         ax.set_title(xkey)
-        ax.legend(loc="lower right", fontsize=8)
+        legend = ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
+        if many:  # every label placed where it covers no other label, no point and stays inside the axes
+            renderer = fig.canvas.get_renderer()
+            at = [tuple(ax.transData.transform((x, m))) for _, x, (m, _s) in points]
+            sizes = []
+            for name, _, _ in points:
+                t = ax.text(0, 0, name, fontsize=8)
+                box = t.get_window_extent(renderer)
+                sizes.append((box.width, box.height))
+                t.remove()
+            offsets, far = place_labels(at, sizes, bounds=tuple(ax.get_window_extent(renderer).extents),
+                                       avoid=[tuple(legend.get_window_extent(renderer).extents)])
+            for (name, x, (m, _s)), (dx, dy), moved in zip(points, offsets, far, strict=True):
+                ax.annotate(name, (x, m), textcoords="offset pixels", xytext=(dx, dy), fontsize=8, ha="left",
+                            va="bottom", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if moved else None)
+        else:  # labels alternate above and below their point: neighbours with equal accuracy stay readable
+            for i, (name, x, (m, _s)) in enumerate(points):
+                ax.annotate(name, (x, m), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12),
+                            fontsize=9)
+            fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
         made.append(fname)
