@@ -64,8 +64,9 @@ EXPORT_REFUSALS = {
 EXPORT_NOTES = {  # why, for docs/models.md
     "bitfit": "the family builds some of the layers BitFit gave a bias without one, whatever its config says: "
               "the adapter itself works",
-    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py --save-merged, Phi-3, GPT-NeoX and "
-                  "Falcon by default, every decoder family with LEANTUNE_SLOW=1",
+    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py --save-merged, Phi-3, GPT-NeoX, "
+                  "Falcon, OLMo 2 and Qwen2-MoE by default, every decoder family with LEANTUNE_SLOW=1; T5 in "
+                  "tests/test_t5.py",
 }
 MERGE_ATOL = 1e-5  # fp32, as tests/test_methods_matrix.py
 EXPORT_ATOL = 1e-5
