@@ -12,7 +12,10 @@ On the bench's efficiency model (random-init LLaMA-style, hidden 512, 8 layers, 
 prefill tokens/s of one no-grad forward of the batch through (a) the bank's mixed batch (``serve/bank.py``:
 gathers and ``bmm``), (b) one adapter merged into a plain model (the same batch: the cost every row would pay if
 all used one adapter), (c) PEFT's mixed batch (``PeftModel(..., adapter_names=...)``; the S²FT adapters exported as
-rank-k LoRA, the only form PEFT has of them), as medians of interleaved rounds (Williams orders). Decode tokens/s:
+rank-k LoRA, the only form PEFT has of them), as medians of interleaved rounds (Williams orders). The bank reads
+the stacks of rows on consecutive slots as views; "gathered" is the same batch in a bank with one more adapter in
+the middle of it, where every layer gathers each row's stacks (``index_select``): a batch of adapters scattered
+over a larger bank. Decode tokens/s:
 one greedy step of the same batch on a KV cache of the prompt, the same three ways. Targets (issue 16): lora_32
 mixed >= 0.85x merged and >= 1.4x PEFT.
 
@@ -112,6 +115,13 @@ def mix_figures(kind: str, n: int, batch: int, seq: int, rounds: int, root: Path
     bank = AdapterBank(SPEC.build().eval())
     for name, folder, _pf in adapters:
         bank.add(name, folder)
+    # the same adapters in a bank with one more in the middle: the batch's rows no longer take consecutive slots,
+    # so every layer gathers each row's stacks (index_select) instead of reading them as a view
+    gbank = AdapterBank(SPEC.build().eval())
+    for i, (name, folder, _pf) in enumerate(adapters):
+        gbank.add(name, folder)
+        if i == n // 2 - 1:
+            gbank.add("spacer", folder)
     merged = SPEC.build().eval()
     leantune.load(merged, adapters[0][1])
     merged = merged.leantune_method.merge_and_unload().eval()
@@ -123,6 +133,7 @@ def mix_figures(kind: str, n: int, batch: int, seq: int, rounds: int, root: Path
 
     prefill = interleaved({
         "mixed": lambda: bank.forward(ids, names),
+        "mixed_gather": lambda: gbank.forward(ids, names),
         "merged": lambda: merged(input_ids=ids),
         "peft": lambda: peft(input_ids=ids, adapter_names=names),
     }, rounds)
@@ -154,6 +165,8 @@ def mix_figures(kind: str, n: int, batch: int, seq: int, rounds: int, root: Path
         "decode_tokens_per_s": {k: batch / v for k, v in decode.items()},
         "mixed_over_merged": prefill["merged"] / prefill["mixed"],
         "mixed_over_peft": prefill["peft"] / prefill["mixed"],
+        "gather_over_merged": prefill["merged"] / prefill["mixed_gather"],
+        "gather_over_peft": prefill["peft"] / prefill["mixed_gather"],
         "decode_mixed_over_merged": decode["merged"] / decode["mixed"],
         "decode_mixed_over_peft": decode["peft"] / decode["mixed"],
     }
@@ -211,7 +224,7 @@ def server_figures(root: Path, requests: int = 200, new_tokens: int = 8) -> dict
 
     def one(i):
         body = {"model": adapters[i % 8][0], "prompt": prompts[(i // 8) % 4], "max_tokens": new_tokens,
-                "stream": i % 3 == 0}
+                "stream": i % 3 == 0, "temperature": 0}
         t0 = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
@@ -270,8 +283,8 @@ def _switch_one(w: int, runs: int, r: int) -> dict:
 def table(res: dict) -> str:
     unit = "CPU-s" if res.get("clock") == "cpu" else "s"
     lines = [f"Tokens per {unit} ({res.get('threads')} thread(s), medians of {res.get('rounds')} interleaved rounds).", "",
-             "| mix | prefill tok/s mixed | merged | PEFT mixed | mixed / merged | mixed / PEFT | decode tok/s mixed "
-             "| merged | PEFT | decode mixed / merged | decode mixed / PEFT |", "|" + "---|" * 11]
+             "| mix | prefill tok/s mixed | merged | PEFT mixed | mixed / merged | mixed / PEFT | gathered / PEFT "
+             "| decode tok/s mixed | merged | PEFT | decode mixed / merged | decode mixed / PEFT |", "|" + "---|" * 12]
     for name in MIXES:
         if name not in res:
             continue
@@ -279,7 +292,7 @@ def table(res: dict) -> str:
         p, d = m["prefill_tokens_per_s"], m["decode_tokens_per_s"]
         lines.append(f"| {name} ({m['adapters']} adapters, {m['batch']}x{m['seq']}) | {p['mixed']:,.0f} | "
                      f"{p['merged']:,.0f} | {p['peft']:,.0f} | {m['mixed_over_merged']:.2f}x | {m['mixed_over_peft']:.2f}x"
-                     f" | {d['mixed']:,.0f} | {d['merged']:,.0f} | {d['peft']:,.0f} | "
+                     f" | {m['gather_over_peft']:.2f}x | {d['mixed']:,.0f} | {d['merged']:,.0f} | {d['peft']:,.0f} | "
                      f"{m['decode_mixed_over_merged']:.2f}x | {m['decode_mixed_over_peft']:.2f}x |")
     if "pad_or_group" in res:
         pg = res["pad_or_group"]

@@ -95,6 +95,34 @@ def test_mixed_batch_logits_equal_each_adapter_alone(bank_setup):
     assert bank.current is None and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_rows_on_consecutive_slots_read_the_stacks_as_views_and_equal_each_adapter_alone(bank_setup):
+    name, folders = bank_setup
+    _model, _before, bank = filled_bank(name, folders)
+    loras, s2fts = ([n for n in folders if n.endswith(m)] for m in (".lora", ".s2ft"))
+    for names in (loras, s2fts, s2fts[::-1]):  # in the bank's order; reversed: sorted back to it
+        x = ids(3, b=len(names))
+        got = bank.forward(x, names)
+        views = [k.__name__ for slots in bank._slots_of[1].values() for k, s in slots.items() if s.start is not None]
+        assert views, "no layer read its stacks as a view: the test does not reach that path"
+        for i, n in enumerate(names):
+            want = alone(name, folders[n], x[i:i + 1])
+            torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"row {i} ({n})")
+
+
+def test_repeated_adapters_on_one_token_gather_each_adapter_once_and_equal_each_alone(bank_setup):
+    name, folders = bank_setup
+    _model, _before, bank = filled_bank(name, folders)
+    loras = [n for n in folders if n.endswith(".lora")]
+    names = [loras[i % 2] for i in range(8)] + [None, loras[0]]  # a decoding step's shape: few tokens, repeats
+    x = ids(4, b=len(names), t=1)
+    got = bank.forward(x, names)
+    groups = [s.group for slots in bank._slots_of[1].values() for s in slots.values() if s.group is not None]
+    assert groups, "no layer laid its rows out by adapter: the test does not reach that path"
+    for i, n in enumerate(names):
+        want = alone(name, folders[n] if n else None, x[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"row {i} ({n})")
+
+
 def test_whole_batch_on_one_adapter_takes_the_switch_and_the_base_comes_back_bitwise(bank_setup):
     name, folders = bank_setup
     model, before, bank = filled_bank(name, folders)

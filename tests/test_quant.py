@@ -24,7 +24,7 @@ from leantune.data.tasks import get_task
 from leantune.hooks import TrainHook
 from leantune.methods.base import ConfigError
 from leantune.models import byte_tokenizer, load_model
-from leantune.quant import QuantizeConfig, dequantize_model_, quantize_model, tensor_bytes
+from leantune.quant import QuantizeConfig, dequantize_model_, quantization_of, quantize_model, tensor_bytes
 from leantune.train.loop import TrainConfig, train
 
 pytest.importorskip("bitsandbytes")
@@ -87,11 +87,16 @@ def test_bad_quantize_value_is_a_clear_error():
 # -- methods on a quantized base -------------------------------------------------------------------------------
 
 SUPPORTED = [("lora", {}), ("lora", {"dora": True}), ("lora", {"rslora": True}), ("ia3", {}), ("houlsby", {}),
-             ("parallel", {}), ("bitfit", {}), ("ln_tuning", {}), ("s2ft", {}), ("lisa", {"gamma": 1})]
+             ("parallel", {}), ("bitfit", {}), ("ln_tuning", {}), ("s2ft", {}), ("lisa", {"gamma": 1}),
+             # soft prompts touch no weight; KronA's term sits beside the layer as LoRA's; the PEFT bridge for the
+             # types PEFT injects into bitsandbytes layers itself
+             ("prompt_tuning", {}), ("prefix_tuning", {}), ("prefix_flat", {}), ("krona", {}),
+             ("peft", {"peft_type": "LORA", "r": 4}), ("peft", {"peft_type": "IA3"})]
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-@pytest.mark.parametrize("method,opts", SUPPORTED, ids=[f"{m}-{'-'.join(o) or 'plain'}" for m, o in SUPPORTED])
+@pytest.mark.parametrize("method,opts", SUPPORTED, ids=[f"{m}-{'-'.join(str(v) if k == 'peft_type' else k for k, v in o.items()) or 'plain'}"
+                                              for m, o in SUPPORTED])
 def test_method_trains_on_a_quantized_base_changes_only_its_tensors_and_round_trips(method, opts, kind, tmp_path):
     model = qbase(kind)
     base = {n: t.clone() for n, t in model.state_dict().items()}
@@ -117,6 +122,33 @@ def test_full_and_light_peft_refuse_a_quantized_base_at_start(method):
     with pytest.raises(ConfigError, match=f"method '{method}' cannot train on a nf4-quantized base: "):
         leantune.apply(model, method)
     assert getattr(model, "leantune_method", None) is None
+
+
+def test_peft_bridge_on_nf4_wraps_the_4bit_layers_leaves_them_bitwise_and_refuses_types_without_bnb_layers():
+    pytest.importorskip("peft")
+    model = qbase("nf4")
+    q = model.model.layers[0].self_attn.q_proj
+    codes = q.weight.detach().clone()
+    m = leantune.apply(model, "peft", peft_type="LORA", r=4)
+    layer = m.layers["model.layers.0.self_attn.q_proj"]
+    assert type(layer).__name__ == "Linear4bit" and type(layer).__module__ == "peft.tuners.lora.bnb"
+    train_steps(model, fixed_batch(), steps=3)
+    assert layer.get_base_layer() is q and torch.equal(q.weight, codes)
+    with pytest.raises(ValueError, match="re-quantize the update silently"):
+        leantune.merge(model)
+    with pytest.raises(ConfigError, match="PEFT has no bitsandbytes layer for LOHA .*covers .*LORA"):
+        leantune.apply(qbase("nf4"), "peft", peft_type="LOHA")
+
+
+def test_krona_merge_into_a_quantized_layer_is_refused_before_anything_changes():
+    model = qbase("nf4")
+    m = leantune.apply(model, "krona")
+    train_steps(model, fixed_batch(), steps=1)
+    before = logits(model, fixed_batch())
+    with pytest.raises(ValueError, match="krona: cannot merge into a quantized layer"):
+        leantune.merge(model)
+    assert not m.merged
+    torch.testing.assert_close(logits(model, fixed_batch()), before, rtol=0, atol=0)
 
 
 def test_s2ft_gradient_selection_refuses_a_quantized_base():
@@ -341,3 +373,121 @@ def test_flops_of_a_4bit_base_count_its_products_as_the_matmuls_they_stand_for()
             loss.backward()
         totals.append((fwd.total, bwd.total))
     assert totals[0] == totals[1]
+
+
+def test_the_survey_suite_honours_quantize_with_a_quantized_row_or_the_reason_for_each_row(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from dataclasses import replace
+
+    from leantune.measure import bench
+    from leantune.measure.suite import suite_config
+    from test_suite import TINY_EFF, _in_process
+
+    cfg = bench.config_from_options(quick=True, preset=suite_config("survey", quick=True), quantize="nf4")
+    labels = [e["label"] for e in cfg.entries]
+    assert len(labels) == 40 and labels[:4] == ["full", "full+nf4", "houlsby", "houlsby+nf4"] and cfg.methods == labels
+    by = {e["label"]: e for e in cfg.entries}
+    refused = {k: v["unavailable"] for k, v in by.items() if "unavailable" in v}
+    assert set(refused) == {"full+nf4", "light_peft+nf4", "peft:lora+nf4", "mam+nf4", "unipelt+nf4"}
+    assert refused["full+nf4"].startswith("does not train on a nf4-quantized base: full fine-tuning updates")
+    assert "leantune's methods only" in refused["peft:lora+nf4"]
+    assert by["lora_qv+nf4"]["quantize"] == "nf4" and by["lora_qv+nf4"]["options"]["targets"] == "q,v"
+    # a tiny run of three rows: the quantized one measured on the quantized base, the refused one a row saying so
+    _in_process(monkeypatch)
+    cfg = replace(cfg, entries=[by[k] for k in ("lora_qv", "lora_qv+nf4", "full+nf4")], base="builtin:tiny-llama",
+                  tasks=["builtin:arith"], budget=bench.Budget(max_steps=2, batch_size=2, seeds=1, eval_samples=2),
+                  timing=bench.TimingPlan(warmup_rounds=0, rounds=1, infer_warmup_rounds=0, infer_rounds=1),
+                  efficiency_model=bench.parse_efficiency_model(TINY_EFF), output_dir=str(tmp_path), threads=1)
+    res, failed = bench.run_bench(cfg)
+    assert not failed, failed
+    rows = {r["label"]: r for r in res["runs"]}
+    assert set(rows) == {"lora_qv", "lora_qv+nf4"} and rows["lora_qv+nf4"]["quantize"] == "nf4"
+    assert "quantize" not in rows["lora_qv"]
+    assert rows["lora_qv+nf4"]["memory"]["weights"] < rows["lora_qv"]["memory"]["weights"]
+    assert [(u["label"], u["quantize"]) for u in res["unavailable"]] == [("full+nf4", "nf4")]
+    md = (tmp_path / "results.md").read_text()
+    assert "| full+nf4 | – | not run: does not train on a nf4-quantized base: full fine-tuning" in md
+
+
+# -- a pre-quantized checkpoint (config.json carries quantization_config, as a hub "...-bnb-4bit" model) -----------
+
+
+@pytest.fixture(scope="module")
+def prequantized(tmp_path_factory):
+    """A folder that transformers saved from a tiny model it loaded in 4 bits, and the full-precision original."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("prequantized")
+    model, tok = load_model("builtin:tiny-llama")
+    model.save_pretrained(root / "full")
+    tok.save_pretrained(root / "full")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = AutoModelForCausalLM.from_pretrained(root / "full", quantization_config=bnb, device_map="cpu")
+    q.save_pretrained(root / "q4")
+    tok.save_pretrained(root / "q4")
+    return root
+
+
+def test_a_prequantized_checkpoint_trains_as_stored_records_it_and_evals_and_exports_merged(prequantized, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from leantune.cli import app
+
+    ckpt = str(prequantized / "q4")
+    stored = load_file(prequantized / "q4" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    model = load_model(ckpt)[0]
+    up = model.model.layers[0].mlp.up_proj
+    assert type(up).__name__ == "Linear4bit" and torch.equal(up.weight.data, stored)  # as stored: not re-quantized
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", "--model", ckpt, "--method", "lora", "--task", "builtin:arith",
+                                   "--max-steps", "3", "--batch-size", "2", "--max-length", "48", "--output-dir",
+                                   str(out), "--no-progress", "--eval-samples", "2"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((out / "leantune.json").read_text())
+    assert meta["base"]["quantization"] == {"type": "nf4", "double_quant": False, "compute_dtype": "fp32",
+                                            "quantize_head": False, "threshold": 0.0, "prequantized": True}
+    res = CliRunner().invoke(app, ["eval", "--adapter", str(out), "--task", "builtin:arith", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", str(out), "--format", "merged", "--output-dir", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    want = load_model(ckpt)[0]
+    leantune.load(want, out)
+    torch.testing.assert_close(logits(merged, fixed_batch()), logits(want, fixed_batch()), rtol=RTOL, atol=1e-5)
+
+
+def test_an_adapter_on_a_prequantized_checkpoint_binds_to_its_dequantized_weights(prequantized, tmp_path):
+    ckpt = str(prequantized / "q4")
+    model = load_model(ckpt)[0]
+    leantune.apply(model, "lora", r=4)
+    train_steps(model, fixed_batch(), steps=1)
+    leantune.save(model, tmp_path / "a")
+    leantune.load(load_model(ckpt)[0], tmp_path / "a")  # the same checkpoint
+    plain = load_model(ckpt)[0]
+    dequantize_model_(plain)
+    stored = plain.__dict__.pop(files.UNQUANTIZED_FINGERPRINT)
+    assert files.fingerprint(plain) == stored  # the fingerprint is the dequantized model's own
+    leantune.load(plain, tmp_path / "a")
+    with pytest.raises(files.AdapterError, match="weights differ from those the adapter was trained on"):  # not the
+        # original it was quantized from (NF4 moved most sampled values)
+        leantune.load(load_model(str(prequantized / "full"))[0], tmp_path / "a")
+    with pytest.raises(ValueError, match="trained on a checkpoint stored quantized"):
+        load_model(str(prequantized / "full"), quantize=json.loads((tmp_path / "a" / "leantune.json").read_text())
+                   ["base"]["quantization"])
+
+
+def test_quantize_that_disagrees_with_a_prequantized_checkpoint_is_a_clear_error(prequantized):
+    ckpt = str(prequantized / "q4")
+    with pytest.raises(ValueError, match=r"disagrees with the checkpoint.*type 'int8' asked, 'nf4' stored"):
+        load_model(ckpt, quantize="int8")
+    with pytest.raises(ValueError, match=r"double_quant True asked, False stored"):
+        load_model(ckpt, quantize={"type": "nf4", "double_quant": True})
+    with pytest.raises(ValueError, match=r"cannot be loaded in full precision"):
+        load_model(ckpt, quantize="none")
+    model = load_model(ckpt, quantize="nf4")[0]  # agrees: taken as stored
+    assert quantization_of(model).prequantized

@@ -75,8 +75,9 @@ def call(port, method, path, body=None, headers=None, raw=None):
     return resp.status, dict(resp.getheaders()), payload
 
 
-def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS):
-    body = {"model": model, "max_tokens": max_tokens, "stream": stream}
+def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS, **sampling):
+    """The answer's text (greedy unless ``sampling`` says otherwise: OpenAI's default temperature is 1)."""
+    body = {"model": model, "max_tokens": max_tokens, "stream": stream, "temperature": 0, **sampling}
     if chat:
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -88,6 +89,7 @@ def complete(port, model, prompt, stream=False, chat=False, max_tokens=TOKENS):
         return choice["message"]["content"] if chat else choice["text"]
     events = [line[6:] for line in payload.split("\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
+    assert all("choices" in json.loads(e) for e in events[:-1]), payload
     parts = [json.loads(e)["choices"][0] for e in events[:-1]]
     return "".join(p["delta"].get("content", "") if chat else p["text"] for p in parts)
 
@@ -149,6 +151,78 @@ def test_200_concurrent_requests_across_8_adapters_each_get_their_own_output(ser
     wrong = [(j, g) for j, g in zip(jobs, got, strict=True)
              if not (g == want[j[0]][j[1]] if j[3] == TOKENS else want[j[0]][j[1]].startswith(g.rstrip("\ufffd")))]
     assert not wrong, wrong[:3]
+
+
+def test_a_joining_request_prefills_only_itself_and_every_row_keeps_its_output(served):
+    """Requests join a decoding batch with longer and shorter sequences than its cache (either side left-padded),
+    one leaves early: every answer equals its adapter's greedy output alone, and no row is prefilled twice."""
+    from concurrent.futures import Future
+
+    from leantune.data.encode import bos_prefix
+    from leantune.pipeline import load_for_inference
+
+    _live, folders, _ = served
+    bank, tok = load_bank(MODEL, {n: folders[n] for n in ("l4", "s2ft_a", "ia3")})
+    engine = Engine(bank, tok.pad_token_id, tok.eos_token_id)
+    jobs = {"a": ("l4", "Once upon a time", 3), "b": ("s2ft_a", "The cat sat on the mat and then it", 6),
+            "c": ("ia3", "hi", 6), "d": (None, "1 + 1 =", 5)}
+    joins = {("a", 1): "bc", ("b", 2): "d"}  # when a has 1 token, b and c join; when b has 2, d joins
+    done, reqs = {k: Future() for k in jobs}, {}
+
+    def submit(k):
+        adapter, prompt, n = jobs[k]
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+
+        def on_token(t, end, k=k):
+            if end is not None:
+                done[k].set_result((reqs[k].tokens, end))
+            for j in joins.get((k, len(reqs[k].tokens)), "") if t is not None else "":
+                submit(j)
+
+        reqs[k] = Request(bos_prefix(tok, ids) + ids, adapter, n, on_token, time.monotonic() + 120)
+        engine.submit(reqs[k])
+
+    submit("a")
+    engine.start()
+    try:
+        got = {k: f.result(timeout=120) for k, f in done.items()}
+    finally:
+        engine.stop()
+    for k, (adapter, prompt, n) in jobs.items():
+        model, t = load_for_inference(MODEL, folders[adapter] if adapter else None)
+        want = greedy_generate(model, t, [prompt], n)[0]
+        assert tok.decode(got[k][0], skip_special_tokens=True) == want, (k, got[k])
+    assert engine.prefill_tokens == sum(len(r.prompt) for r in reqs.values())  # each prompt prefilled once
+
+
+def test_appending_and_trimming_a_cohort_keep_every_rows_attended_keys():
+    from transformers.cache_utils import DynamicCache
+
+    from leantune.serve.engine import _append, _Cohort, _trim
+
+    def cohort(lengths, width, tag):
+        cache = DynamicCache()
+        k = torch.randn(len(lengths), 2, width, 3)
+        mask = torch.stack([(torch.arange(width) >= width - n).long() for n in lengths])
+        cache.update(k, k + 1, 0)
+        return _Cohort([f"{tag}{i}" for i in range(len(lengths))], cache, mask)
+
+    def attended(co):  # row -> the keys its mask attends to
+        keys = co.cache.layers[0].keys
+        return {r: keys[i][:, co.mask[i].bool()] for i, r in enumerate(co.rows)}
+
+    a, b = cohort([5, 2], 5, "a"), cohort([7, 3], 7, "b")
+    want = {**attended(a), **attended(b)}
+    _append(a, b)  # the narrower side (a) left-padded to 7
+    assert a.mask.shape == (4, 7) and a.rows == ["a0", "a1", "b0", "b1"]
+    got = attended(a)
+    assert all(torch.equal(got[r], want[r]) for r in want)
+    a.cache.batch_select_indices(torch.tensor([1, 3]))
+    a.mask, a.rows = a.mask[[1, 3]], [a.rows[1], a.rows[3]]
+    _trim(a)  # rows of 2 and 3 positions left: 4 leading positions no row attends to
+    assert a.mask.shape == (2, 3) and a.cache.layers[0].keys.shape[2] == 3
+    got = attended(a)
+    assert all(torch.equal(got[r], want[r]) for r in a.rows)
 
 
 def test_bad_requests_get_clear_4xx(served):
@@ -246,3 +320,72 @@ def test_shutdown_finishes_requests_in_flight(served):
         body = json.loads(payload)
         assert body["choices"][0]["finish_reason"] in ("length", "stop")
         assert body["usage"]["completion_tokens"] == 200 or body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_temperature_0_is_greedy_a_seed_repeats_and_another_seed_differs(served):
+    live, folders, _ = served
+    greedy = expected(folders["l4"], PROMPTS[:1])[0]
+    assert complete(live.port, "l4", PROMPTS[0]) == greedy  # temperature 0 (what complete() sends by default)
+    draws = {seed: [complete(live.port, "l4", PROMPTS[0], max_tokens=12, temperature=1.5, seed=seed, stream=stream)
+                    for stream in (False, True)] for seed in (1, 2)}
+    assert draws[1][0] == draws[1][1] and draws[2][0] == draws[2][1]  # a seed draws the same tokens, streamed or not
+    assert draws[1][0] != draws[2][0]  # ... and another seed others
+    assert complete(live.port, "l4", PROMPTS[0], temperature=1.5, seed=1, top_p=1e-9) == greedy  # nucleus of one
+
+
+def test_a_tiny_top_p_keeps_only_the_most_likely_token():
+    from leantune.serve.engine import next_tokens
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    rows = [Request([1], None, 4, lambda *a: None, 0.0, temperature=t, top_p=p, seed=7)
+            for t, p in ((0.0, 1.0), (2.0, 1e-6), (2.0, 1.0))]
+    got = next_tokens(logits, rows)
+    assert got[:2] == logits[:2].argmax(-1).tolist()
+    draws = [next_tokens(logits[2:], [Request([1], None, 4, lambda *a: None, 0.0, temperature=1.0, seed=s)])[0]
+             for s in range(200)]
+    freq = torch.bincount(torch.tensor(draws), minlength=50).double() / 200
+    torch.testing.assert_close(freq, torch.softmax(logits[2].double(), -1), atol=0.08, rtol=0)
+
+
+def test_stop_strings_cut_the_text_and_finish_with_stop(served):
+    live, _folders, _ = served
+    full = complete(live.port, "l8.rs", PROMPTS[3], max_tokens=12)
+    stop = full[5:7]
+    want = full[:full.find(stop)]
+    for stream in (False, True):
+        body = {"model": "l8.rs", "prompt": PROMPTS[3], "max_tokens": 12, "temperature": 0, "stop": [stop, "\x00zz"],
+                "stream": stream}
+        status, _h, payload = call(live.port, "POST", "/v1/completions", body)
+        assert status == 200, payload
+        if stream:
+            parts = [json.loads(e[6:])["choices"][0] for e in payload.split("\n") if e.startswith("data: {")]
+            text, reason = "".join(p["text"] for p in parts), parts[-1]["finish_reason"]
+        else:
+            choice = json.loads(payload)["choices"][0]
+            text, reason = choice["text"], choice["finish_reason"]
+        assert (text, reason) == (want, "stop"), stream
+
+
+@pytest.mark.parametrize("field,value", [("temperature", -0.5), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5),
+                                         ("seed", 1.5), ("seed", True), ("stop", ""), ("stop", ["a"] * 5),
+                                         ("stop", 3), ("n", 2)])
+def test_bad_sampling_values_get_400_naming_the_field(served, field, value):
+    live, _folders, _ = served
+    status, _h, p = call(live.port, "POST", "/v1/completions", {"model": "l4", "prompt": "x", field: value})
+    assert status == 400 and f"'{field}'" in json.loads(p)["error"]["message"], p
+
+
+def test_serve_refuses_an_encoder_decoder_base_at_start(monkeypatch):
+    from typer.testing import CliRunner
+
+    import leantune.serve.server as server
+    from leantune.cli import app
+
+    monkeypatch.setattr(server, "run", lambda *a, **k: pytest.fail("the server started on an encoder-decoder"))
+
+    result = CliRunner().invoke(app, ["serve", "--model", "builtin:tiny-t5", "--port", str(free_port())])
+    assert result.exit_code != 0 and "encoder-decoder" in result.output and "decoder-only" in result.output, \
+        result.output
+    bank, tok = load_bank("builtin:tiny-t5", {})
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        bank.generate([[1, 5]], [None], 2, pad_token_id=0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import leantune
-from conftest import logits, tiny
+from conftest import fixed_batch, logits, loss_of, tiny, train_steps
 from leantune.anatomy import anatomy, check_anatomy
 from leantune.data.encode import IGNORE, collate, decoder_start, encode_example
 from leantune.data.evaluate import greedy_generate
@@ -161,7 +161,7 @@ def test_a_local_t5_folder_loads_as_a_seq2seq_lm(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
 
 
-def _pruned_t5(tmp_path=None):
+def _pruned_t5():
     """Tiny T5 under Light-PEFT with 0/1 masks, then the same plan applied physically: (masked, pruned) logits.
     Layers keep different self-attention heads, so the shared relative position bias must give each its own."""
     from test_light_peft import empty_plan, randomize_adapter, set_masks_from_plan
@@ -247,3 +247,147 @@ def test_plan_of_a_t5_step_matches_the_measured_step():
     predicted, measured = _plan_and_measure(T5, "lora", 2, 16)  # 16 tokens on each side of the encoder-decoder
     _check(predicted, measured, "lora on tiny-t5 at 2x16")
     assert measured["activations"] > 0
+
+
+# -- the cross-attention's placement points: (IA)³ and the bottleneck adapters -----------------------------------
+
+
+def _randomized(method, ones_centered: bool):
+    from test_attached_methods import _randomize
+
+    _randomize(method, ones_centered=ones_centered)
+    return method
+
+
+def _cross_layers(anat, role):
+    return [b.linears[role] for b in anat.blocks if role in b.linears]
+
+
+def test_ia3_scales_the_cross_attentions_keys_and_values_from_identity():
+    model, tok = tiny(T5)
+    batch = fixed_batch(len(tok))
+    base = logits(model, batch)
+    m = leantune.apply(model, "ia3")
+    anat = m.anatomy
+    for role, vec in (("cross_k", "l_k"), ("cross_v", "l_v")):
+        layers = _cross_layers(anat, role)
+        assert len(layers) == 2  # one per decoder block
+        for layer in layers:
+            scale = getattr(layer.ia3, vec)
+            assert scale.dtype == torch.float32 and torch.equal(scale, torch.ones(layer.out_features))
+    torch.testing.assert_close(logits(model, batch), base, rtol=0, atol=0)
+    off = leantune.apply(tiny(T5)[0], "ia3", cross=False)  # the option to leave the cross-attention out
+    assert len(off.layers) == len(m.layers) - 4 and not any("EncDecAttention" in n for n in off.layers)
+
+
+def test_ia3_gradients_on_t5_equal_the_full_weight_reference():
+    """Every vector l (the cross-attention's included) against a copy whose weights are diag(l)·W (keys, values) or
+    W·diag(l) (the FFN activation) trained whole: dL/dl is the row (column) sum of dL/dW' ⊙ W."""
+    model, tok = tiny(T5)
+    batch = fixed_batch(len(tok))
+    m = _randomized(leantune.apply(model, "ia3"), ones_centered=True)
+    loss_of(model, batch).backward()
+    reference, _ = tiny(T5)
+    named = dict(reference.named_modules())
+    for name, _layer, c in m.children():
+        w = named[name].weight
+        with torch.no_grad():
+            for point, (side, start, stop, _w) in c.segments.items():
+                l = c.scale(point).detach()  # noqa: E741
+                if side == "out":
+                    w[start:stop] *= l[:, None]
+                else:
+                    w[:, start:stop] *= l[None, :]
+        w.requires_grad_(True)
+    loss_of(reference, batch).backward()
+    cross = 0
+    for name, layer, c in m.children():
+        full = named[name].weight.grad
+        for point, (side, start, stop, _w) in c.segments.items():
+            expected = (full * layer.weight.detach()).sum(1 if side == "out" else 0)[start:stop]
+            got = c.scale(point).grad
+            assert got.abs().sum() > 0
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+            cross += point.startswith("cross_")
+    assert cross == 4
+
+
+def test_ia3_on_t5_merges_saves_and_exports_to_peft_as_k_v_wo(tmp_path):
+    peft = pytest.importorskip("peft")
+    from leantune.interop.peft import export_peft
+
+    model, tok = tiny(T5)
+    batch = fixed_batch(len(tok))
+    m = _randomized(leantune.apply(model, "ia3"), ones_centered=True)
+    ours = logits(model, batch)
+    leantune.save(model, tmp_path / "ia3")
+    fresh, _ = tiny(T5)
+    leantune.load(fresh, tmp_path / "ia3")
+    torch.testing.assert_close(logits(fresh, batch), ours, rtol=0, atol=0)
+    export_peft(model, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # PEFT's own T5 default: k and v (self- and cross-attention: the names match in both) and wo as feedforward
+    assert (sorted(config["target_modules"]), config["feedforward_modules"]) == (["k", "v", "wo"], ["wo"])
+    loaded = peft.PeftModel.from_pretrained(tiny(T5)[0], tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded, batch), ours, rtol=0, atol=1e-5)
+    m.merge()
+    torch.testing.assert_close(logits(model, batch), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_houlsby_sits_after_every_decoder_sublayer_the_cross_attention_included(tmp_path):
+    from test_attached_methods import _bottleneck_ref, _swish
+
+    model, tok = tiny(T5)
+    batch = fixed_batch(len(tok))
+    base = logits(model, batch)
+    m = leantune.apply(model, "houlsby")
+    anat = m.anatomy
+    per_block = [sum(hasattr(mod, "adapter") for mod in b.module.modules()) for b in anat.blocks]
+    assert per_block == [2, 2, 3, 3]  # encoder: self-attention, FFN; decoder: self-attention, cross-attention, FFN
+    assert all(hasattr(layer, "adapter") for layer in _cross_layers(anat, "cross_o"))
+    torch.testing.assert_close(logits(model, batch), base, rtol=0, atol=0)  # W_up = 0: identity at init
+    _randomized(m, ones_centered=False)
+    ours = logits(model, batch)
+
+    def add_adapter(a):  # the slow reference: the bottleneck's formula as a hook on a fresh model's layer output
+        t = [p.detach() for p in (a.down.weight, a.down.bias, a.up.weight, a.up.bias)]
+        return lambda mod, args, out: out + _bottleneck_ref(out, *t, _swish, a.scale)
+
+    reference, _ = tiny(T5)
+    named = dict(reference.named_modules())
+    for name, _layer, a in m.children():
+        named[name].register_forward_hook(add_adapter(a))
+    torch.testing.assert_close(ours, logits(reference, batch), rtol=1e-5, atol=1e-5)
+    leantune.save(model, tmp_path / "houlsby")
+    fresh, _ = tiny(T5)
+    leantune.load(fresh, tmp_path / "houlsby")
+    torch.testing.assert_close(logits(fresh, batch), ours, rtol=0, atol=0)
+    off = leantune.apply(tiny(T5)[0], "houlsby", cross=False)
+    assert [sum(hasattr(mod, "adapter") for mod in b.module.modules()) for b in off.anatomy.blocks] == [2, 2, 2, 2]
+    pfeiffer = leantune.apply(tiny(T5)[0], "pfeiffer")  # after the FFN only: nothing after any attention
+    assert [sum(hasattr(mod, "adapter") for mod in b.module.modules()) for b in pfeiffer.anatomy.blocks] == [1] * 4
+
+
+def test_the_cross_attention_adapters_train():
+    model, tok = tiny(T5)
+    batch = fixed_batch(len(tok))
+    m = leantune.apply(model, "houlsby")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(model, batch, steps=3)
+    cross = [a for name, _l, a in m.children() if "EncDecAttention" in name]
+    assert len(cross) == 2 and all(a.up.weight.abs().sum() > 0 for a in cross)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if ".adapter." not in n)
+
+
+def test_cli_trains_t5_houlsby_with_its_cross_attention_adapters(tmp_path):
+    from safetensors.torch import load_file
+
+    from test_cli import run
+
+    out = tmp_path / "houlsby"
+    summary = json.loads(run("train", "--model", T5, "--method", "houlsby", "--task", "builtin:arith", "--max-steps",
+                             "3", "--output-dir", str(out), "--eval-samples", "0", "--no-progress").stdout)
+    assert summary["steps"] == 3 and summary["final_loss"] is not None
+    saved = load_file(out / "adapter.safetensors")
+    cross = [k for k in saved if "EncDecAttention.o.adapter.up.weight" in k]
+    assert len(cross) == 2 and all(saved[k].abs().sum() > 0 for k in cross)  # trained, not the zero init

@@ -28,6 +28,8 @@ side of it (``in``: its input, ``out``: its output) and a feature range on that 
   ``keys``      the keys (the output of ``k``; rows of a fused ``qkv``)
   ``values``    the values (the output of ``v``; rows of a fused ``qkv``)
   ``ffn_act``   the FFN's intermediate activation (the input of ``down``)
+  ``cross_attn_out``, ``cross_keys``, ``cross_values``  the cross-attention's (``CROSS_PLACEMENTS``): only in the
+                blocks that have one (T5's decoder); a method adds them beside ``attn_out`` / ``keys`` / ``values``
 
 The attention entry point (``FamilySpec.attention``, :meth:`Anatomy.attention_modules`): the block's attention
 module that hands its queries, keys (per KV head, after the cache update) and values to transformers' attention
@@ -57,6 +59,14 @@ PLACEMENTS: dict[str, tuple[str, str]] = {
     "values": ("v", "out"),
     "ffn_act": ("down", "in"),
 }
+# the cross-attention's points, in the blocks that have one (an encoder-decoder's decoder; other blocks skip them):
+# after its output projection, its keys, its values; CROSS_OF names the self-attention point each mirrors
+CROSS_PLACEMENTS: dict[str, tuple[str, str]] = {
+    "cross_attn_out": ("cross_o", "out"),
+    "cross_keys": ("cross_k", "out"),
+    "cross_values": ("cross_v", "out"),
+}
+CROSS_OF = {"attn_out": "cross_attn_out", "keys": "cross_keys", "values": "cross_values"}
 
 # Row order of a fused qkv projection (heads of head_dim rows each; g = query heads per KV head):
 QKV_LAYOUTS = {
@@ -559,18 +569,25 @@ class Anatomy:
 
     def placement_role(self, point: str) -> tuple[str, str] | None:
         """(role, side) of a placement point in this family, or None where it has none."""
-        if point not in PLACEMENTS:
-            raise ValueError(f"unknown placement point {point!r}; known: {', '.join(PLACEMENTS)}")
-        return self.spec.placements.get(point, PLACEMENTS[point])
+        known = {**PLACEMENTS, **CROSS_PLACEMENTS}
+        if point not in known:
+            raise ValueError(f"unknown placement point {point!r}; known: {', '.join(known)}")
+        return self.spec.placements.get(point, known[point])
 
     def missing_placements(self, points) -> list[str]:
-        """The points of ``points`` this model does not define."""
+        """The points of ``points`` this model does not define (a cross-attention point: in no block)."""
         out = []
         for point in points:
             where = self.placement_role(point)
-            if where is None or any(b.linear(where[0]) is None for b in self.blocks):
+            found = [b.linear(where[0]) is not None for b in self.blocks] if where else [False]
+            if not (any(found) if point in CROSS_PLACEMENTS else all(found)):
                 out.append(point)
         return out
+
+    def cross_points(self, points) -> list[str]:
+        """The cross-attention counterparts (:data:`CROSS_OF`) of ``points`` that this model defines, in order."""
+        mirrored = [CROSS_OF[p] for p in points if p in CROSS_OF]
+        return [p for p in mirrored if not self.missing_placements([p])]
 
     def placements(self, point: str) -> list[Placement]:
         """The point in every block (PlacementError, with what to do, where the family has none)."""
@@ -584,6 +601,8 @@ class Anatomy:
         out = []
         for block in self.blocks:
             mod = block.linear(role)
+            if mod is None:  # a cross-attention point in a block without cross-attention (the encoder's)
+                continue
             in_f, out_f = in_out_features(mod)
             width = in_f if side == "in" else out_f
             start, stop = 0, width
@@ -667,6 +686,24 @@ class Anatomy:
         ch = torch.arange(self.intermediate) if channels is None else torch.as_tensor(channels, dtype=torch.long)
         fused = any("gate_up" in b.linears for b in self.blocks)
         return ch.reshape(-1) + (self.intermediate if fused and part == "up" else 0)
+
+    def expert_ffn_rows(self, part: str, channels=None) -> torch.Tensor:
+        """Rows of FFN ``part`` (``gate`` or ``up``) channels in the routed experts' 3-D ``gate_up_proj`` [E, 2I, H]:
+        ``[gate | up]`` along its rows (transformers' ``chunk(2)``), or interleaved per channel where the experts
+        module says ``is_concatenated=False``; all I channels when None."""
+        if part not in ("gate", "up"):
+            raise ValueError(f"expert_ffn_rows: part must be gate or up, not {part!r}")
+        experts = next((b.experts for b in self.blocks if b.experts is not None), None)
+        if experts is None:
+            raise ValueError(f"expert_ffn_rows: model_type {self.model_type!r} has no routed experts")
+        if getattr(experts, "is_transposed", False):  # transformers' flag: [E, H, 2I], rows are not channels
+            raise UnsupportedModelError(f"model_type {self.model_type!r}: its experts store gate_up_proj transposed "
+                                        "([E, H, 2I]); expert channels are not rows there")
+        inter = experts.gate_up_proj.shape[1] // 2
+        ch = torch.arange(inter) if channels is None else torch.as_tensor(channels, dtype=torch.long).reshape(-1)
+        if not getattr(experts, "is_concatenated", True):  # interleaved [gate_0, up_0, gate_1, up_1, ...]
+            return 2 * ch + (1 if part == "up" else 0)
+        return ch + (inter if part == "up" else 0)
 
     def qk_norm_entries(self, heads) -> torch.Tensor:
         """Entries of a whole-projection q/k norm's weight (and output) that belong to ``heads`` (of its own

@@ -373,6 +373,8 @@ def serve(
     admin_token_env: Optional[str] = typer.Option(None, "--admin-token-env", help="name of an environment variable "
                                                   "holding the admin token; turns on POST/DELETE /admin/adapters"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8 | none: load the frozen "
+                                           "base quantized with bitsandbytes (default: as the adapters were trained)"),
     family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
                                            "leantune does not know (docs/models.md), repeatable"),
 ):
@@ -398,10 +400,11 @@ def serve(
                         max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
                         request_timeout_s=request_timeout, max_batch=max_batch)
         _use_family_specs(family_spec)
-        bank, tok = load_bank(model, parse_adapters(adapter), base_dtype)
+        bank, tok = load_bank(model, parse_adapters(adapter), base_dtype, quantize)
+        server_app = create_app(bank, tok, limits, admin_token=token, base_name=model)  # refuses T5-style models
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         _fail(e.args[0] if e.args else str(e))
-    run(create_app(bank, tok, limits, admin_token=token, base_name=model), host=host, port=port)
+    run(server_app, host=host, port=port)
 
 
 @app.command()

@@ -183,9 +183,16 @@ def load_model(name: str, dtype: torch.dtype | str | None = None, device: str | 
             built = entry.build(len(tokenizer))
         model, tokenizer = built if isinstance(built, tuple) else (built, tokenizer)
         model.config.name_or_path = name
+        prequantized = False
     else:
         model, tokenizer = _load_hf(name, dtype)
-    if dtype is not None:
+        from .quant import adopt_prequantized
+
+        # a checkpoint stored quantized (a hub "...-bnb-4bit" model): taken as it is, --quantize must agree with it
+        prequantized = adopt_prequantized(model, quantize)
+    if prequantized:
+        quantize = None  # loaded quantized already; its float parts are in ``dtype`` (from_pretrained's)
+    elif dtype is not None:
         model = model.to(dtype)
     elif model.dtype == torch.float16 and not torch.cuda.is_available():
         # an fp16 checkpoint loads as fp16 (transformers 5): too slow and unstable to train on a CPU

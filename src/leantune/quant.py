@@ -48,6 +48,9 @@ class QuantizeConfig:
     compute_dtype: str = "auto"
     quantize_head: bool = False
     threshold: float = 0.0
+    # the checkpoint came quantized (its config.json's quantization_config, e.g. a hub "...-bnb-4bit" model): leantune
+    # did not convert it, and the fields above describe what the checkpoint holds
+    prequantized: bool = False
 
     def __post_init__(self):
         if self.type not in QUANT_TYPES:
@@ -137,6 +140,99 @@ def _targets(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module
     return out
 
 
+# -- a pre-quantized checkpoint (config.json carries quantization_config) ----------------------------------------
+
+
+_TORCH_TO_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def checkpoint_quantization(model: nn.Module) -> QuantizeConfig | None:
+    """What a checkpoint that transformers loaded quantized holds (its ``quantization_config`` and layers), as a
+    QuantizeConfig with ``prequantized``; None for a plain checkpoint. Only bitsandbytes' formats are known."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = str(getattr(qc.get("quant_method"), "value", qc.get("quant_method")))
+    if method != "bitsandbytes":
+        raise ValueError(f"this checkpoint is quantized with {method!r}; leantune trains on bitsandbytes "
+                         "checkpoints (4-bit NF4/FP4, LLM.int8) only: use the full-precision checkpoint with --quantize")
+    head = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
+    quantize_head = head is not None and not head.is_floating_point()
+    if qc.get("load_in_8bit"):
+        return QuantizeConfig(type="int8", double_quant=False, quantize_head=quantize_head,
+                              threshold=float(qc.get("llm_int8_threshold") or 0.0), prequantized=True)
+    dt = qc.get("bnb_4bit_compute_dtype") or "float32"
+    dt = getattr(torch, str(dt).removeprefix("torch."), torch.float32)
+    return QuantizeConfig(type=str(qc.get("bnb_4bit_quant_type", "fp4")), double_quant=bool(qc.get("bnb_4bit_use_double_quant")),
+                          compute_dtype=_TORCH_TO_NAME.get(dt, "fp32"), quantize_head=quantize_head, prequantized=True)
+
+
+class _Lazy:
+    """A quantized layer's weight as the fingerprint reads it: the shape and dtype of its dequantized (out, in)
+    matrix, dequantized only if the fingerprint samples it."""
+
+    def __init__(self, mod: nn.Module):
+        self.mod = mod
+        w = mod.weight
+        qs = getattr(w, "quant_state", None)
+        self.shape = torch.Size(qs.shape) if qs is not None else w.shape
+        self.dtype = qs.dtype if qs is not None else torch.float32
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def detach(self) -> torch.Tensor:
+        return dequantized_weight(self.mod).to(self.dtype)
+
+
+class _FingerprintView:
+    def __init__(self, model: nn.Module):
+        self.config = getattr(model, "config", None)
+        self.model = model
+
+    def named_parameters(self, remove_duplicate: bool = True):
+        owners = {id(m.weight): m for m in self.model.modules() if is_quantized_layer(m)}
+        for n, p in self.model.named_parameters(remove_duplicate=remove_duplicate):
+            yield n, (_Lazy(owners[id(p)]) if id(p) in owners else p)
+
+
+def adopt_prequantized(model: nn.Module, quantize=None) -> bool:
+    """A checkpoint that came quantized: take it as it is (no second quantization). Records its quantization on
+    the model (``prequantized``) and its fingerprint, taken from its dequantized weights (no full-precision
+    checkpoint exists: an adapter trained on it binds to this checkpoint, and to a model dequantized from it, not to
+    the full-precision model it was once quantized from). ``quantize`` (the user's ``--quantize``, or an adapter's
+    record) must agree with the checkpoint, or it is a clear error. Returns whether the model was pre-quantized."""
+    found = checkpoint_quantization(model)
+    if found is None:
+        return False
+    wanted = quantize if isinstance(quantize, dict) else None
+    cfg = QuantizeConfig.from_any(quantize)
+    if quantize is not None and cfg is None:
+        raise ValueError(f"this checkpoint is stored quantized ({found.type}, its config.json's quantization_config); "
+                         "it cannot be loaded in full precision (--quantize none): use the full-precision checkpoint")
+    if cfg is not None:
+        given = {k: v for k, v in (wanted or {"type": cfg.type}).items() if k != "prequantized"}
+        differ = {k: (v, getattr(found, k)) for k, v in given.items() if getattr(found, k) != v}
+        if differ:
+            raise ValueError(
+                "--quantize disagrees with the checkpoint, which is stored quantized (its config.json's "
+                f"quantization_config): {', '.join(f'{k} {a!r} asked, {b!r} stored' for k, (a, b) in differ.items())}. "
+                "Leave --quantize out (the checkpoint's own is used), or load the full-precision checkpoint")
+    bitsandbytes()
+    for mod in model.modules():
+        if type(mod).__name__ == "Linear4bit":  # as quantize_layer: no in-place repacking for AVX512-BF16 CPUs
+            mod.support_avx512bf16_for_cpu = False
+    fp = fingerprint(_FingerprintView(model))
+    fp["architecture"] = type(model).__name__
+    model.__dict__[UNQUANTIZED_FINGERPRINT] = fp
+    model.__dict__[ATTR] = found
+    return True
+
+
 def quantize_model(model: nn.Module, quantize) -> nn.Module:
     """Quantize ``model``'s frozen linear layers in place (see the module's doc); returns it. Its full-precision
     fingerprint is kept first, so adapters made on it match the unquantized base."""
@@ -145,6 +241,9 @@ def quantize_model(model: nn.Module, quantize) -> nn.Module:
         return model
     if quantization_of(model) is not None:
         raise ValueError("this model is quantized already")
+    if cfg.prequantized:
+        raise ValueError("the adapter was trained on a checkpoint stored quantized (prequantized in its leantune.json "
+                         "base.quantization); this base is not: load that checkpoint as the base")
     if getattr(model, "leantune_method", None) is not None:
         raise ValueError("quantize the base before applying a method (leantune.load_model(..., quantize=...))")
     bitsandbytes()
@@ -233,6 +332,15 @@ def dequantize_model_(model: nn.Module) -> int:
                 mod.weight = nn.Parameter(w.t().contiguous(), requires_grad=False)
             n += 1
     model.__dict__.pop(ATTR, None)
+    hf = getattr(model, "hf_quantizer", None)
+    if hf is not None:  # a checkpoint transformers loaded quantized: its quantization state goes too (a plain model)
+        hf.remove_quantization_config(model)
+        # the load's weight conversions include the quantizer's (packed -> Params4bit), which cannot be reverted at
+        # save: the model's default mapping serves a plain model
+        model.__dict__.pop("_weight_conversions", None)
+    for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False):
+            setattr(model, flag, False)
     return n
 
 
@@ -280,11 +388,21 @@ def _stats_bytes(mod: nn.Module) -> int:
     return total
 
 
+class QuantizedMergeError(ValueError):
+    """A merge into a 4-bit/8-bit layer, refused (:func:`refuse_quantized_merge`)."""
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` is a bitsandbytes quantized layer (``--quantize`` or a pre-quantized
+    checkpoint)."""
+    return any(is_quantized_layer(m) for m in model.modules())
+
+
 def refuse_quantized_merge(mod: nn.Module, method: str) -> None:
     """A merge writes into the base weights; a 4-bit/8-bit one would be silently re-quantized (rounding most of
     the update away), so it is refused. A merged export dequantizes the base first (:func:`dequantize_model_`)."""
     if is_quantized_layer(mod):
-        raise ValueError(
+        raise QuantizedMergeError(
             f"{method}: cannot merge into a quantized layer ({type(mod).__name__}): that would re-quantize the "
             "update silently. Dequantize the base first (leantune.quant.dequantize_model_(model), what "
             "`leantune export --format merged` does) or keep the adapter unmerged"

@@ -155,7 +155,7 @@ def resolve_entries(entries: list[dict], strict: bool = True, lrs: dict[str, flo
     runs, notes, missing = [], [], []
     for entry in entries:
         label, method, impl = entry["label"], entry["method"], entry["impl"]
-        reason = None
+        reason = entry.get("unavailable")  # a suite's quantized row whose method refuses a quantized base
         if impl == "peft":
             try:
                 import peft  # noqa: F401
@@ -223,6 +223,35 @@ def quantized_names(names: list[str], quant: str) -> list[str]:
             supported = False
         if supported:
             out.append(f"{raw}+{quant}")
+    return out
+
+
+def quantized_entries(entries: list[dict], quant: str) -> list[dict]:
+    """``--quantize nf4`` on a suite (measure/suite.py): after each row, its ``LABEL+nf4`` row on the quantized base; a row whose method
+    does not train on a quantized base (or is not leantune's) still comes, with the reason it is not run (a row
+    saying so in the report, as rows whose method this install lacks)."""
+    from ..methods import get_method
+    from ..quant import QUANT_TYPES
+
+    quant = quant.strip().lower()
+    if quant not in QUANT_TYPES:
+        raise ValueError(f"--quantize {quant!r} is not one of {', '.join(QUANT_TYPES)}")
+    out = []
+    for e in entries:
+        out.append(e)
+        q = {**e, "options": dict(e["options"]), "label": f"{e['label']}+{quant}", "quantize": quant}
+        if e["impl"] != "leantune":
+            q["unavailable"] = f"not run on a {quant} base: quantized rows run leantune's methods only"
+        else:
+            try:
+                cls = get_method(e["method"])
+            except KeyError:
+                out.append(q)  # the bench says the method is not registered
+                continue
+            caps = cls(cls.config_cls.from_dict(e["options"], method=e["method"])).capabilities
+            if not caps.quantized_base:
+                q["unavailable"] = f"does not train on a {quant}-quantized base: {caps.quantized_refusal}"
+        out.append(q)
     return out
 
 
@@ -605,7 +634,8 @@ def assemble(cfg: BenchConfig, runs, base, eff, timing, quality, missing: list[d
     }
     if cfg.suite:
         results["suite"] = cfg.suite
-        results["unavailable"] = [{k: m[k] for k in ("label", "method", "impl", "reason")} for m in missing or []]
+        results["unavailable"] = [{k: m[k] for k in ("label", "method", "impl", "reason", "quantize") if m.get(k)}
+                                  for m in missing or []]
     return results
 
 
@@ -716,6 +746,9 @@ def config_from_options(*, quick: bool = False, base: str | None = None, task: s
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else cfg.methods
     if quantize:
         names = quantized_names(names, quantize.strip().lower())
+        if cfg.entries is not None:  # a suite: each row and its quantized row
+            cfg = replace(cfg, entries=quantized_entries(cfg.entries, quantize))
+            names = [e["label"] for e in cfg.entries]
     return replace(cfg, base=base or cfg.base, task=task or cfg.task, methods=names, budget=budget, timing=timing,
                    efficiency_model=parse_efficiency_model(efficiency_model, cfg.efficiency_model),
                    output_dir=output_dir or ("bench-quick" if quick and preset is None else cfg.output_dir), sweep=sweep,

@@ -367,8 +367,8 @@ def survey_section(results: dict, groups: dict, failed: dict | None = None) -> l
         if key != "timing":
             lines.append(f"| {key} | – | failed: see Notes below |" + " – |" * 9)
     for u in results.get("unavailable", []):
-        lines.append(f"| {u['label']} | – | method not available in this build ({u['reason']}) |"
-                     + " – |" * 9)
+        what = f"not run: {u['reason']}" if u.get("quantize") else f"method not available in this build ({u['reason']})"
+        lines.append(f"| {u['label']} | – | {what} |" + " – |" * 9)
     lines += ["", "Rows ordered by accuracy. Trainable / changed: % of the efficiency model's parameters. Backprop "
               "FLOPs: the backward pass of one step on the efficiency model. Inference: seconds per generated token "
               "over the base's, before merging (the method's overhead kind) / after. lr: the bench's tuned LR for "
@@ -405,7 +405,8 @@ def write_suite_summary(name: str, per_task: dict[str, dict], dirs: dict[str, st
     ranking per task and by mean accuracy. Each task's folder holds the bench's own results.json / results.md."""
     rank = ranking(per_task)
     summary = {"suite": name, "tasks": list(per_task), "task_dirs": dirs, "ranking": rank,
-               "unavailable": [{k: u[k] for k in ("label", "method", "impl", "reason")} for u in unavailable]}
+               "unavailable": [{k: u[k] for k in ("label", "method", "impl", "reason", "quantize") if u.get(k)}
+                               for u in unavailable]}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     tasks = list(per_task)
     short = [t.removeprefix("builtin:") for t in tasks]
@@ -421,8 +422,8 @@ def write_suite_summary(name: str, per_task: dict[str, dict], dirs: dict[str, st
         mean_rank = statistics.fmean(rank["rank"][t][lbl] for t in tasks)
         lines.append(f"| {lbl} | " + " | ".join(cells) + f" | {rank['mean_accuracy'][lbl]:.3f} | {mean_rank:.1f} |")
     for u in unavailable:
-        lines.append(f"| {u['label']} | " + " | ".join(["method not available in this build"] + ["–"] * (len(tasks) - 1))
-                     + " | – | – |")
+        what = f"not run: {u['reason']}" if u.get("quantize") else "method not available in this build"
+        lines.append(f"| {u['label']} | " + " | ".join([what] + ["–"] * (len(tasks) - 1)) + " | – | – |")
     lines += ["", "One task's ranking does not carry to another: compare the columns before trusting one."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     return summary

@@ -4,7 +4,10 @@ An adapter is ``W_up·f(W_down·z) + b_up`` (bottleneck width m, non-linearity f
 added to its output before the block's residual add; ``W_up`` and ``b_up`` start at zero, so the model is unchanged
 at step 0. Where it sits, in anatomy placement points (``anatomy.PLACEMENTS``):
 
-  ``houlsby``           z = h, added to h, at ``attn_out`` and ``ffn_out`` (two per block; Houlsby et al. 2019)
+  ``houlsby``           z = h, added to h, at ``attn_out`` and ``ffn_out`` (two per block; Houlsby et al. 2019);
+                        in an encoder-decoder's decoder after the cross-attention too (``cross_attn_out``: after every
+                        sub-layer, three per decoder block; ``cross=false`` leaves it out, as AdapterHub's default
+                        ``cross_adapter=False`` does)
   ``pfeiffer``          z = h, added to h, at ``ffn_out`` (one per block; Pfeiffer et al. 2021)
   ``parallel``          z = the FFN's input (``ffn_in``), added to the FFN's output (``ffn_out``): beside the FFN,
                         times s (He et al. 2022); ``scaled_parallel`` is the same with s = 4
@@ -44,6 +47,7 @@ class AdapterConfig(MethodConfig):
     bottleneck: int = 0  # ... unless given here (> 0)
     non_linearity: str = "relu"  # relu | gelu | silu (= swish) | tanh
     scale: float = 1.0  # s: the adapter's output is multiplied by it
+    cross: bool = True  # an adapter after attention (houlsby, compacter): after the cross-attention too, where any
 
     def validate(self):
         if not self.reduction_factor > 0:
@@ -210,14 +214,19 @@ class BottleneckAdapters(AttachedMethod):
                 child = self.attach(dst.name, dst.module, self._bottleneck(src.size, dst.size), _beside_forward)
                 self.add_handle(dst.name, src.module.register_forward_pre_hook(child.capture))
         else:
-            for point in self.points:
+            for point in self._points(anat):
                 for p in anat.placements(point):
                     self.attach(p.name, p.module, self._bottleneck(p.size, p.size), _after_forward)
 
+    def _points(self, anat: Anatomy) -> list[str]:
+        """The sequential points in this model: ``points`` and, unless ``cross=false``, their cross-attention
+        counterparts where the model has a cross-attention (T5's decoder)."""
+        return list(self.points) + (anat.cross_points(self.points) if self.config.cross else [])
+
     def _check_points(self, anat: Anatomy) -> None:
         self.require_points(anat, self.placement_points())
-        sides = {"ffn_in": "in", "ffn_out": "out", "attn_out": "out"}
-        for point in self.placement_points():
+        sides = {"ffn_in": "in", "ffn_out": "out", "attn_out": "out", "cross_attn_out": "out"}
+        for point in (self.placement_points() if self.beside else self._points(anat)):
             for p in anat.placements(point):
                 if p.side != sides[point] or not p.whole:
                     raise PlacementError(f"{self.name}: placement {point!r} of {anat.model_type!r} is {p.side}put "

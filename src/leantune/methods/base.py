@@ -304,7 +304,8 @@ class Method:
         if quant is not None and not caps.quantized_base:
             raise ConfigError(f"method {self.name!r} cannot train on a {quant.type}-quantized base: "
                               f"{caps.quantized_refusal}. Load the base without --quantize, or use a method that "
-                              "supports it (lora, dora, ia3, the adapters, bitfit, ln_tuning, s2ft, lisa)")
+                              "supports it (lora, dora, krona, ia3, the adapters, bitfit, ln_tuning, s2ft, lisa, "
+                              "the soft prompts)")
 
     def _apply(self, model: nn.Module, anat: Anatomy) -> None:
         raise NotImplementedError
@@ -433,7 +434,8 @@ class Method:
         """The common end of remove()/unload(): the model trainable again and free of this method."""
         model = self._model()
         for p in model.parameters():
-            p.requires_grad_(True)
+            if p.is_floating_point():  # a quantized base's packed weights take no gradient
+                p.requires_grad_(True)
         model.__dict__.pop("leantune_method", None)
         self.model = None
         return model

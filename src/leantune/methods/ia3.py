@@ -2,7 +2,9 @@
 
 ``k ← l_k ⊙ k``, ``v ← l_v ⊙ v``, ``FFN(x) = W_down (l_ff ⊙ f(W_up x))``; every vector starts at 1 (the model is
 unchanged at step 0). The points are anatomy placements: ``keys``/``values`` are output rows of ``k``/``v`` (rows
-of a fused ``qkv`` on GPT-2), ``ffn_act`` the input of ``down``. Merge scales the k/v weight rows and biases and
+of a fused ``qkv`` on GPT-2), ``ffn_act`` the input of ``down``. An encoder-decoder's cross-attention (T5's decoder)
+gets its own ``l_k``/``l_v`` on its keys and values too, as in the paper (T0 is a T5; PEFT's T5 default ``k, v, wo``
+does the same); ``cross=false`` leaves it out. Merge scales the k/v weight rows and biases and
 the down projection's input columns; unmerge divides them back (the base returns within float rounding). The
 vectors are float32 whatever the base dtype.
 """
@@ -25,6 +27,7 @@ from .terms import InScale, OutScale
 @dataclass
 class IA3Config(MethodConfig):
     points: str = "keys,values,ffn_act"  # any of keys, values, ffn_act
+    cross: bool = True  # keys/values: the cross-attention's too, where the model has one (an encoder-decoder)
 
     def validate(self):
         pts = self.point_list
@@ -36,7 +39,8 @@ class IA3Config(MethodConfig):
         return [p.strip() for p in self.points.split(",") if p.strip()]
 
 
-_NAMES = {"keys": "l_k", "values": "l_v", "ffn_act": "l_ff"}  # the paper's names for the vectors
+# the paper's names for the vectors (a cross-attention's live on its own k/v layers)
+_NAMES = {"keys": "l_k", "values": "l_v", "ffn_act": "l_ff", "cross_keys": "l_k", "cross_values": "l_v"}
 
 
 class IA3Scales(nn.Module):
@@ -115,7 +119,8 @@ class IA3(AttachedMethod):
     def _apply(self, model, anat):
         self._start()
         self.require_points(anat, self.config.point_list)
-        for point in self.config.point_list:
+        cross = anat.cross_points(self.config.point_list) if self.config.cross else []
+        for point in self.config.point_list + cross:
             for p in anat.placements(point):
                 if p.name not in self.layers:
                     self.attach(p.name, p.module, IA3Scales(), _ia3_forward)

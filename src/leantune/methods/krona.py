@@ -21,6 +21,7 @@ from torch import nn
 
 from ..anatomy import in_out_features, is_conv1d, resolve_roles
 from ..precision import trainable_dtype
+from ..quant import refuse_quantized_merge
 from .attached import AttachedMethod, term_context
 from .base import Capabilities, ConfigError, MethodConfig, register
 
@@ -87,7 +88,8 @@ class Krona(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn")
+        # on a quantized base: the term beside the layer's own (quantized) product, as QLoRA; merge refused
+        return Capabilities(mergeable=True, restores_base=False, inference_overhead="extra_ffn", quantized_base=True)
 
     def _apply(self, model, anat):
         self._start()
@@ -103,6 +105,8 @@ class Krona(AttachedMethod):
 
     @torch.no_grad()
     def _add(self, sign: float) -> None:
+        for _name, layer, _k in self.children():
+            refuse_quantized_merge(layer, "krona")
         for _name, layer, k in self.children():
             delta = k.delta_weight() * sign
             w = layer.weight

@@ -16,6 +16,7 @@ mergeable where PEFT's layers of that type implement ``merge``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -147,6 +148,26 @@ def _layer_package(peft_type: str) -> str:
     return tuner.__module__.rsplit(".", 1)[0]
 
 
+@functools.lru_cache(maxsize=1)
+def peft_bnb_types() -> tuple[str, ...]:
+    """The PEFT types whose tuner ships bitsandbytes layers (``peft/tuners/<type>/bnb.py``): the ones PEFT itself
+    injects into 4-bit / 8-bit layers, so the bridge trains them on a quantized base. Empty without PEFT."""
+    import importlib.util
+
+    try:
+        tuners = _peft().mapping.PEFT_TYPE_TO_TUNER_MAPPING
+    except ConfigError:
+        return ()
+    out = []
+    for key in tuners:
+        try:
+            if importlib.util.find_spec(_layer_package(key) + ".bnb") is not None:
+                out.append(str(getattr(key, "value", key)))
+        except (ImportError, KeyError, ValueError):
+            continue
+    return tuple(sorted(out))
+
+
 def peft_type_merges(peft_type: str) -> bool:
     """Whether PEFT's layers of this type fold into the base weight: every layer class of the type's tuner
     overrides ``BaseTunerLayer.merge`` (the base raises NotImplementedError)."""
@@ -191,9 +212,13 @@ class PeftBridge(Method):
         except (ImportError, ConfigError):
             mergeable = False
         overhead = "none" if self.config.peft_type == "LN_TUNING" else "extra_ffn"
+        bnb = peft_bnb_types()
         return Capabilities(mergeable=mergeable, inference_overhead=overhead, fsdp=False,
                             fsdp_refusal="the PEFT bridge's injected layers are not tested under FSDP in leantune; "
-                                         "train it in one process or with DDP")
+                                         "train it in one process or with DDP",
+                            quantized_base=self.config.peft_type in bnb,
+                            quantized_refusal=f"PEFT has no bitsandbytes layer for {self.config.peft_type} (its own "
+                                              f"4-bit/8-bit dispatch covers {', '.join(bnb) or 'no type here'})")
 
     # -- apply ----------------------------------------------------------------------------------------------
     def _targets(self, anat) -> list[str] | str:
@@ -222,11 +247,21 @@ class PeftBridge(Method):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         targets = self._targets(anat)
+        # a base quantized by leantune: the flags transformers sets on a model it loads quantized, for the call, so
+        # PEFT injects its own bitsandbytes layers (which know the weight is packed)
+        kinds = {type(m).__name__ for m in model.modules()}
+        flags = [f for f, cls in (("is_loaded_in_4bit", "Linear4bit"), ("is_loaded_in_8bit", "Linear8bitLt"))
+                 if cls in kinds and not getattr(model, f, False)]
+        for f in flags:
+            model.__dict__[f] = True
         try:
             self.peft_model = get_peft_model(model, self.config.peft_config(targets, self._module_fields(anat)))
         except ValueError as e:  # PEFT: "Target modules ... not found in the base model", unsupported layer types
             raise ConfigError(f"method 'peft': PEFT could not inject {self.config.peft_type} into this model: {e}") \
                 from None
+        finally:
+            for f in flags:
+                model.__dict__.pop(f, None)
         self.layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
         if not self.layers:
             raise ConfigError(f"method 'peft': PEFT adapted no layer for target_modules {targets!r}")
@@ -283,6 +318,10 @@ class PeftBridge(Method):
 
     # -- merge ----------------------------------------------------------------------------------------------
     def merge(self) -> None:
+        from ..quant import refuse_quantized_merge
+
+        for name, m in self.layers.items():  # PEFT's bnb merge re-quantizes the update: refused, as leantune's own
+            refuse_quantized_merge(m.get_base_layer(), f"peft ({name})")
         super().merge()
         for m in self.layers.values():
             m.merge()

@@ -235,8 +235,9 @@ class _SoftPrompt(AttachedMethod):
 
     @property
     def capabilities(self) -> Capabilities:
+        # virtual tokens / key-value prefixes touch no weight: a quantized base's layers just compute as they are
         return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
-                            identity_at_init=False)
+                            identity_at_init=False, quantized_base=True)
 
     def merge(self) -> None:
         raise NotImplementedError(f"method {self.name!r} adds inputs to attention (virtual tokens or key/value "
@@ -261,7 +262,7 @@ class PrefixTuning(_SoftPrompt):
     def capabilities(self) -> Capabilities:
         shared = self.config.reparam_hidden > 0
         return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
-                            identity_at_init=False, fsdp=not shared,
+                            identity_at_init=False, fsdp=not shared, quantized_base=True,
                             fsdp_refusal="the reparametrization MLP is shared by every block's prefix, and FSDP shards "
                                          "each block as its own unit; train prefix_flat, or without FSDP" if shared else "")
 

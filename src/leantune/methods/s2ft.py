@@ -19,7 +19,11 @@ The adapter state is, per module, ``<name>.in_indices`` + ``<name>.in_delta`` (i
 Mixture of experts: ``down`` also selects channels per routed expert in the 3-D ``experts.down_proj`` [E, H, I]:
 expert e trains a dense block D_e (H, k) on its own k channels idx_e, ``W_e[:, idx_e] += D_e`` (a parametrization of
 the experts module, computed once per forward); the state holds ``<experts>.down_proj.expert_indices`` [E, k] and
-``.expert_delta`` [E, H, k]. Selection: random or weight norms (per expert); no LoRA/PEFT form, no fuse yet.
+``.expert_delta`` [E, H, k]; ``up`` likewise trains k output rows of the up half of each expert's fused
+``experts.gate_up_proj`` [E, 2I, H] (rows from the anatomy's ``expert_ffn_rows``; block [E, k, H]). Selection: random,
+weight norms, gradient norms or activation norms (per expert: act(gate)·up and the gate_up output over the tokens
+routed to it, recomputed from the experts module's ``act_fn`` in a hook); ``exclude=`` and ``fuse`` work per expert
+(``_fuse_experts``); no LoRA/PEFT form.
 """
 
 from __future__ import annotations
@@ -183,40 +187,54 @@ class S2FTSlice(nn.Module):
 
 
 class ExpertChannels(nn.Module):
-    """Per routed expert e, k channels ``indices[e]`` of a 3-D ``down_proj`` [E, H, I] (its input columns) and a
-    dense block ``delta[e]`` (H, k), zero at init; a child ``s2ft_down_proj`` of the experts module."""
+    """Per routed expert e, k channels of one 3-D expert weight and a dense block ``delta[e]``, zero at init; a child
+    ``s2ft_<param>`` of the experts module. ``down_proj`` [E, H, I]: input columns ``indices[e]`` (``dim`` 2), block
+    (H, k); ``gate_up_proj`` [E, 2I, H]: output rows ``indices[e]`` of its up half (``dim`` 1), block (k, H).
+    ``unit_index[c]`` is channel c's index on the sliced axis (the anatomy's: ``expert_ffn_rows``)."""
 
-    def __init__(self, weight: torch.Tensor, count: int):
+    def __init__(self, weight: torch.Tensor, count: int, dim: int, unit_index: torch.Tensor):
         super().__init__()
-        e, h, _i = weight.shape
-        self.delta = nn.Parameter(torch.zeros(e, h, count, dtype=trainable_dtype(weight), device=weight.device))
+        e, rows, cols = weight.shape
+        shape = (e, rows, count) if dim == 2 else (e, count, cols)
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=trainable_dtype(weight), device=weight.device))
         self.register_buffer("indices", torch.zeros(e, count, dtype=torch.long, device=weight.device),
                              persistent=False)
         self.register_buffer("saved", None, persistent=False)
-        self.n_units = weight.shape[2]
+        self.register_buffer("unit_index", unit_index.to(dtype=torch.long, device=weight.device), persistent=False)
+        self.dim, self.n_units = dim, len(unit_index)
         self.selected = self.merged = False
         self.active = True
 
     def spread(self, like: torch.Tensor) -> torch.Tensor:
-        """The indices expanded over the H rows, for scatter/gather on the [E, H, I] weight."""
-        return self.indices[:, None, :].expand(-1, like.shape[1], -1)
+        """The indices expanded over the other axis, for scatter/gather on the 3-D weight."""
+        if self.dim == 2:
+            return self.indices[:, None, :].expand(-1, like.shape[1], -1)
+        return self.indices[:, :, None].expand(-1, -1, like.shape[2])
+
+    def coord_sq(self, w3d: torch.Tensor) -> torch.Tensor:
+        """[E, sliced axis]: each expert's squared L2 norm of every index's slice of ``w3d`` (a weight, a gradient)."""
+        return w3d.detach().float().pow(2).sum(3 - self.dim)  # over the axis that is not sliced
+
+    def unit_norms(self, coord_sq: torch.Tensor) -> torch.Tensor:
+        """[E, channels]: per expert, each channel's L2 norm from squared norms along the sliced axis."""
+        return coord_sq[:, self.unit_index.to(coord_sq.device)].sqrt()
 
     @torch.no_grad()
     def merge_into(self, w: torch.Tensor) -> None:
         idx = self.spread(w)
-        self.saved = w.gather(2, idx)  # the original values, for a bitwise unmerge
-        w.scatter_add_(2, idx, self.delta.to(w.dtype))
+        self.saved = w.gather(self.dim, idx)  # the original values, for a bitwise unmerge
+        w.scatter_add_(self.dim, idx, self.delta.to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def restore(self, w: torch.Tensor) -> None:
-        w.scatter_(2, self.spread(w), self.saved)
+        w.scatter_(self.dim, self.spread(w), self.saved)
         self.saved, self.merged = None, False
 
 
 class _ExpertChannelsDelta(nn.Module):
     """The parametrization: W -> W with each expert's block added on its channels (its gradient is the full-weight
-    gradient's selected columns; the channels are held by reference, so their delta stays under the experts module)."""
+    gradient's selected slices; the channels are held by reference, so their delta stays under the experts module)."""
 
     def __init__(self, channels: ExpertChannels):
         super().__init__()
@@ -226,7 +244,7 @@ class _ExpertChannelsDelta(nn.Module):
         c = self.__dict__["channels"]
         if not c.active or c.merged:
             return w
-        return w.scatter_add(2, c.spread(w), c.delta.to(w.dtype))
+        return w.scatter_add(c.dim, c.spread(w), c.delta.to(w.dtype))
 
 
 def _s2ft_term(module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -291,7 +309,7 @@ class S2FT(AttachedMethod):
     def _apply(self, model, anat):
         cfg = self.config
         self._start()
-        self.experts: dict[str, nn.Module] = {}  # "<experts module>.down_proj" -> the experts module
+        self.experts: dict[str, nn.Module] = {}  # "<experts module>.<down_proj | gate_up_proj>" -> the module
         self._expert_hooks = []
         per_block = self._targets(anat)
         lora_params = self._lora_params(anat)
@@ -303,7 +321,7 @@ class S2FT(AttachedMethod):
                     continue
                 mod = t["module"]
                 if t.get("experts"):
-                    self._attach_experts(t["name"], mod, counts[t["name"]])
+                    self._attach_experts(t["name"], mod, counts[t["name"]], t["unit_index"])
                     continue
                 self.attach(t["name"], mod, S2FTSlice(t["side"], counts[t["name"]], t["unit_index"], weight_2d(mod)),
                             _s2ft_forward)
@@ -318,24 +336,28 @@ class S2FT(AttachedMethod):
         elif self.calibration is not None:
             self.calibrate(self.calibration)
 
-    def _attach_experts(self, name: str, mod: nn.Module, count: int) -> None:
+    def _attach_experts(self, name: str, mod: nn.Module, count: int, unit_index: torch.Tensor) -> None:
         from torch.nn.utils import parametrize
 
-        channels = ExpertChannels(mod.down_proj, count)
-        mod.add_module("s2ft_down_proj", channels)
-        parametrize.register_parametrization(mod, "down_proj", _ExpertChannelsDelta(channels), unsafe=True)
-        self._expert_hooks.append(fused.override_forward(mod, _experts_forward))
+        attr = name.rsplit(".", 1)[1]  # down_proj: input columns; gate_up_proj: output rows of its up half
+        channels = ExpertChannels(getattr(mod, attr), count, 2 if attr == "down_proj" else 1, unit_index)
+        mod.add_module(f"s2ft_{attr}", channels)
+        if not hasattr(mod, "parametrizations"):  # the forward that computes the parametrized weights once per call
+            self._expert_hooks.append(fused.override_forward(mod, _experts_forward))
+        parametrize.register_parametrization(mod, attr, _ExpertChannelsDelta(channels), unsafe=True)
         self.experts[name] = mod
 
     def _expert_channels(self):
-        """(name, experts module, ExpertChannels, the stored [E, H, I] weight) per adapted experts module."""
+        """(name, experts module, ExpertChannels, the stored 3-D weight) per adapted expert parameter."""
         for name, mod in getattr(self, "experts", {}).items():
-            yield name, mod, mod.s2ft_down_proj, mod.parametrizations.down_proj.original
+            attr = name.rsplit(".", 1)[1]
+            yield name, mod, getattr(mod, f"s2ft_{attr}"), getattr(mod.parametrizations, attr).original
 
     def trainable_parameters(self):
         yield from self._named_child_parameters()
         for name, _mod, c, _w in self._expert_channels():
-            yield f"{name.rsplit('.', 1)[0]}.s2ft_down_proj.delta", c.delta
+            module, attr = name.rsplit(".", 1)
+            yield f"{module}.s2ft_{attr}.delta", c.delta
 
     def unload(self) -> nn.Module:
         """Take the expert channels off too (the weights as they are: merged values after merge_and_unload)."""
@@ -344,9 +366,10 @@ class S2FT(AttachedMethod):
         self._model()
         for h in getattr(self, "_expert_hooks", []):
             h.remove()
-        for _name, mod, _c, _w in list(self._expert_channels()):
-            parametrize.remove_parametrizations(mod, "down_proj", leave_parametrized=False)
-            delattr(mod, "s2ft_down_proj")
+        for name, mod, _c, _w in list(self._expert_channels()):
+            attr = name.rsplit(".", 1)[1]
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+            delattr(mod, f"s2ft_{attr}")
         self.experts, self._expert_hooks = {}, []
         return super().unload()
 
@@ -354,14 +377,11 @@ class S2FT(AttachedMethod):
         if not anat.n_experts or "down" not in self.config.roles and "up" not in self.config.roles:
             return
         where = f"s2ft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts held as 3-D parameters"
-        if "up" in self.config.roles:
-            raise ConfigError(f"{where}; S²FT selects channels per expert in down only, not in the fused gate_up "
-                              "projection yet: use targets=o,down (or o,v,down)")
-        if self.config.selection in DATA_SELECTIONS:
-            raise ConfigError(f"{where}; per-expert channels are selected at random or by weight norm, not by "
-                              f"selection={self.config.selection!r} yet: use selection=random or weight")
-        if self.exclude is not None:
-            raise ConfigError(f"{where}; exclude= (disjoint selections for fusion) is not done for expert channels yet")
+        experts = next(b.experts for b in anat.blocks if b.experts is not None)
+        if self.config.selection == "activation" and not callable(getattr(experts, "act_fn", None)):
+            raise ConfigError(f"{where}, whose experts module ({type(experts).__name__}) has no act_fn to compute "
+                              "their activations from; per-expert channels are selected by activation norm only "
+                              "where it has one: use selection=random, weight or gradient")
 
     def _targets(self, anat: Anatomy) -> dict[int, list[dict]]:
         """Per block, the target layers with their slicing geometry: the anatomy says where each unit's indices are
@@ -380,8 +400,9 @@ class S2FT(AttachedMethod):
                     if int(unit_index.max()) >= out_f:
                         raise ValueError(f"s2ft: {name} has {out_f} outputs, too few for {anat.n_kv_heads} KV heads of "
                                          f"{hd} in the {anat.qkv_layout!r} layout (q/k/v layout not understood)")
-                elif role == "up":
-                    unit_index = anat.ffn_rows("up")[:, None]
+                elif role == "up":  # the module's own channels (a shared expert's FFN is not the experts' size)
+                    unit_index = anat.ffn_rows("up", torch.arange(out_f // 2 if _real_role == "gate_up" else out_f))
+                    unit_index = unit_index[:, None]
                 else:
                     unit_index = torch.arange(in_f)[:, None]
                 side = _SIDE[role]
@@ -389,12 +410,17 @@ class S2FT(AttachedMethod):
                 cost = unit * (out_f if side == "in" else in_f)  # parameters per selected unit
                 out[i].append({"name": name, "role": role, "module": mod, "side": side, "unit_index": unit_index,
                                "n_units": n_units, "cost": cost, "kind": _KIND[role]})
-        for b in anat.blocks if "down" in self.config.roles else ():
-            if b.experts is not None:  # one channel in each expert costs E x H parameters
-                e, h, i = b.experts.down_proj.shape
-                out[b.index].append({"name": f"{anat.name_of(b.experts)}.down_proj", "role": "down",
-                                     "module": b.experts, "side": "in", "unit_index": torch.arange(i)[:, None],
-                                     "n_units": i, "cost": e * h, "kind": "channel", "experts": True})
+        for role in [r for r in self.config.roles if r in ("down", "up")]:
+            for b in anat.blocks:
+                if b.experts is None:
+                    continue
+                # one channel in each expert costs E x H parameters: a column of down_proj, a row of gate_up_proj's up
+                attr = "down_proj" if role == "down" else "gate_up_proj"
+                e, h = b.experts.down_proj.shape[:2]
+                unit_index = torch.arange(b.experts.down_proj.shape[2]) if role == "down" else anat.expert_ffn_rows("up")
+                out[b.index].append({"name": f"{anat.name_of(b.experts)}.{attr}", "role": role, "module": b.experts,
+                                     "side": _SIDE[role], "unit_index": unit_index, "n_units": len(unit_index),
+                                     "cost": e * h, "kind": "channel", "experts": True})
         return out
 
     def _lora_params(self, anat: Anatomy) -> dict[int, int]:
@@ -446,15 +472,28 @@ class S2FT(AttachedMethod):
         """Pick each layer's units: random (seeded) when ``scores`` is None, else by score in ``order``."""
         self._select_layers(scores)
         gen = torch.Generator().manual_seed(self.config.seed + 1)
-        for _name, _mod, c, w in self._expert_channels():  # per expert: its own channels
-            count = c.delta.shape[2]
+        excluded = _expert_state_indices(_as_state(self.exclude)) if self.exclude is not None else {}
+        for name, _mod, c, w in self._expert_channels():  # per expert: its own channels
+            count = c.indices.shape[1]
             if scores is None:
-                score = torch.rand(w.shape[0], c.n_units, generator=gen)
-            else:  # weight: the norm of each expert's input column
-                score = w.detach().float().pow(2).sum(1).sqrt().double().cpu()
+                score = torch.rand(w.shape[0], c.n_units, generator=gen).double()
+            else:  # [E, channels]: each expert's norms (of the weight, or of its gradient from calibration)
+                score = (scores[name] if name in scores else c.unit_norms(c.coord_sq(w))).double().cpu()
                 score = -score if self.config.order == "largest" else score
-            order = torch.argsort(score, dim=1, stable=True)[:, :count]
-            c.indices = torch.sort(order, dim=1).values.to(c.delta.device)
+            if name in excluded:  # the other adapter's channels of each expert come last, and must not be needed
+                ex = excluded[name]
+                if ex.shape[0] != w.shape[0] or not bool(torch.isin(ex, c.unit_index.cpu()).all()):
+                    raise ValueError(f"s2ft: exclude= holds {tuple(ex.shape)} expert indices for {name}, which do not "
+                                     f"fit its {w.shape[0]} experts; exclude an adapter of this base model")
+                blocked = torch.zeros(score.shape, dtype=torch.bool)
+                blocked.scatter_(1, torch.searchsorted(c.unit_index.cpu(), ex), True)
+                free = int((~blocked).sum(1).min())
+                if free < count:
+                    raise ValueError(f"s2ft: {name} needs {count} channels per expert but only {free} are outside the "
+                                     "excluded adapter in some expert; lower the budget or exclude less")
+                score = score.masked_fill(blocked, math.inf)
+            units = torch.sort(torch.argsort(score, dim=1, stable=True)[:, :count], dim=1).values
+            c.indices = c.unit_index[units.to(c.unit_index.device)]
             c.selected = True
 
     def _select_layers(self, scores: dict[str, torch.Tensor] | None) -> None:
@@ -488,7 +527,8 @@ class S2FT(AttachedMethod):
         if cfg.selection not in DATA_SELECTIONS:
             raise ConfigError(f"s2ft: selection={cfg.selection!r} uses no calibration data; "
                               f"calibrate() is for {' or '.join(DATA_SELECTIONS)}")
-        if any(bool(m.s2ft.delta.detach().ne(0).any()) for m in self.layers.values()):
+        deltas = [m.s2ft.delta for m in self.layers.values()] + [c.delta for _n, _m, c, _w in self._expert_channels()]
+        if any(bool(d.detach().ne(0).any()) for d in deltas):
             raise RuntimeError("s2ft: calibrate() re-selects indices and must run before training (deltas are not zero)")
         if self.merged:
             raise RuntimeError("s2ft: unmerge() before calibrate()")
@@ -500,13 +540,14 @@ class S2FT(AttachedMethod):
         batches = [{k: v.to(device) for k, v in b.items() if torch.is_tensor(v)} for b in batches]
         was_training = model.training
         model.eval()
-        for m in self.layers.values():
-            m.s2ft.active = False  # calibrate the base alone
+        parts = [m.s2ft for m in self.layers.values()] + [c for _n, _m, c, _w in self._expert_channels()]
+        for part in parts:
+            part.active = False  # calibrate the base alone
         try:
             scores = self._activation_scores(batches) if cfg.selection == "activation" else self._gradient_scores(batches)
         finally:
-            for m in self.layers.values():
-                m.s2ft.active = True
+            for part in parts:
+                part.active = True
             model.train(was_training)
         self._select(scores)
         return self
@@ -527,7 +568,31 @@ class S2FT(AttachedMethod):
             sq = t.float().pow(2).reshape(-1, t.shape[-1]).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
 
-        handles = []
+        def record_experts(mod, args, kwargs, _out):
+            """Per routed expert, the squared norms of its FFN's intermediate activation act(gate)·up (down's input
+            columns) and of its gate_up output (up's rows), over the real tokens routed to it."""
+            x = args[0] if args else kwargs["hidden_states"]
+            routes = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            mask = current["masks"]["input"]
+            real = mask.reshape(-1).bool() if mask is not None and mask.numel() == x.shape[0] else None
+            gate_up = mod.gate_up_proj  # the base's weights: the channels are inactive during calibration
+            for name, c in expert_parts[id(mod)]:
+                sq = sums.setdefault(name, torch.zeros(c.indices.shape[0], gate_up.shape[1] // (2 if c.dim == 2 else 1),
+                                                       device=x.device))
+                for e in range(gate_up.shape[0]):
+                    hit = (routes == e).any(-1) if real is None else (routes == e).any(-1) & real
+                    h = F.linear(x[hit], gate_up[e]).float()
+                    if c.dim == 2:  # down's inputs, from the [gate | up] halves where the anatomy puts them
+                        h = mod.act_fn(h[:, rows["gate"]]) * h[:, rows["up"]]
+                    sq[e] += h.pow(2).sum(0)
+
+        rows = {p: anat.expert_ffn_rows(p) for p in ("gate", "up")} if anat.n_experts else {}
+        expert_parts: dict[int, list] = {}  # experts module -> its adapted parameters' (name, channels)
+        expert_mods = {}
+        for name, mod, c, _w in self._expert_channels():
+            expert_parts.setdefault(id(mod), []).append((name, c))
+            expert_mods[id(mod)] = mod
+        handles = [mod.register_forward_hook(record_experts, with_kwargs=True) for mod in expert_mods.values()]
         for name, mod in self.layers.items():
             if mod.s2ft.side == "in":
                 handles.append(mod.register_forward_pre_hook(lambda m, a, name=name: record(name, a[0])))
@@ -540,10 +605,14 @@ class S2FT(AttachedMethod):
         finally:
             for h in handles:
                 h.remove()
-        return {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
+        scores = {n: self._unit_norms(m.s2ft, sums[n]) for n, m in self.layers.items()}
+        scores.update({n: c.unit_norms(sums[n]) for n, _m, c, _w in self._expert_channels()})
+        return scores
 
     def _gradient_scores(self, batches) -> dict[str, torch.Tensor]:
+        """Per layer the norm of each unit's slice of the full weight gradient (per expert: [E, channels])."""
         weights = {n: m.weight for n, m in self.layers.items()}
+        weights.update({n: w for n, _m, _c, w in self._expert_channels()})  # through the parametrization
         for w in weights.values():
             w.grad = None
             w.requires_grad_(True)  # calibration only: the full gradient of the target layers, once
@@ -557,6 +626,8 @@ class S2FT(AttachedMethod):
             for n, m in self.layers.items():
                 g = m.weight.grad.t() if is_conv1d(m) else m.weight.grad
                 scores[n] = self._unit_norms(m.s2ft, _coord_sq(g, m.s2ft.side))
+            for n, _m, c, w in self._expert_channels():
+                scores[n] = c.unit_norms(c.coord_sq(w.grad))
         finally:
             for w in weights.values():
                 w.grad = None
@@ -575,7 +646,8 @@ class S2FT(AttachedMethod):
         """Per layer, the selected heads / channels (unit numbers, not indices)."""
         out = {n: _unit_of(m.s2ft, weight_2d(m).shape[m.s2ft.dim])[m.s2ft.indices[:: m.s2ft.unit].cpu()].tolist()
                for n, m in self.layers.items()}
-        out.update({n: c.indices.tolist() for n, _m, c, _w in self._expert_channels()})  # per expert
+        out.update({n: torch.searchsorted(c.unit_index, c.indices).tolist()  # per expert: channel numbers
+                    for n, _m, c, _w in self._expert_channels()})
         return out
 
     # -- state -------------------------------------------------------------------------------------------------
@@ -608,13 +680,15 @@ class S2FT(AttachedMethod):
             idx, delta = state[f"{name}.{s.side}_indices"], state[f"{name}.{s.side}_delta"]
             checked[name] = (_check_slice(name, s, weight_2d(mod).shape, idx, delta), delta)
         experts = {}
-        for name, _mod, _c, w in self._expert_channels():
+        for name, _mod, c, w in self._expert_channels():
             idx, delta = state[f"{name}.expert_indices"], state[f"{name}.expert_delta"]
-            e, h, i = w.shape
-            if (idx.dim() != 2 or idx.shape[0] != e or tuple(delta.shape) != (e, h, idx.shape[1])
-                    or idx.dtype.is_floating_point or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= i))):
+            e, k = w.shape[0], idx.shape[-1]
+            want = (e, w.shape[1], k) if c.dim == 2 else (e, k, w.shape[2])
+            if (idx.dim() != 2 or idx.shape[0] != e or tuple(delta.shape) != want or idx.dtype.is_floating_point
+                    or not bool(torch.isin(idx.cpu(), c.unit_index.cpu()).all())):
                 raise ValueError(f"s2ft: {name}: expert channels {tuple(idx.shape)} / block {tuple(delta.shape)} do "
-                                 f"not fit {e} experts of {i} channels and {h} outputs; made for another base model?")
+                                 f"not fit {e} experts of {c.n_units} channels (block {want}); made for another "
+                                 "base model?")
             experts[name] = (idx.to(torch.long), delta)
         was_merged = self.merged
         if was_merged:
@@ -714,7 +788,8 @@ class _SelectionGuard:
 
     def on_train_begin(self, ctx):
         method = ctx.method
-        if all(m.s2ft.selected for m in method.layers.values()):
+        if all(m.s2ft.selected for m in method.layers.values()) and all(
+                c.selected for _n, _m, c, _w in method._expert_channels()):
             return
         if getattr(ctx, "_batches", None) is None:
             raise RuntimeError(f"s2ft: selection={method.config.selection!r} needs calibration data: call "
@@ -792,9 +867,41 @@ def _state_indices(state: dict[str, torch.Tensor]) -> dict[tuple[str, str], torc
         for side in ("in", "out"):
             if key.endswith(f".{side}_indices"):
                 out[(key[: -len(f".{side}_indices")], side)] = v.long().flatten().cpu()
-    if not out:
+    if not out and not _expert_state_indices(state):
         raise ValueError("s2ft: this state has no '<module>.in_indices' / '<module>.out_indices' tensors")
     return out
+
+
+def _expert_state_indices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"<experts>.<parameter>": [E, k] indices}`` of an s2ft state's per-expert channels."""
+    return {k[: -len(".expert_indices")]: v.long().cpu() for k, v in state.items() if k.endswith(".expert_indices")}
+
+
+def _fuse_experts(name: str, idxs: list[torch.Tensor], deltas: list[torch.Tensor], weights: list[float]):
+    """Per expert, the union of the adapters' channels and ``sum w_i D_i`` on it, as one [E, k] / block pair; k is
+    the largest union, and an expert whose union is smaller is padded with channels other experts use (valid indices
+    of this parameter) carrying a zero block. Returns (indices, delta, shared indices summed over experts)."""
+    dim = 2 if name.endswith("down_proj") else 1  # down_proj [E, H, k]: columns; gate_up_proj [E, k, H]: rows
+    n_exp = idxs[0].shape[0]
+    if any(i.shape[0] != n_exp for i in idxs):
+        raise ValueError(f"s2ft.fuse: {name}: the adapters hold different expert counts")
+    unions = [torch.unique(torch.cat([i[e] for i in idxs])) for e in range(n_exp)]
+    shared = sum(sum(i.shape[1] for i in idxs) - len(u) for u in unions)
+    k = max(len(u) for u in unions)
+    every = torch.unique(torch.cat(unions))
+    for e, u in enumerate(unions):
+        if len(u) < k:
+            spare = every[~torch.isin(every, u)][: k - len(u)]
+            unions[e] = torch.sort(torch.cat([u, spare])).values
+    fused_idx = torch.stack(unions)
+    shape = list(deltas[0].shape)
+    shape[dim] = k
+    fused = torch.zeros(shape, dtype=deltas[0].dtype)
+    for idx, d, w in zip(idxs, deltas, weights, strict=True):
+        d = d.detach().cpu().to(fused.dtype)
+        for e in range(n_exp):
+            fused[e].index_add_(dim - 1, torch.searchsorted(fused_idx[e], idx[e]), d[e], alpha=w)
+    return fused_idx, fused, shared
 
 
 def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
@@ -804,8 +911,6 @@ def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
     states = [_as_state(a) for a in adapters]
     if not states:
         raise ValueError("s2ft.fuse: no adapters given")
-    if any(k.endswith(".expert_delta") for st in states for k in st):
-        raise ValueError("s2ft.fuse: these adapters hold per-expert channels (MoE), which fuse does not sum yet")
     weights = [1.0] * len(states) if weights is None else [float(w) for w in weights]
     if len(weights) != len(states):
         raise ValueError(f"s2ft.fuse: {len(states)} adapters but {len(weights)} weights")
@@ -827,9 +932,20 @@ def fuse(adapters, weights=None) -> dict[str, torch.Tensor]:
             fused.index_add_(dim, torch.searchsorted(union, idx), d.detach().cpu().to(fused.dtype), alpha=w)
         out[f"{name}.{side}_indices"] = union
         out[f"{name}.{side}_delta"] = fused
+    experts = [_expert_state_indices(s) for s in states]
+    if any(set(ex) != set(experts[0]) for ex in experts):
+        raise ValueError("s2ft.fuse: the adapters adapt different expert parameters; fuse adapters made with the same "
+                         "targets")
+    for name in sorted(experts[0]):
+        fused_idx, fused_delta, shared = _fuse_experts(name, [ex[name] for ex in experts],
+                                                       [s[f"{name}.expert_delta"] for s in states], weights)
+        if shared:
+            overlaps.append((name, shared))
+        out[f"{name}.expert_indices"], out[f"{name}.expert_delta"] = fused_idx, fused_delta
     if overlaps:
         name, n = overlaps[0]
-        warnings.warn(f"s2ft.fuse: index sets overlap in {len(overlaps)} of {len(layers[0])} layers (e.g. {name}: "
+        warnings.warn(f"s2ft.fuse: index sets overlap in {len(overlaps)} of {len(layers[0]) + len(experts[0])} "
+                      f"layers (e.g. {name}: "
                       f"{n} shared indices); their deltas add up there. Disjoint selections fuse best: train the "
                       "next adapter with S2FT(config, exclude=<first adapter>)", stacklevel=2)
     return out

@@ -17,6 +17,13 @@ group. ``switch(name)`` folds one adapter into the weights (the fast path when a
 keeps the original values of what it changed, so switching back gives the base bitwise: S²FT's k columns
 (``index_add_``, cost independent of the layer's width), whole weights for LoRA and the scales. ``fuse`` makes a
 weighted sum of adapters as a new one.
+
+On a quantized base (bitsandbytes 4-bit / LLM.int8 layers, ``leantune.quant``) nothing is ever merged into a
+quantized weight (that would re-quantize the update): a mixed-batch adapter is served through its terms on top of
+the quantized layer's output also when it has the whole batch (no switch fast path), and a switch-only adapter whose
+merge would write into a quantized layer (DoRA, KronA) is served *attached*: its method applied unmerged to the base
+while its group runs and removed after (checked at ``add`` to give the base back bitwise; else refused with the
+reason). One whose merge touches only full-precision tensors (LN tuning: norms) keeps the switch.
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..anatomy import is_conv1d, weight_2d
+from ..anatomy import is_conv1d, is_quantized_layer, weight_2d
 from ..data.encode import left_pad
 from ..files import AdapterError
 from ..methods import fused
 from ..methods.terms import Bias, Columns, InScale, LowRank, OutScale, Rows
+from ..quant import QuantizedMergeError, is_quantized_model, refuse_quantized_merge
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 BASE = "base"  # what the server calls the base model; in the bank the base is None
@@ -58,6 +66,8 @@ class BankAdapter:
     terms: dict[str, list] | None  # layer name -> bank terms (mixed-batch adapters)
     replace: dict[str, torch.Tensor] | None = None  # parameter name -> merged value (switch-only adapters)
     source: str = ""
+    # a switch-only adapter on a quantized base, served unmerged: (method class, config, state), applied at switch
+    attached: tuple | None = None
 
     @property
     def mixed(self) -> bool:
@@ -73,11 +83,52 @@ class _Stacks:
 
 
 @dataclass
+class _Slots:
+    """The slot of every row of the batch for one kind of term on one layer; ``start`` when the rows take
+    consecutive slots in order (``start, start + 1, ...``): the stacks are then read as a view, no gather."""
+
+    idx: torch.Tensor
+    start: int | None
+    group: _Group | None = None  # when slots repeat: the rows laid out by distinct slot
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t.narrow(0, self.start, self.idx.shape[0]) if self.start is not None else t.index_select(0, self.idx)
+
+
+@dataclass
+class _Group:
+    """Rows laid out on a grid of (distinct slot, k-th row of it): ``fill`` (the row at every grid place; spare
+    places repeat row 0, their results are never read) and ``place`` (every row's place). A low-rank term then
+    gathers each distinct adapter once instead of once per row (SGMV-like, padded to the largest count)."""
+
+    slots: torch.Tensor  # the distinct slots
+    per: int  # rows per slot on the grid (the largest count)
+    fill: torch.Tensor
+    place: torch.Tensor
+
+
+def _grouping(s: list[int], device) -> _Group | None:
+    distinct = sorted(set(s))
+    if len(distinct) == len(s):
+        return None
+    pos = {v: i for i, v in enumerate(distinct)}
+    per = max(s.count(v) for v in distinct)
+    fill, place, seen = [0] * (len(distinct) * per), [], {}
+    for row, v in enumerate(s):
+        p = pos[v] * per + seen.get(v, 0)
+        seen[v] = seen.get(v, 0) + 1
+        fill[p] = row
+        place.append(p)
+    as_t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return _Group(as_t(distinct), per, as_t(fill), as_t(place))
+
+
+@dataclass
 class _Layer:
     module: nn.Module
     handle: fused.ForwardHandle
     stacks: dict[type, _Stacks] = field(default_factory=dict)
-    slots: dict[type, torch.Tensor] = field(default_factory=dict)  # per kind, the slot of every row of the batch
+    slots: dict[type, _Slots] = field(default_factory=dict)  # per kind, the slot of every row of the batch
 
 
 class AdapterBank:
@@ -95,6 +146,9 @@ class AdapterBank:
         self._rows: torch.Tensor | None = None  # adapter number per row while a mixed batch runs
         self._current: str | None = None  # the adapter switched into the weights
         self._undo: list = []
+        self._slots_of: tuple | None = None  # (adapter numbers of the rows, {layer: slots}) of the last mixed batch
+        self._installed = True  # the bank's layer forwards are on (off while an attached adapter is applied)
+        self.quantized = is_quantized_model(model)  # never merge into its quantized layers
 
     # -- adapters ---------------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -132,9 +186,38 @@ class AdapterBank:
                     adapter = BankAdapter(name, method.name, terms, source=str(folder))
                 method.remove()  # applied, never merged: the base back bitwise (the bank_terms contract)
             if adapter is None:
-                adapter = self._merged_values(name, folder)
+                adapter = self._switch_only(name, folder)
         self._put(adapter)
         return adapter
+
+    def _switch_only(self, name, folder) -> BankAdapter:
+        """A switch-only adapter: its merged values, or on a quantized base where its merge would write into a
+        quantized layer, the adapter served attached (unmerged)."""
+        try:
+            return self._merged_values(name, folder)
+        except QuantizedMergeError:  # raised on a quantized base only
+            return self._attached(name, folder)
+
+    def _attached(self, name, folder) -> BankAdapter:
+        """A switch-only adapter on a quantized base, kept as its method, config and state, applied unmerged at
+        switch. Refused unless its removal gives the base back bitwise (checked here, on a copy of the base)."""
+        from ..api import load
+
+        scratch = copy.deepcopy(self.model)
+        before = {n: t.clone() for n, t in scratch.state_dict().items()}
+        m = load(scratch, folder)
+        cls, config, state = type(m), m.config, {k: v.detach().clone() for k, v in m.state().items()}
+        try:
+            m.remove()
+        except (NotImplementedError, RuntimeError) as e:
+            raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
+                             f"and cannot be taken off it ({e}), so a bank cannot serve it; serve it alone") from None
+        after = scratch.state_dict()
+        if after.keys() != before.keys() or any(not torch.equal(after[k], before[k]) for k in before):
+            raise ValueError(f"adapter {name!r} ({folder}): method {m.name!r} cannot be merged into a quantized base "
+                             "and taking it off does not give the base back exactly, so a bank cannot serve it; "
+                             "serve it alone")
+        return BankAdapter(name, m.name, None, source=str(folder), attached=(cls, config, state))
 
     def _merged_values(self, name, folder) -> BankAdapter:
         """A mergeable method without terms: the merged values of what it changes, from a copy of the base (the
@@ -160,8 +243,12 @@ class AdapterBank:
                              f"computes (max |logit difference| {err:.3g} on a probe), so a bank cannot switch it in; "
                              "serve it alone")
         base = dict(self.model.named_parameters())
+        quantized = {f"{n}.weight" for n, mod in self.model.named_modules() if is_quantized_layer(mod)}
         replace = {}
         for n, p in plain.named_parameters():
+            if n in quantized and (base[n].shape != p.shape or not torch.equal(base[n], p)):
+                # a merge that dequantized or re-quantized a packed weight (LISA's blocks, PEFT's bnb merge)
+                raise QuantizedMergeError(f"adapter {name!r}: method {m.name!r}'s merge changes the quantized {n}")
             if n not in base or base[n].shape != p.shape:
                 raise ValueError(f"adapter {name!r}: method {m.name!r} changes the architecture ({n}); a bank "
                                  "serves adapters that keep the base's shapes")
@@ -182,6 +269,9 @@ class AdapterBank:
         self._numbers = {n: i + 1 for i, n in enumerate(self.adapters)}
         self._dirty = True
 
+    def _number(self, name: str | None) -> int:
+        return 0 if name is None else self._numbers[name]
+
     def _adapter(self, name: str) -> BankAdapter:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r} in the bank; known: {', '.join(self.adapters) or 'none'}")
@@ -191,15 +281,27 @@ class AdapterBank:
     def _detached(self):
         """The plain base for a while (nothing switched in, no bank forwards): to apply a method to it."""
         self.switch(None)
-        for layer in self._layers.values():
-            layer.handle.remove()
-            layer.module.__dict__.pop(_BANK, None)
+        self._uninstall()
         self._layers = {}
+        self._installed = True
         self._dirty = True
         yield
 
+    def _uninstall(self) -> None:
+        """The bank's layer forwards off (their stacks kept): ``_build`` puts them back."""
+        if self._installed:
+            for layer in self._layers.values():
+                layer.handle.remove()
+                layer.module.__dict__.pop(_BANK, None)
+        self._installed = False
+
     # -- the installed forwards -----------------------------------------------------------------------------
     def _build(self) -> None:
+        if not self._installed:  # an attached adapter was applied meanwhile: the layers' forwards back on
+            for lname, layer in self._layers.items():
+                layer.handle = fused.override_forward(layer.module, _bank_forward)
+                layer.module.__dict__[_BANK] = (self, lname)
+            self._installed = True
         if not self._dirty:
             return
         modules = dict(self.model.named_modules())
@@ -223,19 +325,41 @@ class AdapterBank:
             layer = self._layers[lname]
             layer.stacks = {kind: _stack(kind, entries, len(self.adapters) + 1, layer.module)
                             for kind, entries in kinds.items()}
+        self._slots_of = None
         self._dirty = False
 
+    def _row_slots(self, numbers: tuple[int, ...], device) -> dict[str, dict[type, _Slots]]:
+        """Per layer and kind, the slot of every row (kinds no row uses left out); the last batch's is kept (a
+        decode loop asks for the same rows at every step)."""
+        if self._slots_of is not None and self._slots_of[0] == numbers:
+            return self._slots_of[1]
+        out = {}
+        for lname, layer in self._layers.items():
+            per = {}
+            for kind, st in layer.stacks.items():
+                table = st.table.tolist()
+                s = [table[a] for a in numbers]
+                if not any(s):
+                    continue
+                start = s[0] if s[0] > 0 and s == list(range(s[0], s[0] + len(s))) else None
+                per[kind] = _Slots(torch.tensor(s, device=device), start, _grouping(s, device) if kind is LowRank else None)
+            out[lname] = per
+        self._slots_of = (numbers, out)
+        return out
+
     @contextlib.contextmanager
-    def using(self, names: list[str | None]):
+    def using(self, names: list[str | None], switch: bool = True):
         """Run the model with one adapter per row (None: the base) inside this block. One adapter for every row
-        (or the base for all) takes the fast path: switched into the weights. Otherwise every name must be an
-        adapter that shares a batch (``mixed``)."""
+        (or the base for all) takes the fast path: switched into the weights (``switch=False``: computed as terms
+        all the same, when a short forward would cost less than folding the adapter in and out). Otherwise every
+        name must be an adapter that shares a batch (``mixed``)."""
         names = list(names)
         distinct = set(names)
         for n in distinct - {None}:
             self._adapter(n)
-        if len(distinct) == 1:
-            self.switch(names[0])
+        if len(distinct) == 1 and (not all(self.adapters[n].mixed for n in distinct - {None})
+                                   or (switch and not (self.quantized and names[0] is not None))):
+            self.switch(names[0])  # on a quantized base a mixed adapter keeps its terms: never merged (below)
             yield
             return
         switch_only = sorted(n for n in distinct - {None} if not self.adapters[n].mixed)
@@ -245,11 +369,10 @@ class AdapterBank:
         self.switch(None)
         self._build()
         device = next(self.model.parameters()).device
-        rows = torch.tensor([0 if n is None else self._numbers[n] for n in names], device=device)
-        for layer in self._layers.values():
-            layer.slots = {kind: st.table.to(device)[rows] for kind, st in layer.stacks.items()}
-            layer.slots = {kind: s for kind, s in layer.slots.items() if bool(s.any())}
-        self._rows = rows
+        numbers = tuple(self._number(n) for n in names)
+        for lname, slots in self._row_slots(numbers, device).items():
+            self._layers[lname].slots = slots
+        self._rows = torch.tensor(numbers, device=device)
         try:
             yield
         finally:
@@ -271,8 +394,13 @@ class AdapterBank:
         """Logits of ``model(input_ids)`` with row i run through adapter ``names[i]``."""
         if len(names) != input_ids.shape[0]:
             raise ValueError(f"{len(names)} adapter names for a batch of {input_ids.shape[0]} rows")
+        # rows of one adapter together, adapters in the bank's order: rows on consecutive slots read them as views
+        groups = [sorted(g, key=lambda i: self._number(names[i])) for g in self.groups(names)]
+        if len(groups) == 1 and groups[0] == list(range(len(names))):  # one batch, in order: the logits as they come
+            with self.using(names):
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
         out = None
-        for rows in self.groups(names):
+        for rows in groups:
             idx = torch.tensor(rows, device=input_ids.device)
             mask = None if attention_mask is None else attention_mask[idx]
             with self.using([names[i] for i in rows]):
@@ -289,9 +417,13 @@ class AdapterBank:
         with the model's KV cache, each group of :meth:`groups` as one batch."""
         if len(names) != len(prompts):
             raise ValueError(f"{len(names)} adapter names for {len(prompts)} prompts")
+        if getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            raise ValueError("AdapterBank.generate continues causal LMs; this base is an encoder-decoder: call "
+                             "forward() with decoder_input_ids (each row still through its own adapter)")
         device = next(self.model.parameters()).device
         out: list[list[int]] = [[] for _ in prompts]
         for rows in self.groups(names):
+            rows = sorted(rows, key=lambda i: self._number(names[i]))  # as in forward: consecutive slots as views
             ids, mask = left_pad([prompts[i] for i in rows], pad_token_id)
             width = ids.shape[1]
             with self.using([names[i] for i in rows]):
@@ -320,7 +452,19 @@ class AdapterBank:
         if name is None:
             return
         a = self.adapters[name]
-        if a.terms is not None:
+        if a.terms is not None and self.quantized:
+            raise ValueError(f"adapter {name!r}: the bank's base is quantized, and merging into 4-bit/8-bit weights "
+                             "would re-quantize the update; it is served through its terms (using([...]))")
+        if a.attached is not None:  # a quantized base: the method applied unmerged while the adapter is current
+            cls, config, state = a.attached
+            self._uninstall()
+            with torch.random.fork_rng(devices=[]):  # the method's init draws (overwritten) leave the caller's RNG be
+                m = cls(copy.deepcopy(config)).apply(self.model)
+            m.load_state(state)
+            for _, p in m.trainable_parameters():
+                p.requires_grad_(False)
+            self._undo.append(m.remove)
+        elif a.terms is not None:
             modules = dict(self.model.named_modules())
             for lname, terms in a.terms.items():
                 for t in terms:
@@ -354,6 +498,10 @@ class AdapterBank:
         if len(kinds) > 1:
             raise ValueError("fuse: mix of mixed-batch and switch-only adapters; fuse adapters of one kind")
         method = "+".join(sorted({a.method for a, _ in sources}))
+        attached = sorted(a.name for a, _ in sources if a.attached is not None)
+        if attached:
+            raise ValueError(f"fuse: adapters {attached} are served unmerged on this quantized base (their merge "
+                             "would re-quantize it), so they have no merged values to sum")
         if kinds == {True}:
             fused_terms: dict[str, list] = {}
             for lname in sorted({ln for a, _ in sources for ln in a.terms}):
@@ -395,7 +543,7 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
     h = x
     if InScale in slots:
         (v,) = stacks[InScale].tensors
-        g = v.index_select(0, slots[InScale])[:, None, :]
+        g = slots[InScale].take(v)[:, None, :]
         h = (x3.to(g.dtype) * g).to(x.dtype).view(x.shape)
     y = base_forward(h, *args, **kwargs)
     y3 = y.reshape(n, -1, y.shape[-1])
@@ -403,7 +551,7 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
     inplace = not torch.is_grad_enabled()
     if OutScale in slots:
         (v,) = stacks[OutScale].tensors
-        g = v.index_select(0, slots[OutScale])[:, None, :]
+        g = slots[OutScale].take(v)[:, None, :]
         y3 = y3.mul_(g) if inplace and y3.dtype == g.dtype else (y3.to(g.dtype) * g).to(y.dtype)
     for kind in (LowRank, Columns, Rows, Bias):
         if kind not in slots:
@@ -413,22 +561,31 @@ def _bank_forward(module: nn.Module, base_forward, fusable: bool, x, *args, **kw
         xt = x3 if x3.dtype == dt else x3.to(dt)
         direct = inplace and y3.dtype == dt
         target = y3 if direct else torch.zeros((*y3.shape[:-1], y3.shape[-1]), dtype=dt, device=y3.device)
-        if kind is LowRank:  # BGMV: each row's A and B gathered, two batched products
+        if kind is LowRank:
             at, bt = ts
-            target.baddbmm_(torch.bmm(xt, at.index_select(0, s)), bt.index_select(0, s))
+            g, t = s.group, xt.shape[1]
+            if g is not None and 2 * t * g.fill.shape[0] <= (n - g.slots.shape[0]) * at.shape[2]:
+                # few tokens, repeated adapters (decoding): copying the rows onto the grid costs less than
+                # gathering every row's A and B; each distinct adapter's A and B gathered once
+                u, m = g.slots.shape[0], g.per
+                xg = xt.index_select(0, g.fill).view(u, m * t, xt.shape[-1])
+                z = torch.bmm(torch.bmm(xg, at.index_select(0, g.slots)), bt.index_select(0, g.slots))
+                target.add_(z.view(u * m, t, -1).index_select(0, g.place))
+            else:  # BGMV: each row's A and B gathered (or read as a view), two batched products
+                target.baddbmm_(torch.bmm(xt, s.take(at)), s.take(bt))
         elif kind is Columns:  # the row's k input columns, times its D block
             idx, d = ts
-            ri = idx.index_select(0, s)
+            ri = s.take(idx)
             cols = torch.gather(xt, 2, ri[:, None, :].expand(n, xt.shape[1], ri.shape[1]))
-            target.baddbmm_(cols, d.index_select(0, s))
+            target.baddbmm_(cols, s.take(d))
         elif kind is Rows:  # x times the row's D block, into its k output rows
             idx, d = ts
-            ri = idx.index_select(0, s)
-            part = torch.bmm(xt, d.index_select(0, s))
+            ri = s.take(idx)
+            part = torch.bmm(xt, s.take(d))
             target.scatter_add_(2, ri[:, None, :].expand_as(part), part)
         else:
             (b,) = ts
-            target.add_(b.index_select(0, s)[:, None, :])
+            target.add_(s.take(b)[:, None, :])
         if not direct:
             y3 = y3 + target.to(y3.dtype)
     return y3.reshape(*y.shape[:-1], y3.shape[-1])
@@ -518,6 +675,7 @@ def _fuse_terms(kind: type, items: list):
 
 def _merge_term(mod: nn.Module, t):
     """Add term ``t`` into ``mod``'s weights; return what undoes it bitwise (from the original values kept here)."""
+    refuse_quantized_merge(mod, "bank switch")
     w = mod.weight
     if isinstance(t, (Columns, Rows)):
         dim = 1 if isinstance(t, Columns) else 0

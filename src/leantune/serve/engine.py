@@ -2,17 +2,21 @@
 in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
 joins at the next one).
 
-Decoding is greedy, with a KV cache per group of rows: while the group's rows stay the same (or only lose finished
-rows, dropped from the cache), a step feeds each row its last token; when a request joins, the step prefills every
-row's whole sequence (prompt + tokens so far, left-padded, positions from the mask) and that becomes the group's
-cache. Requests whose adapters are served through the switch only (no mixed-batch form) step as their own group,
-in turn with the mixed group.
+Each row picks its tokens with its own parameters (``next_tokens``: greedy at temperature 0, else a draw with its
+own seeded generator, nucleus top_p) and finishes at EOS, at a stop string or at its token limit.
+
+KV cache per group of rows: a step drops the rows that finished from the group's cache (and the leading positions
+no row attends to any more), feeds each row in it its last token, and prefills only the rows that joined (their
+whole sequence, left-padded among themselves, through the bank's terms rather than a switch) and appends them to
+the cache, the narrower side left-padded with masked positions. Requests whose adapters are served through the
+switch only (no mixed-batch form) step as their own group, in turn with the mixed group. Steps run without autograd.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +59,57 @@ class _Cohort:
     mask: torch.Tensor
 
 
+def _appendable(cache) -> bool:
+    """A cache whose layers are plain growing key / value tensors (transformers' DynamicLayer): rows can be
+    appended and left-padded. Others (sliding windows, static or quantized caches) make a joining step prefill
+    every row again."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(la) is DynamicLayer and la.is_initialized and la.keys.dim() == 4 for la in layers)
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros before its entries along ``dim`` (-2 for keys / values, -1 for masks) up to ``width``."""
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    pad = [0, 0] * (-dim - 1) + [extra, 0]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _append(co: _Cohort, new: _Cohort) -> None:
+    """Rows of ``new`` appended to ``co`` (cache and mask), the narrower side left-padded (masked out)."""
+    width = max(co.mask.shape[1], new.mask.shape[1])
+    for la, lb in zip(co.cache.layers, new.cache.layers, strict=True):
+        la.keys = torch.cat([_left_pad(la.keys, width, -2), _left_pad(lb.keys, width, -2)])
+        la.values = torch.cat([_left_pad(la.values, width, -2), _left_pad(lb.values, width, -2)])
+    co.mask = torch.cat([_left_pad(co.mask, width, -1), _left_pad(new.mask, width, -1)])
+    co.rows = co.rows + new.rows
+
+
+def _trim(co: _Cohort) -> None:
+    """Drop leading positions no row attends to any more (left by rows that finished)."""
+    if not co.rows or not _appendable(co.cache):
+        return
+    first = int(co.mask.any(0).int().argmax())
+    if first > 0:
+        for la in co.cache.layers:
+            la.keys, la.values = la.keys[..., first:, :], la.values[..., first:, :]
+        co.mask = co.mask[:, first:]
+
+
+def refuse_encoder_decoder(model) -> None:
+    """The engine decodes causal LMs (the prompt and the tokens so far as one sequence, one KV cache); an
+    encoder-decoder (T5 and kin) would need its encoder's output beside a decoder cache: refused, saying so."""
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        name = getattr(config, "name_or_path", "") or type(model).__name__
+        raise ValueError(f"{name} is an encoder-decoder model ({getattr(config, 'model_type', '?')}); leantune serve "
+                         "serves decoder-only (causal) models only. Use `leantune generate` for it, or the adapter "
+                         "bank's forward with decoder_input_ids")
+
+
 class QueueFull(RuntimeError):
     pass
 
@@ -68,10 +123,52 @@ class Request:
     deadline: float
     tokens: list[int] = field(default_factory=list)
     number: int = 0
+    temperature: float = 0.0  # 0: greedy (argmax); else a draw from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus: draw among the most likely tokens whose probabilities reach top_p
+    seed: int | None = None  # the row's own generator; None: a fresh random seed
+    stop: tuple[str, ...] = ()  # finish ("stop") once the decoded text contains one of these
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text (needed with ``stop``)
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.stop and self.decode is None:
+            raise ValueError("a request with stop strings needs a decode function (token ids -> text)")
+        self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
+    def stopped(self) -> bool:
+        """Whether the text so far contains a stop string."""
+        if not self.stop:
+            return False
+        text = self.decode(self.tokens)
+        return any(s in text for s in self.stop)
+
+
+def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
+    """One token per row from its last position's logits (rows, vocab): the argmax where the row's temperature is
+    0; else a draw from ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely
+    tokens whose probabilities reach top_p), by inverting the cumulative distribution at one uniform number from
+    the row's own generator, so a seeded request draws the same tokens whatever batch it shares."""
+    out = logits.argmax(-1).tolist()
+    sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+    if not sampled:
+        return out
+    device = logits.device
+    temps = torch.tensor([rows[i].temperature for i in sampled], dtype=torch.float64, device=device)
+    probs = torch.softmax(logits[torch.tensor(sampled, device=device)].double() / temps[:, None], dim=-1)
+    p, order = probs.sort(dim=-1, descending=True, stable=True)
+    top = torch.tensor([rows[i].top_p for i in sampled], dtype=torch.float64, device=device)
+    p = p * ((p.cumsum(-1) - p) < top[:, None])  # the nucleus: a token stays while the ones before it are < top_p
+    c = p.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=rows[i].generator, dtype=torch.float64) for i in sampled]).to(device)
+    k = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True).clamp(max=c.shape[-1] - 1)
+    for j, tok in zip(sampled, order.gather(1, k)[:, 0].tolist(), strict=True):
+        out[j] = tok
+    return out
 
 
 class Engine:
     def __init__(self, bank: AdapterBank, pad_token_id: int, eos_token_id: int | None, limits: Limits | None = None):
+        refuse_encoder_decoder(bank.model)
         self.bank = bank
         self.pad, self.eos = pad_token_id, eos_token_id
         self.limits = limits or Limits()
@@ -85,6 +182,7 @@ class Engine:
         self._cohorts: dict = {}
         self.steps = 0
         self.tokens = 0  # generated tokens, EOS included (for throughput figures)
+        self.prefill_tokens = 0  # prompt (and earlier) tokens run through a prefill
         self._thread = threading.Thread(target=self._run, name="leantune-engine", daemon=True)
 
     def start(self) -> None:
@@ -149,6 +247,7 @@ class Engine:
                     for r in failed:
                         r.on_token(None, f"error: {type(e).__name__}: {e}")
 
+    @torch.no_grad()
     def _step(self) -> None:
         now = time.monotonic()
         for r in [r for r in self._active if r.deadline < now]:
@@ -165,7 +264,7 @@ class Engine:
         keys = {self._group_key([self._active[i] for i in g]) for g in groups}
         self._cohorts = {k: c for k, c in self._cohorts.items() if k in keys}  # groups with no rows left: freed
         rows, logits = self._decode(key, rows)
-        nxt = logits[:, -1].argmax(-1).tolist()
+        nxt = next_tokens(logits[:, -1], rows)
         self.steps += 1
         self.tokens += len(rows)
         for r, tok in zip(rows, nxt, strict=True):
@@ -174,7 +273,9 @@ class Engine:
                 continue
             r.tokens.append(tok)
             r.on_token(tok, None)
-            if len(r.tokens) >= r.max_new_tokens:
+            if r.stopped():
+                self._finish(r, "stop")
+            elif len(r.tokens) >= r.max_new_tokens:
                 self._finish(r, "length")
 
     def _group_key(self, rows: list[Request]):
@@ -183,34 +284,56 @@ class Engine:
         return a if a is not None and not self.bank.adapters[a].mixed else None
 
     def _decode(self, key, rows: list[Request]):
-        """One step for ``rows``: a decode step on the group's KV cache when every row is in it (rows that finished
-        are dropped from it), else a prefill of every row's whole sequence that becomes the group's cache."""
+        """One step for ``rows`` on the group's KV cache: rows that finished are dropped from it, the rows in it
+        decode their last token, and rows that are not in it (joining) are prefilled on their own and appended
+        to it (each side left-padded to the wider one). Without a cache (or one whose layers cannot be appended
+        to) every row is prefilled and that becomes the group's cache."""
         device = next(self.bank.model.parameters()).device
         co = self._cohorts.get(key)
-        if co is not None and {id(r) for r in rows} <= {id(r) for r in co.rows} and all(r.tokens for r in rows):
-            keep = [i for i, r in enumerate(co.rows) if any(r is x for x in rows)]
-            if len(keep) < len(co.rows):
-                idx = torch.tensor(keep, device=device)
-                co.cache.batch_select_indices(idx)
-                co.mask = co.mask[idx]
-                co.rows = [co.rows[i] for i in keep]
-            rows = co.rows
-            ids = torch.tensor([[r.tokens[-1]] for r in rows], device=device)
-            co.mask = torch.cat([co.mask, co.mask.new_ones(len(rows), 1)], dim=1)
+        if co is None or not _appendable(co.cache):
+            self._cohorts[key], logits = self._prefill(rows, device)
+            return self._cohorts[key].rows, logits
+        present = {id(r) for r in rows}
+        keep = [i for i, r in enumerate(co.rows) if id(r) in present]
+        if len(keep) < len(co.rows):
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            co.cache.batch_select_indices(idx)
+            co.mask = co.mask[idx]
+            co.rows = [co.rows[i] for i in keep]
+            _trim(co)
+        cached = {id(r) for r in co.rows}
+        joining = [r for r in rows if id(r) not in cached]
+        logits = []
+        if co.rows:
+            ids = torch.tensor([[r.tokens[-1]] for r in co.rows], device=device)
+            co.mask = torch.cat([co.mask, co.mask.new_ones(len(co.rows), 1)], dim=1)
             positions = co.mask.sum(-1, keepdim=True) - 1
-            with self.bank.using([r.adapter for r in rows]):
+            # with rows joining, the terms (no switch in and straight out again for the joiners' prefill)
+            with self.bank.using([r.adapter for r in co.rows], switch=not joining):
                 out = self.bank.model(input_ids=ids, attention_mask=co.mask, position_ids=positions,
                                       past_key_values=co.cache, use_cache=True, logits_to_keep=1)
-            return rows, out.logits
-        seqs = [r.prompt + r.tokens for r in rows]
-        ids, mask = left_pad(seqs, self.pad)
+            logits.append(out.logits)
+        if joining:
+            new, out = self._prefill(joining, device)
+            logits.append(out)
+            if co.rows:
+                _append(co, new)
+            else:
+                self._cohorts[key] = co = new
+        return co.rows, torch.cat(logits)
+
+    def _prefill(self, rows: list[Request], device):
+        """Every row's whole sequence (prompt + tokens so far), left-padded, positions from the mask; rows of one
+        adapter together (the bank reads consecutive slots as views). Returns the rows' cohort and logits."""
+        rows = sorted(rows, key=lambda r: self.bank._number(r.adapter))
+        ids, mask = left_pad([r.prompt + r.tokens for r in rows], self.pad)
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self.bank.using([r.adapter for r in rows]):
+        self.prefill_tokens += int(mask.sum())
+        with self.bank.using([r.adapter for r in rows], switch=False):
             out = self.bank.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                                   logits_to_keep=1)
-        self._cohorts[key] = _Cohort(list(rows), out.past_key_values, mask)
-        return rows, out.logits
+        return _Cohort(rows, out.past_key_values, mask), out.logits
 
     def _finish(self, r: Request, reason: str) -> None:
         with self._lock:

@@ -125,6 +125,10 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         if name in bank.names():
             raise ApiError(409, f"adapter {name!r} is already loaded; DELETE it first", "conflict_error")
         try:
+            check_base_quantization(bank, name, path)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        try:
             await asyncio.wrap_future(engine.call(lambda: bank.add(name, path)))
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             raise ApiError(400, f"cannot load adapter {name!r}: {e.args[0] if e.args else e}") from None
@@ -167,6 +171,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}")
+        sampling = sampling_params(body)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids = bos_prefix(tokenizer, ids) + ids
         if len(ids) > limits.max_prompt_tokens:
@@ -178,7 +183,9 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         def on_token(tok, end):  # called from the engine's thread
             loop.call_soon_threadsafe(events.put_nowait, (tok, end))
 
-        req = Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s)
+        stops = sampling["stop"]
+        req = Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s, **sampling,
+                      decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True))
         try:
             engine.submit(req)
         except QueueFull as e:
@@ -188,7 +195,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         created = int(time.time())
         name = body.get("model") or BASE
         if stream:
-            return StreamingResponse(_events(events, rid, created, name, chat, len(ids)),
+            return StreamingResponse(_events(events, rid, created, name, chat, stops),
                                      media_type="text/event-stream")
         tokens, reason = [], None
         while reason is None:
@@ -200,7 +207,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                            "timeout_error")
         if reason.startswith("error"):
             raise ApiError(500, f"generation failed: {reason}", "server_error")
-        out = tokenizer.decode(tokens, skip_special_tokens=True)
+        out = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason}
@@ -209,7 +216,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": reason}], "usage": usage}
 
-    async def _events(events, rid, created, name, chat, n_prompt):
+    async def _events(events, rid, created, name, chat, stops):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(text, reason, first=False):
@@ -222,17 +229,21 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                                           "choices": [choice]}) + "\n\n"
 
         tokens, sent, reason = [], "", None
+        hold = max((len(s) for s in stops), default=1) - 1  # what could be the start of a stop string waits
         if chat:
             yield chunk("", None, first=True)
         while reason is None:
             tok, reason = await events.get()
             if tok is not None:
                 tokens.append(tok)
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                full = tokenizer.decode(tokens, skip_special_tokens=True)
+                text = cut_at_stop(full, stops)
+                if len(text) == len(full):
+                    text = text[:len(text) - hold]
                 if not text.endswith("\ufffd") and len(text) > len(sent):  # whole characters only
                     yield chunk(text[len(sent):], None)
                     sent = text
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
         if reason in ("stop", "length"):
             yield chunk(text[len(sent):], reason)
         else:
@@ -241,6 +252,47 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         yield "data: [DONE]\n\n"
 
     return app
+
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's: a request without "temperature" is sampled; send 0 for greedy
+MAX_STOPS = 4
+
+
+def sampling_params(body: dict) -> dict:
+    """OpenAI's sampling fields of a request, checked: ``temperature`` (0 to 2, default 1; 0 is greedy),
+    ``top_p`` (over 0 to 1, default 1), ``seed`` (an integer: the same seed draws the same tokens), ``stop`` (a
+    string or up to 4; the text is cut before the first and finishes with "stop"); ``n`` other than 1 is refused.
+    Raises :class:`ApiError` (400) naming the field."""
+
+    def number(key, default, ok, what):
+        v = body.get(key)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+            raise ApiError(400, f"'{key}' must be {what}, got {v!r}")
+        return float(v)
+
+    temperature = number("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "a number in [0, 2] (0: greedy)")
+    top_p = number("top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise ApiError(400, f"'seed' must be an integer (64-bit), got {seed!r}")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {n!r}); send n "
+                            "requests instead")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(x, str) and x for x in stops):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them, "
+                            f"got {stop!r}")
+    return {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stops)}
+
+
+def cut_at_stop(text: str, stops) -> str:
+    """``text`` up to (not including) the earliest stop string in it."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(ends)] if ends else text
 
 
 async def _json(request) -> dict:
@@ -270,11 +322,57 @@ def parse_adapters(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def load_bank(model_name: str, adapters: dict[str, str], base_dtype: str | None = None):
-    """The base (eval mode) in a bank with every adapter added: ``(bank, tokenizer)``."""
+def recorded_quantization(adapters: dict[str, str]) -> dict | None:
+    """How the adapters' base was quantized, from their leantune.json (None: full precision); PEFT folders record
+    nothing and do not count. Adapters that disagree are refused, naming them: a bank has one base."""
+    from ..interop.peft import is_peft_folder
+    from ..io import read_meta
+
+    seen: dict[str, list[str]] = {}
+    values: dict[str, dict | None] = {}
+    for name, path in adapters.items():
+        if is_peft_folder(path):
+            continue
+        q = (read_meta(path).get("base") or {}).get("quantization")
+        key = json.dumps(q, sort_keys=True)
+        seen.setdefault(key, []).append(name)
+        values[key] = q
+    if len(seen) > 1:
+        kinds = "; ".join(f"{', '.join(names)}: {values[k]['type'] if values[k] else 'full precision'}"
+                          + (f" {values[k]}" if values[k] else "") for k, names in seen.items())
+        raise ValueError(f"the adapters were trained on bases quantized differently ({kinds}); a server has one "
+                         "base: serve them separately, or choose with --quantize nf4|fp4|int8|none")
+    return next(iter(values.values()), None)
+
+
+def check_base_quantization(bank: AdapterBank, name: str, path: str) -> None:
+    """An adapter loaded at run time must have been trained on a base quantized the way the server's is (its
+    leantune.json says; PEFT folders record nothing): it would load (the fingerprint is the full-precision
+    weights') but answer unlike ``leantune generate`` with it. At start ``--quantize`` chooses for every adapter;
+    at run time the base is fixed, so a mismatch is refused, naming both."""
+    from ..interop.peft import is_peft_folder
+    from ..quant import quantization_of
+
+    q = quantization_of(bank.model)
+    have = q.to_dict() if q is not None else None
+    want = recorded_quantization({name: path})
+    if not is_peft_folder(path) and json.dumps(want, sort_keys=True) != json.dumps(have, sort_keys=True):
+        def say(d):
+            return f"{d['type']} {d}" if d else "full precision"
+
+        raise ValueError(f"adapter {name!r} was trained on a base in {say(want)}; this server's base is in "
+                         f"{say(have)}: serve it from a server started on that base (leantune serve --quantize ...)")
+
+
+def load_bank(model_name: str, adapters: dict[str, str], base_dtype: str | None = None, quantize=None):
+    """The base (eval mode) in a bank with every adapter added: ``(bank, tokenizer)``. ``quantize``: None loads
+    the base quantized the way the adapters were trained (their leantune.json says; they must agree), ``"none"``
+    in full precision, ``"nf4"``/``"fp4"``/``"int8"`` (or a mapping of options) that way."""
     from ..models import load_model
 
-    model, tokenizer = load_model(model_name, dtype=base_dtype)
+    if quantize is None:
+        quantize = recorded_quantization(adapters)
+    model, tokenizer = load_model(model_name, dtype=base_dtype, quantize=quantize)
     bank = AdapterBank(model.eval())
     for name, path in adapters.items():
         bank.add(name, path)
