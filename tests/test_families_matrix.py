@@ -44,8 +44,6 @@ FAMILIES = {
 METHODS = sorted(cls.name for cls in list_methods())
 # (family, method) -> words of the refusal at apply
 REFUSALS = {
-    ("olmo2", "light_peft"): "whole-projection q/k norms",
-    **{(f, "light_peft"): "cannot prune expert channels" for f in ("mixtral", "qwen2_moe")},
     # an FFN made of experts has no single FFN input/output/activation to attach an adapter or a scale to
     **{("mixtral", m): "defines no placement point" for m in ("houlsby", "pfeiffer", "parallel", "scaled_parallel",
                                                                "compacter", "compacter_pp", "ia3")},
@@ -56,7 +54,6 @@ REFUSALS = {
        for m in ("prefix_tuning", "prefix_flat", "mam", "unipelt")},
     **{("mixtral", m): "defines no placement point" for m in ("mam", "unipelt")},
     ("t5", "prompt_tuning"): "encoder-decoder model",
-    ("t5", "light_peft"): "relative position bias with one column per head",
 }
 # (family, method) -> words of the merged export's refusal (the adapter itself works)
 EXPORT_REFUSALS = {
@@ -67,8 +64,9 @@ EXPORT_REFUSALS = {
 EXPORT_NOTES = {  # why, for docs/models.md
     "bitfit": "the family builds some of the layers BitFit gave a bias without one, whatever its config says: "
               "the adapter itself works",
-    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py --save-merged, Phi-3, GPT-NeoX and "
-                  "Falcon by default, every decoder family with LEANTUNE_SLOW=1",
+    "light_peft": "before pruning, the pruned model exports: tests/test_cli.py --save-merged, Phi-3, GPT-NeoX, "
+                  "Falcon, OLMo 2 and Qwen2-MoE by default, every decoder family with LEANTUNE_SLOW=1; T5 in "
+                  "tests/test_t5.py",
 }
 MERGE_ATOL = 1e-5  # fp32, as tests/test_methods_matrix.py
 EXPORT_ATOL = 1e-5

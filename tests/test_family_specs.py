@@ -123,3 +123,61 @@ def test_child_processes_see_the_family_specs(tmp_path, forget_granite, monkeypa
     code = "from leantune.anatomy import known_family; print(known_family('granite').blocks)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "layers"
+
+
+def test_plan_reads_a_family_described_in_yaml(tmp_path, forget_granite):
+    from test_cli import run
+
+    folder, model = granite_folder(tmp_path)
+    spec = tmp_path / "granite.yaml"
+    spec.write_text(GRANITE_SPEC)
+    proc = run("plan", "--model", str(folder), "--method", "lora", "-o", "r=2", "--device", "cpu", "--seq-len", "16",
+               "--json", "--family-spec", str(spec))
+    (row,) = json.loads(proc.stdout)["methods"]
+    # LoRA r=2 on all seven linear roles of 2 layers: fp32 gradients of exactly its A and B
+    lora = sum(2 * (lin.in_features + lin.out_features) for layer in model.model.layers
+               for lin in (*[getattr(layer.self_attn, f"{p}_proj") for p in "qkvo"],
+                           *[getattr(layer.mlp, f"{p}_proj") for p in ("gate", "up", "down")]))
+    assert row["method"] == "lora" and row["memory"]["grads"] == 4 * lora
+
+
+def test_server_serves_a_family_described_in_yaml(tmp_path, forget_granite, monkeypatch):
+    """`leantune serve --family-spec`: the app the command builds answers with the adapter on a Granite base as
+    `leantune generate` does."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from typer.testing import CliRunner
+
+    import leantune.serve.server as server
+    from leantune.anatomy import SPEC_ENV
+    from leantune.cli import app
+    from test_serve import Live, complete
+
+    monkeypatch.setenv(SPEC_ENV, "")  # restored after the test: --family-spec sets it for child processes
+    folder, model = granite_folder(tmp_path)
+    spec = tmp_path / "granite.yaml"
+    spec.write_text(GRANITE_SPEC)
+    load_family_specs(spec)
+    m = leantune.apply(model, "lora", r=2)
+    g = torch.Generator().manual_seed(0)
+    m.load_state({k: torch.randn(v.shape, generator=g) * 0.5 for k, v in m.state().items()})
+    leantune.save(model, tmp_path / "adapter")
+    FAMILIES.pop("granite")  # the command registers it from --family-spec, not this process's earlier call
+    anat_mod._loaded_outside = False
+    built = {}
+    monkeypatch.setattr(server, "run", lambda app_, **kw: built.update(app=app_))
+    args = ["serve", "--model", str(folder), "--adapter", f"g={tmp_path / 'adapter'}"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "'granite'" in refused.output and not built
+    result = CliRunner().invoke(app, [*args, "--family-spec", str(spec)])
+    assert result.exit_code == 0, result.output
+    generated = CliRunner().invoke(app, ["generate", "--model", str(folder), "--adapter", str(tmp_path / "adapter"),
+                                         "-p", "hello", "--max-new-tokens", "4", "--family-spec", str(spec)])
+    assert generated.exit_code == 0, generated.output
+    live = Live(built["app"])
+    try:
+        served = complete(live.port, "g", "hello", max_tokens=4)
+        assert "hello" + served == generated.stdout.rstrip("\n")
+        assert complete(live.port, "base", "hello", max_tokens=4) != served  # the adapter changes the answer
+    finally:
+        live.stop()

@@ -78,11 +78,15 @@ _GQA = dict(heads=[[2, 3], [0, 2]], kv_heads=[[1], [0, 1]], ffn=[[1, 5, 6, 127],
 _MHA = dict(heads=[[0, 2, 3], [1]], kv_heads=[[0, 2, 3], [1]], ffn=[[1, 5, 6, 127], list(range(0, 128, 3))])
 FOUNDATION_CASES.update({
     "tiny-gemma": _GQA, "tiny-gemma2": _GQA, "tiny-gemma3": _GQA,  # per-head q/k norms (Gemma 3) stay whole
+    "tiny-olmo2": _GQA,  # whole-projection q/k norms: q, k and the norms stay whole, their outputs keep the heads
     "tiny-phi3": _GQA,  # fused qkv [q|k|v] with GQA, fused gate_up [gate|up], head counts read from the config
     "tiny-neox": _MHA,  # per-head interleaved fused qkv
     "tiny-opt": _MHA, "tiny-deberta": _MHA,  # DeBERTa: relative-position projections share q/k (share_att_key)
     # multi-query: one KV head (the config says 4), kept by every layer
     "tiny-falcon": dict(heads=[[0, 2, 3], [1]], kv_heads=[[0], [0]], ffn=[[1, 5, 6, 255], list(range(0, 256, 3))]),
+    # mixtures of experts: heads only (the default there; expert channels are refused)
+    "tiny-mixtral": dict(heads=_GQA["heads"], kv_heads=_GQA["kv_heads"]),
+    "tiny-qwen2-moe": dict(heads=_GQA["heads"], kv_heads=_GQA["kv_heads"]),
 })
 
 
@@ -122,9 +126,25 @@ def check_masked_equals_pruned(model, case):
     pruned = logits(model, ids, mask)
     block = method.anatomy.blocks[0]
     assert weight_2d(block.linear("o")).shape[1] == len(plan.heads[0]) * method.anatomy.head_dim
-    assert weight_2d(block.linear("down")).shape[1] == len(plan.ffn[0])
+    if plan.ffn is not None:
+        assert weight_2d(block.linear("down")).shape[1] == len(plan.ffn[0])
     assert not any("light_peft_mask" in n for n, _ in model.named_parameters())  # masks dropped, not folded
     torch.testing.assert_close(pruned, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_of_experts_prunes_heads_by_default_and_refuses_expert_channels():
+    """On experts the default ffn_ratio is 0 (said once, and saved in the config); asking for FFN pruning there is
+    refused at apply, before the model changes."""
+    from leantune.methods.base import ConfigError
+
+    with pytest.warns(UserWarning, match="prunes attention heads only"):
+        method = leantune.apply(fresh("tiny-mixtral"), "light_peft")
+    assert method.config.ffn_ratio == 0.0 and method.masks.ffn_masks == [] and len(method.masks.head_masks) == 2
+    assert leantune.apply(fresh("tiny-llama"), "light_peft").config.ffn_ratio == 0.4  # a dense FFN: the paper's
+    model = fresh("tiny-qwen2-moe")
+    with pytest.raises(ConfigError, match=r"cannot prune expert channels yet \(ffn_ratio=0.2\)"):
+        leantune.apply(model, "light_peft", ffn_ratio=0.2)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_gqa_plan_must_keep_a_uniform_count_per_kv_head():
@@ -452,6 +472,25 @@ def test_gpt2_with_pruned_heads_is_a_leantune_folder_and_says_why(tmp_path):
     torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)  # tied wte / lm_head kept
 
 
+def test_olmo2_with_pruned_heads_is_a_leantune_folder_and_says_why(tmp_path):
+    """Even with the same shape in every layer: OLMo 2's pruned heads keep q/k and their norms whole, which no
+    Olmo2Config describes; the leantune folder rebuilds exactly that model (tests/test_cli.py trains one)."""
+    model = fresh("tiny-olmo2")
+    method = leantune.apply(model, "light_peft", uniform=True)
+    randomize_adapter(method)
+    plan = empty_plan(method)
+    plan.heads, plan.kv_heads = [[0, 1], [2, 3]], [[0], [1]]
+    plan.ffn = [list(range(0, 128, 2)), list(range(1, 128, 2))]
+    method.apply_plan(plan)
+    ids = ids_for(model)
+    expected = logits(model, ids)
+    export = save_merged(model, tmp_path / "merged")
+    assert export.kind == "leantune" and "olmo2 normalizes queries and keys over all heads" in export.reason
+    assert not (tmp_path / "merged" / "config.json").exists()
+    merged = load_merged(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+
+
 # -- training: estimation, pruning in flight, continue --------------------------------------------------------
 
 
@@ -672,26 +711,30 @@ def test_resume_keeps_the_estimation_length_of_its_checkpoint(tmp_path):
     assert [r["step"] for r in result.history if "prune_heads_kept" in r] == [22]
 
 
-def test_surgery_slices_whole_projection_qk_norms_with_their_heads():
-    """OLMo 2 normalizes q and k over the whole projection: a cut keeps each kept head's norm entries (Light-PEFT
-    refuses to estimate heads there, but a plan given directly still applies)."""
+def test_whole_projection_qk_norms_stay_whole_and_pass_on_the_kept_heads():
+    """OLMo 2 normalizes q and k over the whole projection: a cut keeps q, k and the norms whole (a head's
+    normalization reads every head) and passes on the kept heads' features; v and o are sliced."""
     from leantune.anatomy import anatomy
     from leantune.prune import apply_foundation_plan
 
     model = fresh("tiny-olmo2")
     a = anatomy(model)
     attn = model.model.layers[0].self_attn
-    q_norm, k_norm = attn.q_norm.weight.detach().clone(), attn.k_norm.weight.detach().clone()
+    q_w, k_w, qn_w = attn.q_proj.weight.clone(), attn.k_proj.weight.clone(), attn.q_norm.weight.clone()
+    x = torch.randn(2, 5, a.hidden)
     with torch.no_grad():
-        attn.q_norm.weight.copy_(torch.arange(q_norm.numel()).float())
-        attn.k_norm.weight.copy_(torch.arange(k_norm.numel()).float())
+        q_whole, k_whole = attn.q_norm(attn.q_proj(x)), attn.k_norm(attn.k_proj(x))
     plan = PrunePlan(2, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate, heads=[[2, 3], [0, 1]],
                      kv_heads=[[1], [0]])
     apply_foundation_plan(a, plan)
     hd = a.head_dim
-    assert attn.q_norm.weight.tolist() == list(range(2 * hd, 4 * hd))  # query heads 2 and 3
-    assert attn.k_norm.weight.tolist() == list(range(hd, 2 * hd))  # KV head 1
-    assert logits(model, ids_for(model)).isfinite().all()
+    assert torch.equal(attn.q_proj.weight, q_w) and torch.equal(attn.k_proj.weight, k_w)
+    assert torch.equal(attn.q_norm.weight, qn_w)
+    assert tuple(attn.v_proj.weight.shape) == (hd, a.hidden) and attn.o_proj.weight.shape[1] == 2 * hd
+    with torch.no_grad():
+        torch.testing.assert_close(attn.q_norm(attn.q_proj(x)), q_whole[..., 2 * hd:4 * hd], rtol=0, atol=0)
+        torch.testing.assert_close(attn.k_norm(attn.k_proj(x)), k_whole[..., hd:2 * hd], rtol=0, atol=0)
+    assert not any("kept_outputs" in k for k in model.state_dict())  # rebuilt from the plan, never saved
 
 
 # -- bottleneck adapters as the wrapped method ----------------------------------------------------------------

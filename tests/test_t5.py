@@ -13,7 +13,6 @@ from conftest import fixed_batch, logits, loss_of, tiny, train_steps
 from leantune.anatomy import anatomy, check_anatomy
 from leantune.data.encode import IGNORE, collate, decoder_start, encode_example
 from leantune.data.evaluate import greedy_generate
-from leantune.methods.base import ConfigError
 from leantune.train.loop import token_loss_sum
 
 T5 = "builtin:tiny-t5"
@@ -162,23 +161,50 @@ def test_a_local_t5_folder_loads_as_a_seq2seq_lm(tmp_path):
     torch.testing.assert_close(logits(loaded, batch), logits(model, batch), rtol=0, atol=0)
 
 
-def test_light_peft_refuses_t5_heads_and_prunes_its_ffn_to_the_masked_model():
+def _pruned_t5():
+    """Tiny T5 under Light-PEFT with 0/1 masks, then the same plan applied physically: (masked, pruned) logits.
+    Layers keep different self-attention heads, so the shared relative position bias must give each its own."""
     from test_light_peft import empty_plan, randomize_adapter, set_masks_from_plan
 
     model, tok = tiny(T5)
-    with pytest.raises(ConfigError, match="relative position bias with one column per head"):
-        leantune.apply(model, "light_peft")
-    method = leantune.apply(model, "light_peft", head_ratio=0.0)
+    method = leantune.apply(model, "light_peft")
+    assert [m is not None for m in method.masks.cross_head_masks] == [False, False, True, True]
     randomize_adapter(method)
     plan = empty_plan(method)
+    plan.heads = plan.kv_heads = [[0, 2], [1, 2, 3], [3], [0, 1]]
+    plan.cross_heads = [None, None, [1, 3], [2]]
     plan.ffn = [[1, 5, 6, 127], list(range(0, 128, 3)), [0, 2, 9], list(range(64, 128))]
     plan.validate()
     set_masks_from_plan(method, plan)
+    with torch.no_grad():
+        for m, kept in zip(method.masks.cross_head_masks, plan.cross_heads, strict=True):
+            if m is not None:
+                m.mask.zero_()[kept] = 1.0
     batch = _batch(tok, model, [("12+30=", "42"), ("1+1=", "2")])  # padding on both sides
     masked = logits(model, batch)
     method.apply_plan(plan)
-    assert [b.linears["down"].in_features for b in method.anatomy.blocks] == [4, 43, 3, 64]
+    return model, tok, method, batch, masked
+
+
+def test_light_peft_prunes_t5_heads_cross_heads_and_ffn_to_the_masked_model():
+    model, tok, method, batch, masked = _pruned_t5()
+    blocks = method.anatomy.blocks
+    assert [b.linears["o"].in_features for b in blocks] == [32, 48, 16, 32]
+    assert [b.linears["cross_o"].in_features for b in blocks[2:]] == [32, 16]
+    assert [b.linears["down"].in_features for b in blocks] == [4, 43, 3, 64]
     torch.testing.assert_close(logits(model, batch), masked, rtol=1e-5, atol=1e-5)
+    # generation (the decoder's self- and cross-attention caches) runs on the pruned shapes
+    assert len(greedy_generate(model, tok, ["1+2="], max_new_tokens=3)) == 1
+
+
+def test_pruned_t5_merged_export_is_a_leantune_folder_that_says_why(tmp_path):
+    from leantune.prune import load_merged, save_merged
+
+    model, tok, method, batch, _ = _pruned_t5()
+    expected = logits(model, batch)
+    export = save_merged(model, tmp_path / "merged")
+    assert export.kind == "leantune" and "shares one relative position bias" in export.reason
+    torch.testing.assert_close(logits(load_merged(tmp_path / "merged"), batch), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_s2ft_activation_calibration_skips_the_decoders_padding():

@@ -130,6 +130,9 @@ class FamilySpec:
     by_config: Callable | None = None
     # the block's attention module, when it calls transformers' attention interface (the attention entry point)
     attention: str | None = None
+    # the attention modules take and pass on a per-head position bias (keyword ``position_bias``, the second item of
+    # their output), made by a stack's first block and shared by the later ones (T5's relative position bias)
+    shared_position_bias: bool = False
 
 
 _ATTN_BIAS = dict.fromkeys(("q", "k", "v", "o"), "attention_bias")
@@ -284,6 +287,7 @@ def _t5_spec(gated: bool) -> FamilySpec:
                       ("layer.0.layer_norm", "layer.1.layer_norm", "layer.2.layer_norm")),),
         extra_norms=("encoder.final_layer_norm",),
         seq2seq=True,
+        shared_position_bias=True,
         by_config=lambda config: _T5_GATED if getattr(config, "is_gated_act", False) else _T5_PLAIN,
     )
 
@@ -702,7 +706,8 @@ class Anatomy:
         return ch + (inter if part == "up" else 0)
 
     def qk_norm_entries(self, heads) -> torch.Tensor:
-        """Entries of a whole-projection q/k norm's weight that belong to ``heads`` (of its own projection)."""
+        """Entries of a whole-projection q/k norm's weight (and output) that belong to ``heads`` (of its own
+        projection)."""
         h = torch.as_tensor(heads, dtype=torch.long).reshape(-1)
         return (h[:, None] * self.head_dim + torch.arange(self.head_dim)).reshape(-1)
 

@@ -375,6 +375,8 @@ def serve(
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="nf4 | fp4 | int8 | none: load the frozen "
                                            "base quantized with bitsandbytes (default: as the adapters were trained)"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
 ):
     """An OpenAI-compatible server: the base and every adapter, requests batched together (docs/serving.md)."""
     import os
@@ -397,6 +399,7 @@ def serve(
         limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(64, max_new_tokens),
                         max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
                         request_timeout_s=request_timeout, max_batch=max_batch)
+        _use_family_specs(family_spec)
         bank, tok = load_bank(model, parse_adapters(adapter), base_dtype, quantize)
         server_app = create_app(bank, tok, limits, admin_token=token, base_name=model)  # refuses T5-style models
     except (ValueError, KeyError, RuntimeError, OSError) as e:
@@ -427,6 +430,8 @@ def plan(
     compare: bool = typer.Option(False, "--compare", help="every method side by side (and a plot with --plot)"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="with --compare: peak memory vs sequence length, PNG"),
     as_json: bool = typer.Option(False, "--json", help="machine-readable output (bytes)"),
+    family_spec: list[Path] = typer.Option([], "--family-spec", help="a YAML file describing a model family "
+                                           "leantune does not know (docs/models.md), repeatable"),
 ):
     """Training memory per method from the model's config alone: weights, gradients, optimizer state, saved
     activations and the step's peak, traced with fake tensors (nothing is allocated)."""
@@ -434,6 +439,7 @@ def plan(
     from .measure.plan_report import plot_peaks, render
 
     try:
+        _use_family_specs(family_spec)
         settings = planner.PlanSettings(
             batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing,
             mixed_precision=mixed_precision, base_dtype=base_dtype, device=device, distributed=distributed,

@@ -38,6 +38,8 @@ from .base import (
     warn_once,
 )
 
+DEFAULT_FFN_RATIO = 0.4
+
 
 @dataclass
 class LightPeftConfig(MethodConfig):
@@ -54,7 +56,8 @@ class LightPeftConfig(MethodConfig):
     ffn_mask_lr_scale: float = 50.0
     # what goes: fractions of heads and FFN channels removed; fractions of adapter modules and ranks kept
     head_ratio: float = 0.4
-    ffn_ratio: float = 0.4
+    # None: DEFAULT_FFN_RATIO on a dense FFN, 0 on a mixture of experts (set at apply, so the saved config says which)
+    ffn_ratio: float | None = None
     module_keep: float = 0.25
     rank_keep: float = 0.5
     uniform: bool = False  # the same shape in every layer (a merged model that fits the model's own config)
@@ -104,7 +107,7 @@ class LightPeftConfig(MethodConfig):
             raise ConfigError(f"light_peft: base_method must be a method name, got {self.base_method!r}")
         for name in ("head_ratio", "ffn_ratio"):
             v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
+            if v is not None and not 0.0 <= v < 1.0:
                 raise ConfigError(f"light_peft: {name} is the fraction removed, in [0, 1); got {v}")
         for name in ("module_keep", "rank_keep"):
             v = getattr(self, name)
@@ -168,23 +171,28 @@ class LightPeft(Method):
 
     def check_model(self, anat):
         cfg = self.config
+        if cfg.ffn_ratio is None:  # the default: FFN channels where the FFN is one MLP, attention heads only on experts
+            cfg.ffn_ratio = 0.0 if anat.n_experts else DEFAULT_FFN_RATIO
+            if anat.n_experts and cfg.plan is None:
+                warn_once(f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts, "
+                          "whose channels Light-PEFT cannot prune yet: it prunes attention heads only (ffn_ratio=0)")
         ffn = cfg.ffn_ratio > 0 if cfg.plan is None else cfg.plan.get("ffn") is not None
         if ffn and anat.n_experts:
             raise ConfigError(
                 f"light_peft: this {anat.model_type} model's FFN is a mixture of {anat.n_experts} experts; Light-PEFT "
-                "cannot prune expert channels yet: prune attention heads only with ffn_ratio=0")
+                f"cannot prune expert channels yet (ffn_ratio={cfg.ffn_ratio}): prune attention heads only with "
+                "ffn_ratio=0 (the default on a mixture of experts)")
         heads = cfg.head_ratio > 0 if cfg.plan is None else cfg.plan.get("heads") is not None
-        if heads and anat.seq2seq:
+        cross = any("cross_o" in b.linears for b in anat.blocks)
+        if heads and cross and (anat.n_kv_heads != anat.n_heads or anat.qk_norm_kind() is not None
+                                or any("qkv" in b.linears for b in anat.blocks)):
             raise ConfigError(
-                f"light_peft: this {anat.model_type} model is an encoder-decoder: its attention adds a relative position "
-                "bias with one column per head and its decoder's cross-attention has heads of its own, which head "
-                "pruning does not slice yet; prune FFN channels only with head_ratio=0")
-        if heads and anat.qk_norm_kind() == "whole":
+                f"light_peft: this {anat.model_type} model has cross-attention and grouped KV heads, a fused qkv or q/k "
+                "norms, which head pruning does not slice together; prune FFN channels only with head_ratio=0")
+        if heads and anat.qk_norm_kind() == "whole" and any("qkv" in b.linears for b in anat.blocks):
             raise ConfigError(
-                f"light_peft: this {anat.model_type} model normalizes its queries and keys over all heads at once "
-                "(whole-projection q/k norms), so removing a head changes the others' normalization and the pruned "
-                "model would not be the masked model it was estimated on; prune FFN channels only with head_ratio=0"
-            )
+                f"light_peft: this {anat.model_type} model normalizes its fused queries and keys over all heads at "
+                "once, which head pruning cannot keep whole; prune FFN channels only with head_ratio=0")
 
     def _apply(self, model, anat):
         cfg = self.config
@@ -210,7 +218,8 @@ class LightPeft(Method):
     def optimizer_options(self) -> dict[str, dict[str, float]]:
         if self.masks is None:
             return {}
-        scale = {"head_mask": self.config.head_mask_lr_scale, "ffn_mask": self.config.ffn_mask_lr_scale}
+        scale = {"head_mask": self.config.head_mask_lr_scale, "cross_head_mask": self.config.head_mask_lr_scale,
+                 "ffn_mask": self.config.ffn_mask_lr_scale}
         return {n: {"lr_scale": scale[n.rsplit(".", 1)[1]]} for n in self.masks.named}
 
     def num_changed(self) -> int:
@@ -239,6 +248,10 @@ class LightPeft(Method):
             plan.heads, plan.kv_heads = select_heads(
                 scores, anat.n_kv_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden
             )
+        if self.masks is not None and any(m is not None for m in self.masks.cross_head_masks):
+            scores = self.masks.taylor_scores("cross_head_mask") if taylor else self.masks.cross_head_scores()
+            kept = iter(select_heads(scores, anat.n_heads, cfg.head_ratio, cfg.uniform, divisor_of=anat.hidden)[0])
+            plan.cross_heads = [next(kept) if m is not None else None for m in self.masks.cross_head_masks]
         if self.masks is not None and self.masks.ffn_masks:
             scores = self.masks.taylor_scores("ffn_mask") if taylor else self.masks.ffn_scores()
             plan.ffn = select_channels(scores, cfg.ffn_ratio, cfg.uniform)
@@ -257,6 +270,8 @@ class LightPeft(Method):
             "heads_kept": sum(heads),
             "heads_kept_per_layer": heads,
             "kv_heads_kept_per_layer": [len(k) for k in plan.kv_heads] if plan.kv_heads else [anat.n_kv_heads] * n_layers,
+            **({"cross_heads_total": anat.n_heads * sum(c is not None for c in plan.cross_heads),
+                "cross_heads_kept": sum(len(c) for c in plan.cross_heads if c is not None)} if plan.cross_heads else {}),
             "ffn_total": anat.intermediate * n_layers,
             "ffn_kept": sum(ffn),
             "ffn_kept_per_layer": ffn,

@@ -6,7 +6,8 @@ Two kinds, and the folder says which (``leantune_merged.json``) and why:
   (checked by building the config and the model skeleton and comparing every tensor shape). ``transformers``
   loads it by itself (``AutoModelForCausalLM.from_pretrained(dir)``).
 * ``leantune``: otherwise (layers of different shapes; GPT-2 and BERT derive ``head_dim`` from
-  ``hidden / heads``; LlamaConfig insists on ``hidden % heads == 0``). The folder holds ``base_config.json``
+  ``hidden / heads``; LlamaConfig insists on ``hidden % heads == 0``; OLMo 2's pruned heads keep q/k whole and T5's
+  keep the shared relative position bias whole, which no config describes). The folder holds ``base_config.json``
   (the unpruned config), ``leantune_pruned.json`` (architecture, per-layer plan) and ``model.safetensors``;
   ``load_merged(dir)`` builds the skeleton, slices it as the plan says and loads the weights.
 """
@@ -94,12 +95,22 @@ def fitting_config(model: nn.Module, plan: PrunePlan, shapes: dict[str, tuple]) 
     """(a config of the model's own class that describes the pruned model, why) or (None, why not).
 
     ``shapes``: the pruned model's base tensors (name -> shape), checked against a skeleton built from the config."""
+    cls_name = type(model.config).__name__
+    if plan.heads is not None and anatomy(model).qk_norm_kind() == "whole":
+        return None, (f"{model.config.model_type} normalizes queries and keys over all heads at once: the pruned model "
+                      "keeps q/k and their norms whole and passes on the kept heads' features only, which a "
+                      f"{cls_name} cannot describe (it would normalize over the kept heads alone); the folder loads "
+                      "with leantune.prune.load_merged (train with head_ratio=0 for a plain Hugging Face folder)")
+    if (plan.heads is not None or plan.cross_heads is not None) and family_spec(model).shared_position_bias:
+        return None, (f"{model.config.model_type} shares one relative position bias (a column per head) between the "
+                      "blocks of a stack: with heads pruned it stays whole and each block uses its kept heads' part, "
+                      f"which a {cls_name} cannot describe; the folder loads with leantune.prune.load_merged (train "
+                      "with head_ratio=0 for a plain Hugging Face folder)")
     shape = plan.uniform_shape()
     if shape is None:
         per_layer = ", ".join(f"{s['heads']}h/{s['ffn']}" for s in plan.layer_shapes())
         return None, (f"layers keep different numbers of heads / FFN channels ({per_layer}); a transformers config "
                       "holds one size for all layers (train with uniform=true for a plain Hugging Face folder)")
-    cls_name = type(model.config).__name__
     try:
         config = _pruned_config(model, shape)
     except Exception as e:  # the config class refuses the pruned sizes

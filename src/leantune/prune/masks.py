@@ -1,7 +1,7 @@
 """Foundation masks: one trainable scalar per attention head and one per FFN channel, init 1.0.
 
-A head mask scales the head's output before the output projection: a forward pre-hook on ``o`` multiplies the
-head's block of ``head_dim`` input columns (equivalent to scaling its attention probabilities, and it leaves
+A head mask scales the head's output before the output projection: a forward pre-hook on ``o`` (an encoder-decoder's
+cross-attention: on ``cross_o``, masks of their own) multiplies the head's block of ``head_dim`` input columns (equivalent to scaling its attention probabilities, and it leaves
 fused attention kernels alone). An FFN mask scales the intermediate activation: a pre-hook on ``down``. The mask
 lives as a child module ``light_peft_mask`` of the layer it scales, so it moves with the model to any device.
 
@@ -41,10 +41,12 @@ def _pre_hook(module: nn.Module, args):
 
 
 class FoundationMasks:
-    """Head masks on every block's ``o`` and FFN masks on every block's ``down``; ``detach()`` drops them all."""
+    """Head masks on every block's ``o`` (and ``cross_o`` where there is one) and FFN masks on every block's ``down``;
+    ``detach()`` drops them all."""
 
     def __init__(self, anat: Anatomy, heads: bool = True, ffn: bool = True, taylor: bool = False):
         self.head_masks: list[InputMask] = []
+        self.cross_head_masks: list[InputMask | None] = []  # one per block, None where it has no cross-attention
         self.ffn_masks: list[InputMask] = []
         self._owners: list[nn.Module] = []
         self._hooks = []
@@ -54,6 +56,10 @@ class FoundationMasks:
                 o = block.linear("o")
                 self.head_masks.append(self._attach(o, anat.head_dim))
                 self.named[f"{anat.name_of(o)}.head_mask"] = self.head_masks[-1].mask
+                cross_o = block.linears.get("cross_o")
+                self.cross_head_masks.append(self._attach(cross_o, anat.head_dim) if cross_o is not None else None)
+                if cross_o is not None:
+                    self.named[f"{anat.name_of(cross_o)}.cross_head_mask"] = self.cross_head_masks[-1].mask
             if ffn:
                 down = block.linear("down")
                 self.ffn_masks.append(self._attach(down, 1))
@@ -101,10 +107,10 @@ class FoundationMasks:
         self._grad = {}
 
     def taylor_scores(self, kind: str) -> list[torch.Tensor]:
-        """Mean ``|m ⊙ ∂L/∂m|`` per head (``kind="head_mask"``) or FFN channel (``"ffn_mask"``), one tensor per
-        layer."""
+        """Mean ``|m ⊙ ∂L/∂m|`` per head (``kind="head_mask"``; ``"cross_head_mask"``: cross-attention heads) or FFN
+        channel (``"ffn_mask"``), one tensor per layer that has such masks."""
         n = max(1.0, float(self.taylor_steps))
-        return [(t / n).float() for name, t in self.taylor_sum.items() if name.endswith(kind)]
+        return [(t / n).float() for name, t in self.taylor_sum.items() if name.rsplit(".", 1)[1] == kind]
 
     def state(self, prefix: str) -> dict[str, torch.Tensor]:
         """The Taylor sums as tensors (for checkpoints in the middle of estimation); empty when not collected."""
@@ -115,7 +121,7 @@ class FoundationMasks:
         return out
 
     def parameters(self) -> list[nn.Parameter]:
-        return [m.mask for m in self.head_masks + self.ffn_masks]
+        return [m.mask for m in self.head_masks + [c for c in self.cross_head_masks if c is not None] + self.ffn_masks]
 
     def l1(self) -> torch.Tensor:
         """Σ|m| over all masks."""
@@ -123,6 +129,10 @@ class FoundationMasks:
 
     def head_scores(self) -> list[torch.Tensor]:
         return [m.mask.detach().float().cpu() for m in self.head_masks]
+
+    def cross_head_scores(self) -> list[torch.Tensor]:
+        """The cross-attention head masks' values, one tensor per block that has cross-attention."""
+        return [m.mask.detach().float().cpu() for m in self.cross_head_masks if m is not None]
 
     def ffn_scores(self) -> list[torch.Tensor]:
         return [m.mask.detach().float().cpu() for m in self.ffn_masks]
@@ -134,4 +144,5 @@ class FoundationMasks:
         for layer in self._owners:
             delattr(layer, MASK_ATTR)
         self._hooks, self._owners, self.head_masks, self.ffn_masks, self.named = [], [], [], [], {}
+        self.cross_head_masks = []
         self.taylor_sum, self._grad, self.active = {}, {}, False

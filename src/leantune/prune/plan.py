@@ -130,7 +130,8 @@ def select_ranks(scores: dict[str, torch.Tensor], keep_fraction: float) -> dict[
 class PrunePlan:
     """What stays after pruning: kept query heads, KV heads and FFN channels per layer (None: untouched), kept
     adapter modules and their kept ranks (None: all), the original sizes (checked against the model) and the
-    explicit counts. JSON-able through ``to_dict`` / ``from_dict``."""
+    explicit counts. JSON-able through ``to_dict`` / ``from_dict``. ``cross_heads``: an encoder-decoder's kept
+    cross-attention heads per layer (None for a layer without cross-attention; it has as many KV heads as heads)."""
 
     n_layers: int
     n_heads: int
@@ -143,9 +144,13 @@ class PrunePlan:
     modules: list[str] | None = None
     ranks: dict[str, list[int]] | None = None
     counts: dict = field(default_factory=dict)
+    cross_heads: list[list[int] | None] | None = None
 
     def to_dict(self) -> dict:
-        return {"plan_version": PLAN_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        d = {"plan_version": PLAN_VERSION, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
+        if d["cross_heads"] is None:  # a decoder-only plan reads as before (older leantune knows no cross_heads)
+            del d["cross_heads"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PrunePlan:
@@ -181,6 +186,15 @@ class PrunePlan:
                         f"prune plan: layer {i} keeps query heads {q} on KV heads {kv}; every kept KV head must keep "
                         "the same number of its query heads (and only kept KV heads may have query heads)"
                     )
+        if self.cross_heads is not None:
+            if len(self.cross_heads) != L:
+                raise PlanError(f"prune plan: cross_heads needs one entry per layer ({L} layers), got "
+                                f"{len(self.cross_heads)}")
+            if self.n_kv_heads != self.n_heads:
+                raise PlanError("prune plan: cross_heads needs as many KV heads as query heads")
+            for i, q in enumerate(self.cross_heads):
+                if q is not None:
+                    _check_indices(q, self.n_heads, f"layer {i} cross_heads")
         if self.ffn is not None:
             if len(self.ffn) != L:
                 raise PlanError(f"prune plan: ffn needs one list per layer ({L} layers), got {len(self.ffn)}")
@@ -202,7 +216,7 @@ class PrunePlan:
 
     def layer_shapes(self) -> list[dict]:
         """Per layer: kept query heads, KV heads and FFN channels (counts)."""
-        return [
+        shapes = [
             {
                 "heads": len(self.heads[i]) if self.heads else self.n_heads,
                 "kv_heads": len(self.kv_heads[i]) if self.kv_heads else self.n_kv_heads,
@@ -210,6 +224,10 @@ class PrunePlan:
             }
             for i in range(self.n_layers)
         ]
+        for shape, cross in zip(shapes, self.cross_heads or [], strict=False):
+            if cross is not None:
+                shape["cross_heads"] = len(cross)
+        return shapes
 
     def uniform_shape(self) -> dict | None:
         """The one per-layer shape when every layer has it, else None."""
