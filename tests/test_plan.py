@@ -80,13 +80,16 @@ def _check_bound(predicted: dict, measured: dict, tight=("weights", "step_peak")
 
 
 def _kept_counts(plan: dict) -> tuple:
-    """What Light-PEFT's amounts fix: query heads per layer, FFN channels in all, adapter modules, ranks in all."""
+    """What Light-PEFT's amounts fix: query heads per layer (cross-attention's too), FFN channels in all, adapter
+    modules, ranks in all."""
     return ([len(h) for h in plan["heads"]] if plan["heads"] else None,
+            [c and len(c) for c in plan.get("cross_heads") or []],
             sum(map(len, plan["ffn"])) if plan["ffn"] else None, plan["modules"] and len(plan["modules"]),
             plan["ranks"] and sum(map(len, plan["ranks"].values())))
 
 
-@pytest.mark.parametrize("model", ["builtin:tiny-llama"] + (["builtin:tiny-gpt2", SMALL_EFFICIENCY] if SLOW else []))
+@pytest.mark.parametrize("model", ["builtin:tiny-llama", "builtin:tiny-t5"]  # T5: cross-attention heads too
+                         + (["builtin:tiny-gpt2", SMALL_EFFICIENCY] if SLOW else []))
 def test_light_peft_bound_is_the_worst_prune_its_amounts_allow(model):
     """Prunes a run can reach: Light-PEFT's own selection rules fed random scores (some skewed, so whole layers
     and piled-up ranks come up). The bound's prunes keep exactly their counts (so they are prunes a run can reach

@@ -649,6 +649,9 @@ def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings,
             g = H // KV
             plan.heads = [[j * g + i for j in range(k) for i in range(c)] for _ in range(L)]
             plan.kv_heads = [list(range(k)) for _ in range(L)]
+            if any("cross_o" in blk.linears for blk in anat.blocks):  # cross-attention: as many KV heads as heads
+                k, c = max(group_shapes(H, H, 1.0 - cfg.head_ratio, anat.hidden if cfg.uniform else None))
+                plan.cross_heads = [list(range(k * c)) if "cross_o" in blk.linears else None for blk in anat.blocks]
         if cfg.ffn_ratio > 0:
             if cfg.uniform:
                 plan.ffn = [list(range(kept_count(1.0 - cfg.ffn_ratio, inter))) for _ in range(L)]
@@ -747,6 +750,11 @@ def sample_prune_plan(source: ModelSource, options: dict, settings: PlanSettings
     if cfg.head_ratio > 0:
         plan.heads, plan.kv_heads = select_heads(scores(anat.n_heads, L), anat.n_kv_heads, cfg.head_ratio,
                                                  cfg.uniform, divisor_of=anat.hidden)
+        cross = ["cross_o" in blk.linears for blk in anat.blocks]
+        if any(cross):  # as Light-PEFT's make_plan: the cross-attention layers' heads, ranked the same way
+            kept = iter(select_heads(scores(anat.n_heads, sum(cross)), anat.n_heads, cfg.head_ratio, cfg.uniform,
+                                     divisor_of=anat.hidden)[0])
+            plan.cross_heads = [next(kept) if has else None for has in cross]
     if cfg.ffn_ratio > 0:
         plan.ffn = select_channels(scores(anat.intermediate, L), cfg.ffn_ratio, cfg.uniform)
     names = list(widths)
