@@ -91,7 +91,9 @@ SUPPORTED = [("lora", {}), ("lora", {"dora": True}), ("lora", {"rslora": True}),
              # soft prompts touch no weight; KronA's term sits beside the layer as LoRA's; the PEFT bridge for the
              # types PEFT injects into bitsandbytes layers itself
              ("prompt_tuning", {}), ("prefix_tuning", {}), ("prefix_flat", {}), ("krona", {}),
-             ("peft", {"peft_type": "LORA", "r": 4}), ("peft", {"peft_type": "IA3"})]
+             ("peft", {"peft_type": "LORA", "r": 4}), ("peft", {"peft_type": "IA3"}),
+             # the hybrids: as their parts allow (prefix + scaled parallel adapter; gated LoRA + prefix + adapter)
+             ("mam", {}), ("unipelt", {})]
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
@@ -388,7 +390,7 @@ def test_the_survey_suite_honours_quantize_with_a_quantized_row_or_the_reason_fo
     assert len(labels) == 40 and labels[:4] == ["full", "full+nf4", "houlsby", "houlsby+nf4"] and cfg.methods == labels
     by = {e["label"]: e for e in cfg.entries}
     refused = {k: v["unavailable"] for k, v in by.items() if "unavailable" in v}
-    assert set(refused) == {"full+nf4", "light_peft+nf4", "peft:lora+nf4", "mam+nf4", "unipelt+nf4"}
+    assert set(refused) == {"full+nf4", "light_peft+nf4", "peft:lora+nf4"}
     assert refused["full+nf4"].startswith("does not train on a nf4-quantized base: full fine-tuning updates")
     assert "leantune's methods only" in refused["peft:lora+nf4"]
     assert by["lora_qv+nf4"]["quantize"] == "nf4" and by["lora_qv+nf4"]["options"]["targets"] == "q,v"

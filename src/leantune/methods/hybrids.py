@@ -16,6 +16,7 @@ collide: ``prefix`` on attention modules, ``adapter`` on the FFN's last layer, `
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,13 @@ class _Hybrid(Method):
 
     @property
     def capabilities(self) -> Capabilities:
+        # a quantized base: as its parts allow (each part's own term beside the quantized layer's product)
+        refusing = [(p.name, p.capabilities.quantized_refusal) for p in self.parts_for()
+                    if not p.capabilities.quantized_base]
         return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
-                            identity_at_init=False, fsdp=False, fsdp_refusal=_FSDP_REFUSAL)
+                            identity_at_init=False, fsdp=False, fsdp_refusal=_FSDP_REFUSAL,
+                            quantized_base=not refusing,
+                            quantized_refusal="; ".join(f"its {n} part: {r}" for n, r in refusing))
 
     def check_model(self, anat: Anatomy) -> None:
         self.parts = self.parts_for()
@@ -239,8 +245,7 @@ class UniPelt(_Hybrid):
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(mergeable=False, restores_base=True, inference_overhead="gating", identity_at_init=False,
-                            fsdp=False, fsdp_refusal=_FSDP_REFUSAL)
+        return dataclasses.replace(super().capabilities, inference_overhead="gating")
 
     def parts_for(self):
         cfg = self.config
