@@ -105,13 +105,14 @@ def _make_prefix_attention(base: str):
         key = torch.cat([pk, key], dim=2)
         if pre.gate is None:
             return inner(module, query, key, torch.cat([pv, value], dim=2), mask, **kwargs)
-        # UniPELT: the gate scales the prefix's share of each query's output. Values [prefix | 0] and [0 | real] side
-        # by side in one attention call give both shares under the same softmax: out = real + g · prefix.
-        hd = value.shape[-1]
-        both = torch.cat([torch.cat([pv, torch.zeros_like(pv)], -1), torch.cat([torch.zeros_like(value), value], -1)], 2)
-        out, weights = inner(module, query, key, both, mask, **kwargs)  # (b, q, heads, 2 hd)
-        g = pre.gate_values(q_len).to(out.dtype)  # (b, q, 1, 1)
-        return out[..., hd:] + g * out[..., :hd], weights
+        # UniPELT: the gate scales the prefix's share of each query's output: out = real + g · prefix share. Two
+        # calls under the same softmax, each with values of the keys' head size (so the fused flash / memory-efficient
+        # kernels still apply; values [prefix | real] side by side would double the head size and fall back to the
+        # kernel that keeps the attention matrix): all values give real + prefix, values [prefix | 0] the prefix's.
+        total, weights = inner(module, query, key, torch.cat([pv, value], dim=2), mask, **kwargs)  # (b, q, heads, hd)
+        share, _ = inner(module, query, key, torch.cat([pv, torch.zeros_like(value)], dim=2), mask, **kwargs)
+        g = pre.gate_values(q_len).to(total.dtype)  # (b, q, 1, 1)
+        return total + (g - 1) * share, weights
 
     return prefix_attention
 
