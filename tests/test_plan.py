@@ -330,3 +330,16 @@ def test_fsdp_per_rank_shards_are_what_fsdp2_holds(tmp_path):
         plan = planner.plan_method("builtin:tiny-llama", method, {}, settings).memory
         for key in ("weights", "grads", "optimizer"):
             assert plan[key] == held[key] >= other[key], (method, key)
+
+
+@pytest.mark.parametrize(("model", "method", "options"), [
+    ("builtin:tiny-mixtral", "lora", None),  # experts frozen: their products save no input
+    ("builtin:tiny-mixtral", "lora", {"experts": True}),
+    ("builtin:tiny-qwen2-moe", "full", None),  # experts trained: inputs saved, weight gradients
+    ("builtin:tiny-qwen2-moe", "s2ft", None),
+])
+def test_mixture_of_experts_float32_is_planned_as_measured(model, method, options):
+    """transformers' experts multiply by grouped_mm, whose fake kernel takes bfloat16 only: a float32 MoE base
+    is traced through a stand-in that must allocate and save what the op does."""
+    predicted, measured = _plan_and_measure(model, method, 2, 32, options=options)
+    _check(predicted, measured, f"{method} {options or ''} on {model}")

@@ -296,6 +296,53 @@ def _masks_as_real():
         masking_utils.is_tracing = real
 
 
+class _GroupedProduct(torch.autograd.Function):
+    """What ``torch._grouped_mm(input (S, in), weight (E, in, out), offs)`` allocates and saves, on fake tensors of
+    any dtype: the output; for backward the input only when the weight takes a gradient and the weight only when
+    the input does (autograd's rule for the op); in backward one gradient per operand that needs one."""
+
+    @staticmethod
+    def forward(ctx, input, weight, offs):
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+        ctx.shapes = (input.shape, input.dtype, weight.shape, weight.dtype)
+        return input.new_empty((input.shape[0], weight.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        in_shape, in_dtype, w_shape, w_dtype = ctx.shapes
+        return (grad.new_empty(in_shape, dtype=in_dtype) if ctx.needs_input_grad[0] else None,
+                grad.new_empty(w_shape, dtype=w_dtype) if ctx.needs_input_grad[1] else None, None)
+
+
+@contextlib.contextmanager
+def _experts_traceable():
+    """transformers' mixture-of-experts layers multiply by torch's ``grouped_mm``, whose fake kernel takes
+    bfloat16 only (the rule of its CUDA kernel), while a float32 base runs it (the CPU kernel; transformers falls
+    back elsewhere). Under the trace a product on fake tensors that are not bfloat16 is :class:`_GroupedProduct`:
+    the same output, saved tensors and gradients as the op (checked against measured CPU steps on Mixtral and
+    Qwen2-MoE)."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:
+        yield
+        return
+    real = moe._grouped_mm
+
+    def grouped_mm(input, weight, offs):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if isinstance(weight, FakeTensor) and weight.dtype != torch.bfloat16:
+            return _GroupedProduct.apply(input.to(weight.dtype), weight, offs)
+        return real(input, weight, offs)
+
+    moe._grouped_mm = grouped_mm
+    try:
+        yield
+    finally:
+        moe._grouped_mm = real
+
+
 class _SmallValues(TorchDispatchMode):
     """Real values beside the fake tensors that decide what a method builds: index lists, seeded random draws,
     masks of units (S²FT's selection, Light-PEFT's surgery). A tensor gets a real twin when every tensor it is made
@@ -523,6 +570,7 @@ class _Session:
             self._stack.enter_context(self.meter)
             self._stack.enter_context(_masks_as_real())
             self._stack.enter_context(_moves_in_place())
+            self._stack.enter_context(_experts_traceable())
         try:
             self.model = build_model(source, settings, fake)
             torch.manual_seed(0)
@@ -638,7 +686,8 @@ def light_peft_bound(source: ModelSource, options: dict, settings: PlanSettings,
     from ..api import apply
     from ..prune.plan import PrunePlan, group_shapes, kept_count
 
-    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter(), _masks_as_real():
+    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter(), _masks_as_real(), \
+            _experts_traceable():
         model = build_model(source, settings, fake=True)
         m = apply(model, method, **options)
         cfg, anat = m.config, m.anatomy
@@ -734,7 +783,7 @@ def sample_prune_plan(source: ModelSource, options: dict, settings: PlanSettings
     from ..api import apply
     from ..prune.plan import PrunePlan, select_channels, select_heads, select_modules, select_ranks
 
-    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter():
+    with FakeTensorMode() as fake_mode, _SmallValues(fake_mode), LiveBytesMeter(), _experts_traceable():
         model = build_model(source, settings, fake=True)
         m = apply(model, method, **options)
         cfg, anat = m.config, m.anatomy
