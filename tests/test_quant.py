@@ -493,3 +493,12 @@ def test_quantize_that_disagrees_with_a_prequantized_checkpoint_is_a_clear_error
         load_model(ckpt, quantize="none")
     model = load_model(ckpt, quantize="nf4")[0]  # agrees: taken as stored
     assert quantization_of(model).prequantized
+
+
+def test_a_prequantized_checkpoint_without_bitsandbytes_says_how_to_install(prequantized, monkeypatch):
+    """The checkpoint's config asks for bitsandbytes: leantune's install hint, before transformers' own error."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(RuntimeError, match=r"pip install 'leantune\[quant\]'"):
+        load_model(str(prequantized / "q4"))
