@@ -44,7 +44,9 @@ TUNED_LRS: dict[str, dict[str, float]] = {
                      "houlsby": 9e-3, "pfeiffer": 9e-3, "parallel": 3e-2, "scaled_parallel": 9e-3, "compacter": 3e-2,
                      "compacter_pp": 3e-2, "krona": 3e-2, "ia3": 9e-2,
                      # soft prompts and hybrids: two `--quick --sweep` runs each (docs/bench.md); mam's sweep was flat
-                     "prompt_tuning": 9e-2, "prefix_tuning": 1e-3, "prefix_flat": 3.3e-2, "mam": 1e-2, "unipelt": 3e-3},
+                     "prompt_tuning": 9e-2, "prefix_tuning": 1e-3, "prefix_flat": 3.3e-2, "mam": 1e-2, "unipelt": 3e-3,
+                     # LN tuning: two `--quick --sweep` runs, around 3e-2 and 9e-2 (docs/bench.md)
+                     "ln_tuning": 9e-2},
 }
 SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # --sweep: the run's LR (tuned or the method's default) times these
 
