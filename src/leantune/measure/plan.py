@@ -856,6 +856,8 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
     if settings.quantize == "int8" and settings.device == "cuda":
         notes.append("int8 traced with bitsandbytes' CPU training path (the weight dequantized for each matmul); "
                      "on CUDA it runs LLM.int8's own matmul, whose temporaries differ")
+    if settings.distributed == "fsdp" and not caps.fsdp:
+        raise ValueError(f"{method} does not train under FSDP: {caps.fsdp_refusal}")
     if caps.schedule_ends:
         if prune_plan is not None:
             options = {**options, "plan": prune_plan}
@@ -867,11 +869,7 @@ def prepare(source: ModelSource, method: str, options: dict, settings: PlanSetti
             notes.append(f"after pruning; an upper bound for the configured amounts (the largest figures of {len(plans)} "
                          "prunes keeping the most expensive heads, channels, modules and ranks); --prune-plan "
                          "ADAPTER_DIR plans a finished run exactly")
-            if settings.distributed == "fsdp" and not caps.fsdp:
-                raise ValueError(f"{method} does not train under FSDP: {caps.fsdp_refusal}")
             return [{**options, "plan": plan} for plan in plans], notes
-    if settings.distributed == "fsdp" and not caps.fsdp:
-        raise ValueError(f"{method} does not train under FSDP: {caps.fsdp_refusal}")
     return [options], notes
 
 

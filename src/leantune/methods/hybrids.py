@@ -42,9 +42,10 @@ class _Hybrid(Method):
 
     @property
     def capabilities(self) -> Capabilities:
-        # a quantized base: as its parts allow (each part's own term beside the quantized layer's product)
-        refusing = [(p.name, p.capabilities.quantized_refusal) for p in self.parts_for()
-                    if not p.capabilities.quantized_base]
+        # a quantized base: as its parts allow (each part's own term beside the quantized layer's product); the
+        # parts built at apply, or the config's parts before it
+        parts = getattr(self, "parts", None) or self.parts_for()
+        refusing = [(p.name, p.capabilities.quantized_refusal) for p in parts if not p.capabilities.quantized_base]
         return Capabilities(mergeable=False, restores_base=True, inference_overhead="extra_input",
                             identity_at_init=False, fsdp=False, fsdp_refusal=_FSDP_REFUSAL,
                             quantized_base=not refusing,
