@@ -58,6 +58,19 @@ def loss_of(model, batch) -> torch.Tensor:
     return total / n
 
 
+def perturbed_adapter(folder, model, method: str, noise_seed: int, scale: float, **opts):
+    """Apply ``method`` to ``model``, move every float tensor of its state off its neutral init by seeded noise
+    (trained-looking values), save it in ``folder`` and return the folder."""
+    import leantune
+
+    m = leantune.apply(model, method, **opts)
+    g = torch.Generator().manual_seed(noise_seed)
+    m.load_state({k: v + torch.randn(v.shape, generator=g).to(v.dtype) * scale if v.is_floating_point() else v
+                  for k, v in m.state().items()})
+    leantune.save(model, folder)
+    return folder
+
+
 def train_steps(model, batch, steps: int = 1, lr: float = 1e-2):
     params = [p for _, p in model.leantune_method.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=lr)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import leantune
+from conftest import perturbed_adapter
 from leantune.methods.base import list_methods
 from leantune.methods.s2ft import fuse as s2ft_fuse
 from leantune.serve.bank import AdapterBank, check_name
@@ -35,15 +36,7 @@ def ids(seed=0, b=2, t=9):
 
 
 def make_adapter(folder, model_name, method, noise_seed, **opts):
-    model = base(model_name)
-    m = leantune.apply(model, method, **opts)
-    g = torch.Generator().manual_seed(noise_seed)
-    state = {}
-    for k, v in m.state().items():  # trained-looking values: nothing at its neutral init
-        state[k] = v + torch.randn(v.shape, generator=g).to(v.dtype) * 0.2 if v.is_floating_point() else v
-    m.load_state(state)
-    leantune.save(model, folder)
-    return folder
+    return perturbed_adapter(folder, base(model_name), method, noise_seed, 0.2, **opts)
 
 
 @torch.no_grad()
@@ -190,16 +183,11 @@ def s2ft_state(seed):
 
 
 def dense_merge(w0, state, weight=1.0, into=None):
+    from test_s2ft import dense_deltas
+
     out = dict(into or {n: w.clone() for n, w in w0.items()})
-    for key, idx in state.items():
-        if key.endswith("_indices"):
-            name, side = key.rsplit(".", 1)[0], key.rsplit(".", 1)[1].split("_")[0]
-            d = torch.zeros_like(w0[name + ".weight"])
-            if side == "in":
-                d[:, idx] = state[f"{name}.in_delta"]
-            else:
-                d[idx, :] = state[f"{name}.out_delta"]
-            out[name + ".weight"] = out[name + ".weight"] + weight * d
+    for name, d in dense_deltas(w0, state, weight).items():
+        out[name] = out[name] + d
     return out
 
 

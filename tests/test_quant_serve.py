@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import leantune
-from conftest import fixed_batch, train_steps
+from conftest import fixed_batch, perturbed_adapter, train_steps
 from leantune.models import load_model
 from leantune.serve.bank import AdapterBank
 
@@ -49,13 +49,7 @@ def qbase(kind="nf4"):
 
 def make_adapter(folder, method, noise_seed, kind="nf4", **opts):
     """An adapter made on a ``kind`` base (None: full precision), its tensors moved off their neutral init."""
-    model = load_model(MODEL, quantize=kind)[0]
-    m = leantune.apply(model, method, **opts)
-    g = torch.Generator().manual_seed(noise_seed)
-    m.load_state({k: v + torch.randn(v.shape, generator=g).to(v.dtype) * 0.3 if v.is_floating_point() else v
-                  for k, v in m.state().items()})
-    leantune.save(model, folder)
-    return str(folder)
+    return str(perturbed_adapter(folder, load_model(MODEL, quantize=kind)[0], method, noise_seed, 0.3, **opts))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import leantune  # noqa: E402
+from conftest import perturbed_adapter  # noqa: E402
 from leantune.data.evaluate import greedy_generate  # noqa: E402
 from leantune.serve.engine import Engine, Limits, QueueFull, Request  # noqa: E402
 from leantune.serve.server import create_app, load_bank  # noqa: E402
@@ -38,13 +39,7 @@ TOKEN = "s3cret"
 
 
 def make_adapter(folder, method, noise_seed, **opts):
-    model, _ = leantune.load_model(MODEL)
-    m = leantune.apply(model, method, **opts)
-    g = torch.Generator().manual_seed(noise_seed)
-    m.load_state({k: v + torch.randn(v.shape, generator=g).to(v.dtype) * 0.5 if v.is_floating_point() else v
-                  for k, v in m.state().items()})
-    leantune.save(model, folder)
-    return str(folder)
+    return str(perturbed_adapter(folder, leantune.load_model(MODEL)[0], method, noise_seed, 0.5, **opts))
 
 
 class Live:
