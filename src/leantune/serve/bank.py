@@ -357,11 +357,15 @@ class AdapterBank:
         distinct = set(names)
         for n in distinct - {None}:
             self._adapter(n)
-        if len(distinct) == 1 and (not all(self.adapters[n].mixed for n in distinct - {None})
-                                   or (switch and not (self.quantized and names[0] is not None))):
-            self.switch(names[0])  # on a quantized base a mixed adapter keeps its terms: never merged (below)
-            yield
-            return
+        one = names[0] if len(distinct) == 1 else False
+        if one is not False:
+            # one adapter (or the base) for every row: switched in, unless its terms are asked for (switch=False)
+            # or the base is quantized (a mixed adapter then keeps its terms: never merged into packed weights)
+            terms = one is not None and self.adapters[one].mixed and (not switch or self.quantized)
+            if not terms:
+                self.switch(one)
+                yield
+                return
         switch_only = sorted(n for n in distinct - {None} if not self.adapters[n].mixed)
         if switch_only:
             raise ValueError(f"adapters {switch_only} are served through the switch only (their method has no "
