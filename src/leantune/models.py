@@ -228,11 +228,10 @@ def _load_hf(name: str, dtype):
     from .anatomy import known_family
 
     spec = known_family(config.model_type)
-    qc = getattr(config, "quantization_config", None)
-    qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    if qc and str(qc.get("quant_method")) == "bitsandbytes":  # stored quantized: say how to install, not transformers
-        from .quant import bitsandbytes
+    from .quant import bitsandbytes, stored_quantization
 
+    stored = stored_quantization(config)
+    if stored is not None and stored["quant_method"] == "bitsandbytes":  # the install hint, before transformers' error
         bitsandbytes()
     if getattr(config, "is_encoder_decoder", False):  # T5 and kin: the config says, whatever the family spec
         auto = AutoModelForSeq2SeqLM

@@ -146,14 +146,22 @@ def _targets(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module
 _TORCH_TO_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def checkpoint_quantization(model: nn.Module) -> QuantizeConfig | None:
-    """What a checkpoint that transformers loaded quantized holds (its ``quantization_config`` and layers), as a
-    QuantizeConfig with ``prequantized``; None for a plain checkpoint. Only bitsandbytes' formats are known."""
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+def stored_quantization(config) -> dict | None:
+    """A model config's ``quantization_config`` as a dict (a checkpoint stored quantized), or None."""
+    qc = getattr(config, "quantization_config", None)
     if qc is None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    method = str(getattr(qc.get("quant_method"), "value", qc.get("quant_method")))
+    return {**qc, "quant_method": str(getattr(qc.get("quant_method"), "value", qc.get("quant_method")))}
+
+
+def checkpoint_quantization(model: nn.Module) -> QuantizeConfig | None:
+    """What a checkpoint that transformers loaded quantized holds (its ``quantization_config`` and layers), as a
+    QuantizeConfig with ``prequantized``; None for a plain checkpoint. Only bitsandbytes' formats are known."""
+    qc = stored_quantization(getattr(model, "config", None))
+    if qc is None:
+        return None
+    method = qc["quant_method"]
     if method != "bitsandbytes":
         raise ValueError(f"this checkpoint is quantized with {method!r}; leantune trains on bitsandbytes "
                          "checkpoints (4-bit NF4/FP4, LLM.int8) only: use the full-precision checkpoint with --quantize")
