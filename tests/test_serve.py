@@ -363,7 +363,12 @@ def test_stop_strings_cut_the_text_and_finish_with_stop(served):
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.5), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5),
                                          ("seed", 1.5), ("seed", True), ("stop", ""), ("stop", ["a"] * 5),
-                                         ("stop", 3), ("n", 2)])
+                                         ("stop", 3), ("n", 0), ("n", 1000), ("presence_penalty", 2.5),
+                                         ("frequency_penalty", "x"), ("logit_bias", {"abc": 1}),
+                                         ("logit_bias", {"259": 1}), ("logit_bias", {"5": 101}), ("logit_bias", [1]),
+                                         ("logprobs", 21), ("logprobs", True), ("best_of", 3), ("suffix", "!"),
+                                         ("response_format", {"type": "json_object"}), ("tools", [{"type": "x"}]),
+                                         ("max_tokens", 0), ("echo", "yes")])
 def test_bad_sampling_values_get_400_naming_the_field(served, field, value):
     live, _folders, _ = served
     status, _h, p = call(live.port, "POST", "/v1/completions", {"model": "l4", "prompt": "x", field: value})
@@ -384,3 +389,152 @@ def test_serve_refuses_an_encoder_decoder_base_at_start(monkeypatch):
     bank, tok = load_bank("builtin:tiny-t5", {})
     with pytest.raises(ValueError, match="encoder-decoder"):
         bank.generate([[1, 5]], [None], 2, pad_token_id=0)
+
+
+# -- sampling adjustments, log-probabilities, n choices, echo ----------------------------------------------------
+
+
+def reference(folder, prompt, n, presence=0.0, frequency=0.0, bias=None, chat=False):
+    """Greedy tokens and every step's log-softmax, from the plain adapted model (``load_for_inference``) without a
+    KV cache, OpenAI's penalties (over the generated tokens) and logit bias applied by hand."""
+    from leantune.data.encode import bos_prefix
+    from leantune.data.templates import render_default
+    from leantune.pipeline import load_for_inference
+
+    model, tok = load_for_inference(MODEL, folder)
+    text = render_default([{"role": "user", "content": prompt}]) if chat else prompt
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ids = bos_prefix(tok, ids) + ids
+    out, lps = [], []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1].double()
+            adj = logits.clone()
+            for t, b in (bias or {}).items():
+                adj[t] += b
+            for t in set(out):
+                adj[t] -= presence + frequency * out.count(t)
+            nxt = int(adj.argmax())
+            if nxt == tok.eos_token_id:
+                break
+            lps.append(torch.log_softmax(logits, -1))
+            out.append(nxt)
+    return out, lps, tok
+
+
+def test_penalties_and_bias_adjust_the_logits_over_generated_tokens_only():
+    from leantune.serve.engine import adjusted_logits
+
+    logits = torch.randn(2, 12, generator=torch.Generator().manual_seed(3))
+    r = Request([9, 9, 4], None, 8, lambda *a: None, 0.0, presence_penalty=0.5, frequency_penalty=0.25,
+                logit_bias={7: 2.0, 3: -1.0})
+    r.tokens = [3, 3, 5]
+    plain = Request([9], None, 8, lambda *a: None, 0.0)
+    plain.tokens = [3]
+    got = adjusted_logits(logits, [r, plain])
+    want = logits[0].clone()
+    want[7] += 2.0
+    want[3] += -1.0 - 0.5 - 0.25 * 2  # biased, generated twice
+    want[5] -= 0.5 + 0.25  # generated once; 9 and 4 only in the prompt: not penalized
+    torch.testing.assert_close(got[0], want)
+    torch.testing.assert_close(got[1], logits[1])  # a row that asks for nothing keeps its logits
+
+
+def test_penalties_and_bias_through_the_server_equal_a_reference(served):
+    live, folders, _ = served
+    want, _lps, tok = reference(folders["l4"], PROMPTS[3], 8, presence=1.5, frequency=0.7)
+    got = complete(live.port, "l4", PROMPTS[3], max_tokens=8, presence_penalty=1.5, frequency_penalty=0.7)
+    assert got == tok.decode(want, skip_special_tokens=True)
+    assert got != complete(live.port, "l4", PROMPTS[3], max_tokens=8)  # the penalties changed the answer
+    z = tok("z", add_special_tokens=False)["input_ids"][0]
+    assert complete(live.port, "s2ft_a", PROMPTS[0], max_tokens=5, logit_bias={str(z): 100}) == "zzzzz"
+
+
+def test_logprobs_equal_the_models_log_softmax_streamed_or_not(served):
+    live, folders, _ = served
+    want, lps, tok = reference(folders["l8.rs"], PROMPTS[2], 6)
+    body = {"model": "l8.rs", "prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    status, _h, payload = call(live.port, "POST", "/v1/completions", body)
+    assert status == 200, payload
+    choice = json.loads(payload)["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == tok.decode(want, skip_special_tokens=True)
+    assert lp["tokens"] == [tok.decode([t], skip_special_tokens=True) for t in want]
+    torch.testing.assert_close(torch.tensor(lp["token_logprobs"], dtype=torch.float64),
+                               torch.stack([lps[i][t] for i, t in enumerate(want)]), atol=1e-4, rtol=0)
+    for i, top in enumerate(lp["top_logprobs"]):
+        assert len(top) <= 3 and max(top.values()) == pytest.approx(float(lps[i].max()), abs=1e-4)  # greedy: the top
+    assert lp["text_offset"] == [len(tok.decode(want[:i], skip_special_tokens=True)) for i in range(len(want))]
+    status, _h, payload = call(live.port, "POST", "/v1/completions", {**body, "stream": True})
+    parts = [json.loads(e[6:])["choices"][0] for e in payload.split("\n") if e.startswith("data: {")]
+    streamed = [x for p in parts if p["logprobs"] for x in p["logprobs"]["token_logprobs"]]
+    assert streamed == lp["token_logprobs"]
+    # chat: logprobs true, top_logprobs 2
+    want, lps, _tok = reference(folders["ia3"], PROMPTS[0], 4, chat=True)
+    body = {"model": "ia3", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    status, _h, payload = call(live.port, "POST", "/v1/chat/completions", body)
+    content = json.loads(payload)["choices"][0]["logprobs"]["content"]
+    assert [len(c["top_logprobs"]) for c in content] == [2] * len(want)
+    torch.testing.assert_close(torch.tensor([c["logprob"] for c in content], dtype=torch.float64),
+                               torch.stack([lps[i][t] for i, t in enumerate(want)]), atol=1e-4, rtol=0)
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(served):
+    from leantune.pipeline import load_for_inference
+
+    live, folders, tok = served
+    prompt = PROMPTS[3]
+    body = {"model": "s2ft_b", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    status, _h, payload = call(live.port, "POST", "/v1/completions", body)
+    assert status == 200, payload
+    choice = json.loads(payload)["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    model, _t = load_for_inference(MODEL, folders["s2ft_b"])
+    with torch.no_grad():
+        lsm = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+    want = torch.stack([lsm[j - 1, ids[j]] for j in range(1, len(ids))])  # each prompt token given the ones before
+    got = choice["logprobs"]["token_logprobs"]
+    assert len(got) == len(ids) - 1  # the BOS the server put first is not echoed
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), want, atol=1e-4, rtol=0)
+    # echo with tokens to generate: the prompt, then the answer
+    body = {"model": "s2ft_b", "prompt": prompt, "max_tokens": TOKENS, "echo": True, "temperature": 0}
+    status, _h, payload = call(live.port, "POST", "/v1/completions", body)
+    assert json.loads(payload)["choices"][0]["text"] == prompt + expected(folders["s2ft_b"], [prompt])[0]
+
+
+def test_n_choices_each_draw_with_seed_plus_index_streamed_or_not(served):
+    live, _folders, _ = served
+    body = {"model": "l4", "prompt": PROMPTS[1], "max_tokens": 8, "temperature": 1.3, "seed": 40}
+    singles = [json.loads(call(live.port, "POST", "/v1/completions", {**body, "seed": 40 + i})[2]) for i in range(3)]
+    one = [a["choices"][0]["text"] for a in singles]
+    status, _h, payload = call(live.port, "POST", "/v1/completions", {**body, "n": 3})
+    assert status == 200, payload
+    answer = json.loads(payload)
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in answer["choices"]] == one
+    assert len(set(one)) > 1  # the choices differ
+    assert answer["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in singles)
+    assert answer["usage"]["prompt_tokens"] == singles[0]["usage"]["prompt_tokens"]
+    status, _h, payload = call(live.port, "POST", "/v1/chat/completions",
+                               {**{k: v for k, v in body.items() if k != "prompt"}, "n": 3, "stream": True,
+                                "messages": [{"role": "user", "content": PROMPTS[1]}]})
+    parts = [json.loads(e[6:])["choices"][0] for e in payload.split("\n") if e.startswith("data: {")]
+    texts = {i: "".join(p["delta"].get("content", "") for p in parts if p["index"] == i) for i in range(3)}
+    finished = [p["index"] for p in parts if p["finish_reason"]]
+    assert sorted(finished) == [0, 1, 2]
+    chat_one = [complete(live.port, "l4", PROMPTS[1], chat=True, max_tokens=8, temperature=1.3, seed=40 + i)
+                for i in range(3)]
+    assert [texts[i] for i in range(3)] == chat_one
+
+
+@pytest.mark.parametrize("path,body,field", [
+    ("/v1/chat/completions", {"echo": True}, "echo"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"logprobs": 3}, "logprobs")])
+def test_chat_only_fields_are_checked(served, path, body, field):
+    live, _folders, _ = served
+    body = {"model": "l4", "messages": [{"role": "user", "content": "x"}], **body}
+    status, _h, p = call(live.port, "POST", path, body)
+    assert status == 400 and f"'{field}'" in json.loads(p)["error"]["message"], p

@@ -2,8 +2,10 @@
 in one mixed batch, a step at a time (continuous batching: a finished row leaves after its step, a waiting request
 joins at the next one).
 
-Each row picks its tokens with its own parameters (``next_tokens``: greedy at temperature 0, else a draw with its
-own seeded generator, nucleus top_p) and finishes at EOS, at a stop string or at its token limit.
+Each row picks its tokens with its own parameters (``next_tokens``: its logit bias and presence / frequency penalties
+first, then greedy at temperature 0, else a draw with its own seeded generator, nucleus top_p), records the chosen
+token's log-probability and its top alternatives when asked (``logprobs``), and finishes at EOS, at a stop string or
+at its token limit.
 
 KV cache per group of rows: a step drops the rows that finished from the group's cache (and the leading positions
 no row attends to any more), feeds each row in it its last token, and prefills only the rows that joined (their
@@ -128,11 +130,19 @@ class Request:
     seed: int | None = None  # the row's own generator; None: a fresh random seed
     stop: tuple[str, ...] = ()  # finish ("stop") once the decoded text contains one of these
     decode: Callable[[list[int]], str] | None = None  # token ids -> text (needed with ``stop``)
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the row has generated
+    frequency_penalty: float = 0.0  # times the number of times the row has generated it, subtracted too
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit at every step
+    logprobs: int | None = None  # None: none; k: every token's log-probability and its k most likely alternatives
+    # one (token, log-probability, [(alternative, log-probability)] * k) per generated token, filled before on_token
+    token_logprobs: list = field(default_factory=list)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.stop and self.decode is None:
             raise ValueError("a request with stop strings needs a decode function (token ids -> text)")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 alternatives, got {self.logprobs}")
         self.generator = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
 
     def stopped(self) -> bool:
@@ -143,11 +153,44 @@ class Request:
         return any(s in text for s in self.stop)
 
 
+def adjusted_logits(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+    """The rows' logits (rows, vocab) with each row's ``logit_bias`` added and its penalties subtracted, OpenAI's
+    way over the tokens the row has generated so far (not its prompt): ``presence_penalty`` once for every token it
+    has generated, ``frequency_penalty`` times the number of times it has. Rows that ask for none: unchanged."""
+    todo = [i for i, r in enumerate(rows)
+            if r.logit_bias or (r.tokens and (r.presence_penalty or r.frequency_penalty))]
+    if not todo:
+        return logits
+    out = logits.float().clone()
+    vocab = out.shape[-1]
+    for i in todo:
+        r = rows[i]
+        if r.logit_bias:
+            ids = torch.tensor(list(r.logit_bias), dtype=torch.long, device=out.device)
+            out[i].index_add_(0, ids, torch.tensor(list(r.logit_bias.values()), dtype=out.dtype, device=out.device))
+        if r.tokens and (r.presence_penalty or r.frequency_penalty):
+            counts = torch.bincount(torch.tensor(r.tokens, device=out.device), minlength=vocab)[:vocab].to(out.dtype)
+            out[i] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(out.dtype)
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple:
+    """(token, its log-probability, its k most likely alternatives as [(token, log-probability)]) under the
+    model's distribution at that position (``log_softmax`` of the raw logits: before bias, penalties, temperature
+    and top_p, as vLLM reports them by default)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k) if k else None
+    return [(t, float(lp[i, t]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist(),
+                                                                      strict=True)))
+            for i, t in enumerate(tokens)]
+
+
 def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
-    """One token per row from its last position's logits (rows, vocab): the argmax where the row's temperature is
-    0; else a draw from ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely
+    """One token per row from its last position's logits (rows, vocab), after the row's bias and penalties
+    (``adjusted_logits``): the argmax where the row's temperature is 0; else a draw from ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely
     tokens whose probabilities reach top_p), by inverting the cumulative distribution at one uniform number from
     the row's own generator, so a seeded request draws the same tokens whatever batch it shares."""
+    logits = adjusted_logits(logits, rows)
     out = logits.argmax(-1).tolist()
     sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
     if not sampled:
@@ -199,14 +242,16 @@ class Engine:
         with self._lock:
             return len(self._waiting) + len(self._active)
 
-    def submit(self, req: Request) -> None:
+    def submit(self, *reqs: Request) -> None:
+        """Queue requests, all or none (the choices of one API request)."""
         with self._lock:
             if self._stop:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) + len(self._active) >= self.limits.queue_size:
+            if len(self._waiting) + len(self._active) + len(reqs) > self.limits.queue_size:
                 raise QueueFull(f"{self.limits.queue_size} requests are already waiting or running (--queue-size)")
-            req.number = next(self._numbers)
-            self._waiting.append(req)
+            for req in reqs:
+                req.number = next(self._numbers)
+                self._waiting.append(req)
             self._lock.notify_all()
 
     def call(self, fn: Callable) -> Future:
@@ -267,10 +312,19 @@ class Engine:
         nxt = next_tokens(logits[:, -1], rows)
         self.steps += 1
         self.tokens += len(rows)
-        for r, tok in zip(rows, nxt, strict=True):
-            if self.eos is not None and tok == self.eos:
+        asked = [i for i, r in enumerate(rows) if r.logprobs is not None]
+        entries = {}
+        if asked:
+            k = max(rows[i].logprobs for i in asked)
+            idx = torch.tensor(asked, device=logits.device)
+            entries = dict(zip(asked, token_logprobs(logits[idx, -1], [nxt[i] for i in asked], k), strict=True))
+        for i, (r, tok) in enumerate(zip(rows, nxt, strict=True)):
+            if self.eos is not None and tok == self.eos:  # the EOS is not part of the answer (nor its logprob)
                 self._finish(r, "stop")
                 continue
+            if i in entries:
+                t, lp, alts = entries[i]
+                r.token_logprobs.append((t, lp, alts[:r.logprobs]))
             r.tokens.append(tok)
             r.on_token(tok, None)
             if r.stopped():
@@ -339,3 +393,14 @@ class Engine:
         with self._lock:
             self._active.remove(r)
         r.on_token(None, reason)
+
+
+@torch.no_grad()
+def prompt_logprobs(bank: AdapterBank, ids: list[int], adapter: str | None, k: int) -> list[tuple]:
+    """Every token of ``ids`` after the first, scored given the ones before it through ``adapter``: (token,
+    log-probability, k alternatives) as ``token_logprobs`` gives them (run in the engine's thread: ``Engine.call``)."""
+    device = next(bank.model.parameters()).device
+    if len(ids) < 2:
+        return []
+    logits = bank.forward(torch.tensor([ids], device=device), [adapter])[0, :-1]
+    return token_logprobs(logits, ids[1:], k)

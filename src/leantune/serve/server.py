@@ -20,7 +20,7 @@ from pathlib import Path
 from ..data.encode import bos_prefix
 from ..data.templates import render_default
 from .bank import BASE, AdapterBank, check_name
-from .engine import Engine, Limits, QueueFull, Request
+from .engine import Engine, Limits, QueueFull, Request, prompt_logprobs
 
 try:
     from fastapi import FastAPI
@@ -162,107 +162,238 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
 
     async def _serve(body: dict, text: str, chat: bool):
         adapter = _adapter_of(body.get("model"))
+        refuse_unsupported(body, chat)
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise ApiError(400, f"'echo' must be true or false, got {echo!r}")
         max_new = body.get("max_tokens", body.get("max_completion_tokens", limits.default_new_tokens))
         if max_new is None:
             max_new = limits.default_new_tokens
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= limits.max_new_tokens:
-            raise ApiError(400, f"'max_tokens' must be an integer in [1, {limits.max_new_tokens}] "
-                                f"(--max-new-tokens), got {max_new!r}")
+        low = 0 if echo else 1  # max_tokens 0 with echo: the prompt's log-probabilities only (scoring)
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or not low <= max_new <= limits.max_new_tokens:
+            raise ApiError(400, f"'max_tokens' must be an integer in [{low}, {limits.max_new_tokens}] "
+                                f"(--max-new-tokens; 0 only with echo), got {max_new!r}")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}")
-        sampling = sampling_params(body)
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_batch:
+            raise ApiError(400, f"'n' must be an integer in [1, {limits.max_batch}] (--max-batch), got {n!r}")
+        sampling = sampling_params(body, vocab_size(bank.model))
+        k = logprob_count(body, chat)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = bos_prefix(tokenizer, ids) + ids
+        bos = bos_prefix(tokenizer, ids)
+        ids = bos + ids
         if len(ids) > limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most "
                                 f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
+        prompt_entries = None
+        if echo and k is not None:  # every prompt token's log-probability given the ones before it (the first's
+            # only after a BOS the tokenizer adds)
+            scored = await asyncio.wrap_future(engine.call(lambda: prompt_logprobs(bank, ids, adapter, k)))
+            prompt_entries = [(ids[j], None, None) if j == 0 else scored[j - 1] for j in range(len(bos), len(ids))]
+        echoed = text if echo else ""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
+        stops, seed = sampling.pop("stop"), sampling.pop("seed")
+        reqs = []
+        for i in range(n if max_new else 0):
+            def on_token(tok, end, i=i):  # called from the engine's thread
+                loop.call_soon_threadsafe(events.put_nowait, (i, tok, end))
 
-        def on_token(tok, end):  # called from the engine's thread
-            loop.call_soon_threadsafe(events.put_nowait, (tok, end))
-
-        stops = sampling["stop"]
-        req = Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s, **sampling,
-                      decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True))
+            reqs.append(Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s,
+                                **sampling, stop=stops, seed=None if seed is None else seed + i, logprobs=k,
+                                decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True)))
         try:
-            engine.submit(req)
+            engine.submit(*reqs)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", "rate_limit_error",
                            {"Retry-After": "1"}) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = body.get("model") or BASE
+        answer = _Answer(tokenizer, chat, stops, echoed, prompt_entries, reqs, n)
         if stream:
-            return StreamingResponse(_events(events, rid, created, name, chat, stops),
-                                     media_type="text/event-stream")
-        tokens, reason = [], None
-        while reason is None:
-            tok, reason = await events.get()
-            if tok is not None:
-                tokens.append(tok)
+            return StreamingResponse(_events(events, answer, rid, created, name), media_type="text/event-stream")
+        while not answer.done():
+            i, tok, end = await events.get()
+            answer.take(i, tok, end)
+        reason = answer.failure()
         if reason == "timeout":
             raise ApiError(504, f"the request took longer than {limits.request_timeout_s:g} s (--request-timeout)",
                            "timeout_error")
-        if reason.startswith("error"):
+        if reason is not None:
             raise ApiError(500, f"generation failed: {reason}", "server_error")
-        out = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": len(tokens), "total_tokens": len(ids) + len(tokens)}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out}, "finish_reason": reason}
-            return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": [choice],
-                    "usage": usage}
-        return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                "choices": [{"index": 0, "text": out, "logprobs": None, "finish_reason": reason}], "usage": usage}
+        generated = sum(len(t) for t in answer.tokens)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": name, "choices": [answer.choice(i) for i in range(n)], "usage": usage}
 
-    async def _events(events, rid, created, name, chat, stops):
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _events(events, answer, rid, created, name):
+        obj = "chat.completion.chunk" if answer.chat else "text_completion"
 
-        def chunk(text, reason, first=False):
-            if chat:
-                delta = ({"role": "assistant"} if first else {}) | ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        def chunk(choice):
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name,
                                           "choices": [choice]}) + "\n\n"
 
-        tokens, sent, reason = [], "", None
-        hold = max((len(s) for s in stops), default=1) - 1  # what could be the start of a stop string waits
-        if chat:
-            yield chunk("", None, first=True)
-        while reason is None:
-            tok, reason = await events.get()
-            if tok is not None:
-                tokens.append(tok)
-                full = tokenizer.decode(tokens, skip_special_tokens=True)
-                text = cut_at_stop(full, stops)
-                if len(text) == len(full):
-                    text = text[:len(text) - hold]
-                if not text.endswith("\ufffd") and len(text) > len(sent):  # whole characters only
-                    yield chunk(text[len(sent):], None)
-                    sent = text
-        text = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-        if reason in ("stop", "length"):
-            yield chunk(text[len(sent):], reason)
-        else:
-            msg = {"timeout": f"the request took longer than {limits.request_timeout_s:g} s"}.get(reason, reason)
-            yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
+        for i in range(answer.n):
+            first = answer.first_chunk(i)
+            if first is not None:
+                yield chunk(first)
+        if not answer.reqs:  # max_tokens 0 (echo): the prompt was all
+            for i in range(answer.n):
+                yield chunk(answer.last_chunk(i))
+        while not answer.done():
+            i, tok, end = await events.get()
+            answer.take(i, tok, end)
+            if end is None:
+                part = answer.stream_part(i)
+                if part is not None:
+                    yield chunk(part)
+            elif end in ("stop", "length"):
+                yield chunk(answer.last_chunk(i))
+            else:
+                msg = {"timeout": f"the request took longer than {limits.request_timeout_s:g} s"}.get(end, end)
+                yield "data: " + json.dumps({"error": {"message": msg, "type": "server_error"}}) + "\n\n"
+                break
         yield "data: [DONE]\n\n"
 
     return app
 
 
+class _Answer:
+    """The n choices of one request as their tokens arrive: each one's tokens, text (cut at a stop string), finish
+    reason and log-probabilities in OpenAI's shapes (the legacy completions' ``tokens / token_logprobs /
+    top_logprobs / text_offset``, or chat's ``content``), whole or as stream chunks."""
+
+    def __init__(self, tokenizer, chat: bool, stops, echoed: str, prompt_entries, reqs: list[Request], n: int):
+        self.tokenizer, self.chat, self.stops, self.echoed = tokenizer, chat, stops, echoed
+        self.prompt_entries, self.reqs, self.n = prompt_entries, reqs, n
+        self.logprobs = bool(reqs) and reqs[0].logprobs is not None or prompt_entries is not None
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.offsets: list[list[int]] = [[] for _ in range(n)]  # where each token's text starts (with logprobs)
+        self.reasons: list[str | None] = [None if reqs else "length" for _ in range(n)]  # no reqs: max_tokens 0
+        self.sent = [""] * n  # streaming: the text sent so far (the echo aside)
+        self.lp_sent = [0] * n  # streaming: the tokens whose log-probabilities were sent
+        self.hold = max((len(s) for s in stops), default=1) - 1  # what could be the start of a stop string waits
+
+    def done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def failure(self) -> str | None:
+        return next((r for r in self.reasons if r not in ("stop", "length")), None)
+
+    def decode(self, toks) -> str:
+        return self.tokenizer.decode(toks, skip_special_tokens=True)
+
+    def take(self, i: int, tok: int | None, end: str | None) -> None:
+        if tok is not None:
+            if self.logprobs:
+                self.offsets[i].append(len(self.decode(self.tokens[i])))
+            self.tokens[i].append(tok)
+        if end is not None:
+            self.reasons[i] = end
+
+    def final_text(self, i: int) -> str:
+        return self.echoed + cut_at_stop(self.decode(self.tokens[i]), self.stops)
+
+    def _kept(self, i: int) -> int:
+        """How many generated tokens the answer's text shows: those whose text starts before a stop string's cut."""
+        cut = len(cut_at_stop(self.decode(self.tokens[i]), self.stops))
+        return sum(1 for o in self.offsets[i] if o < cut) if self.reasons[i] == "stop" and self.stops else \
+            len(self.tokens[i])
+
+    def _generated(self, i: int, lo: int, hi: int) -> list:
+        """The generated tokens lo..hi of choice i: (token, log-probability, alternatives, offset in the text)."""
+        entries = self.reqs[i].token_logprobs if self.reqs else []
+        return [(*entries[j], len(self.echoed) + self.offsets[i][j]) for j in range(lo, hi)]
+
+    def _prompt(self) -> list:
+        ids = [e[0] for e in self.prompt_entries]
+        return [(*e, len(self.decode(ids[:j]))) for j, e in enumerate(self.prompt_entries)]
+
+    def _format(self, entries: list):
+        """OpenAI's logprobs object for (token, log-probability, alternatives, offset) entries."""
+        text = lambda t: self.decode([t])  # noqa: E731
+        if self.chat:
+            return {"content": [{"token": text(t), "logprob": lp, "bytes": None,
+                                 "top_logprobs": [{"token": text(a), "logprob": v, "bytes": None} for a, v in alts]}
+                                for t, lp, alts, _o in entries]}
+        return {"tokens": [text(t) for t, *_ in entries], "token_logprobs": [lp for _t, lp, *_ in entries],
+                "top_logprobs": [None if alts is None else _by_text(alts, text) for _t, _lp, alts, _o in entries],
+                "text_offset": [o for *_, o in entries]}
+
+    def final_logprobs(self, i: int):
+        if not self.logprobs:
+            return None
+        return self._format((self._prompt() if self.prompt_entries is not None else []) +
+                            self._generated(i, 0, self._kept(i)))
+
+    def choice(self, i: int) -> dict:
+        """Choice i of the whole (non-streamed) answer."""
+        text, reason, lp = self.final_text(i), self.reasons[i], self.final_logprobs(i)
+        if self.chat:
+            return {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                    "finish_reason": reason}
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    # -- streaming -------------------------------------------------------------------------------------------------
+    def first_chunk(self, i: int) -> dict | None:
+        """Chat: the role; completions with echo: the prompt (and its log-probabilities); else nothing."""
+        if self.chat:
+            return {"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
+        if not self.echoed:
+            return None
+        lp = self._format(self._prompt()) if self.prompt_entries is not None else None
+        return {"index": i, "text": self.echoed, "logprobs": lp, "finish_reason": None}
+
+    def _part(self, i: int, text: str, reason: str | None, hi: int) -> dict:
+        lo, self.lp_sent[i] = self.lp_sent[i], max(self.lp_sent[i], hi)
+        lp = self._format(self._generated(i, lo, hi)) if self.logprobs and hi > lo else None
+        if self.chat:
+            return {"index": i, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+
+    def stream_part(self, i: int) -> dict | None:
+        """The new whole characters of choice i (none that could begin a stop string), with the log-probabilities
+        of the tokens that arrived since its last chunk."""
+        full = self.decode(self.tokens[i])
+        text = cut_at_stop(full, self.stops)
+        if len(text) == len(full):
+            text = text[:len(text) - self.hold]
+        if text.endswith("\ufffd") or len(text) <= len(self.sent[i]):
+            return None
+        new, self.sent[i] = text[len(self.sent[i]):], text
+        return self._part(i, new, None, len(self.tokens[i]))
+
+    def last_chunk(self, i: int) -> dict:
+        text = cut_at_stop(self.decode(self.tokens[i]), self.stops)
+        return self._part(i, text[len(self.sent[i]):], self.reasons[i], self._kept(i))
+
+
+def _by_text(alts, text) -> dict[str, float]:
+    """The legacy format's ``{token text: log-probability}``: alternatives whose texts coincide (partial UTF-8 bytes
+    all read "\ufffd") keep the likeliest one's value."""
+    out: dict[str, float] = {}
+    for a, v in alts:
+        out.setdefault(text(a), v)
+    return out
+
+
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's: a request without "temperature" is sampled; send 0 for greedy
 MAX_STOPS = 4
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's chat top_logprobs limit)
+MAX_BIASED = 300  # logit_bias entries (OpenAI's limit)
 
 
-def sampling_params(body: dict) -> dict:
+def sampling_params(body: dict, vocab: int | None = None) -> dict:
     """OpenAI's sampling fields of a request, checked: ``temperature`` (0 to 2, default 1; 0 is greedy),
-    ``top_p`` (over 0 to 1, default 1), ``seed`` (an integer: the same seed draws the same tokens), ``stop`` (a
-    string or up to 4; the text is cut before the first and finishes with "stop"); ``n`` other than 1 is refused.
-    Raises :class:`ApiError` (400) naming the field."""
+    ``top_p`` (over 0 to 1, default 1), ``seed`` (an integer: the same seed draws the same tokens; choice i of
+    ``n`` draws with seed + i), ``stop`` (a string or up to 4; the text is cut before the first and finishes with
+    "stop"), ``presence_penalty`` and ``frequency_penalty`` (-2 to 2, default 0), ``logit_bias`` (token id -> -100
+    to 100, ids below the model's ``vocab``). Raises :class:`ApiError` (400) naming the field."""
 
     def number(key, default, ok, what):
         v = body.get(key)
@@ -274,19 +405,85 @@ def sampling_params(body: dict) -> dict:
 
     temperature = number("temperature", DEFAULT_TEMPERATURE, lambda v: 0 <= v <= 2, "a number in [0, 2] (0: greedy)")
     top_p = number("top_p", 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    presence = number("presence_penalty", 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    frequency = number("frequency_penalty", 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
         raise ApiError(400, f"'seed' must be an integer (64-bit), got {seed!r}")
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise ApiError(400, f"'n' must be 1: this server returns one choice per request (got {n!r}); send n "
-                            "requests instead")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else ([] if stop is None else stop)
     if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(x, str) and x for x in stops):
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOPS} of them, "
                             f"got {stop!r}")
-    return {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stops)}
+    return {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": tuple(stops),
+            "presence_penalty": presence, "frequency_penalty": frequency,
+            "logit_bias": logit_bias(body.get("logit_bias"), vocab)}
+
+
+def logit_bias(value, vocab: int | None) -> dict[int, float] | None:
+    """``logit_bias`` as OpenAI sends it (a JSON object: token id as a string -> a number in [-100, 100]), checked."""
+    if value is None:
+        return None
+    what = "an object of token id -> number in [-100, 100]"
+    if not isinstance(value, dict) or len(value) > MAX_BIASED:
+        raise ApiError(400, f"'logit_bias' must be {what}, at most {MAX_BIASED} entries, got {value!r:.200}")
+    out = {}
+    for key, v in value.items():
+        ok_key = isinstance(key, str) and key.isascii() and key.isdigit()
+        tok = int(key) if ok_key else -1
+        if not ok_key or (vocab is not None and tok >= vocab):
+            raise ApiError(400, f"'logit_bias': {key!r} is not a token id of this model "
+                                f"(0 to {vocab - 1 if vocab else '...'})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+            raise ApiError(400, f"'logit_bias' must be {what}; token {key} has {v!r}")
+        out[tok] = float(v)
+    return out or None
+
+
+def logprob_count(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token's log-probability comes with, or None when none is asked: completions'
+    ``logprobs`` (an integer 0 to 20), chat's ``logprobs: true`` with ``top_logprobs`` (0 to 20, default 0)."""
+    lp = body.get("logprobs")
+    if chat:
+        top = body.get("top_logprobs")
+        if lp is not None and not isinstance(lp, bool):
+            raise ApiError(400, f"'logprobs' must be true or false in a chat request, got {lp!r}")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS):
+            raise ApiError(400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {top!r}")
+        if top is not None and not lp:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true")
+        return (top or 0) if lp else None
+    if lp is None:
+        return None
+    if isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS:
+        raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
+                            f"got {lp!r}")
+    return lp
+
+
+def refuse_unsupported(body: dict, chat: bool) -> None:
+    """Fields of OpenAI's API that would change the answer and that this server does not implement: a 400 naming
+    the field, rather than an answer that silently ignores it."""
+    if chat and body.get("echo"):
+        raise ApiError(400, "'echo' is a completions field; a chat request cannot echo its messages")
+    best_of, n = body.get("best_of"), body.get("n", 1)
+    if best_of is not None and best_of != (n or 1):
+        raise ApiError(400, f"'best_of' is not supported (got {best_of!r}): ask for n choices and rank them with "
+                            "logprobs")
+    for key in ("suffix", "tools", "functions", "tool_choice", "function_call"):
+        if body.get(key):
+            raise ApiError(400, f"'{key}' is not supported by this server; send the request without it")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise ApiError(400, f"'response_format' {fmt!r} is not supported: only {{\"type\": \"text\"}}")
+
+
+def vocab_size(model) -> int | None:
+    """The number of token ids the model scores (its output embedding's rows), None when it cannot be told."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(getattr(head, "out_features", None), int):  # nn.Linear and the quantized linears alike
+        return head.out_features
+    return getattr(getattr(model, "config", None), "vocab_size", None)
 
 
 def cut_at_stop(text: str, stops) -> str:
