@@ -529,6 +529,28 @@ def test_n_choices_each_draw_with_seed_plus_index_streamed_or_not(served):
     assert [texts[i] for i in range(3)] == chat_one
 
 
+def test_several_prompts_and_token_id_prompts_each_answer_as_alone(served):
+    live, folders, tok = served
+    ids = [tok.bos_token_id] + tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
+    body = {"model": "l2-qv", "max_tokens": TOKENS, "temperature": 0}
+    status, _h, payload = call(live.port, "POST", "/v1/completions", {**body, "prompt": [PROMPTS[2], ids], "n": 2})
+    assert status == 200, payload
+    choices = json.loads(payload)["choices"]
+    want = expected(folders["l2-qv"], [PROMPTS[2], PROMPTS[0]])
+    assert [(c["index"], c["text"]) for c in choices] == [(0, want[0]), (1, want[0]), (2, want[1]), (3, want[1])]
+    # a token id prompt is read as given (here: with the BOS the server would have put first), echoed decoded
+    # and scored from its second token on
+    status, _h, payload = call(live.port, "POST", "/v1/completions",
+                               {**body, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0})
+    choice = json.loads(payload)["choices"][0]
+    assert choice["text"] == tok.decode(ids, skip_special_tokens=True)
+    lp = choice["logprobs"]["token_logprobs"]
+    assert len(lp) == len(ids) and lp[0] is None and all(isinstance(v, float) for v in lp[1:])
+    for bad in ([ids, 3], [[5, 9999]], [], [[]]):
+        status, _h, payload = call(live.port, "POST", "/v1/completions", {**body, "prompt": bad})
+        assert status == 400 and "'prompt'" in json.loads(payload)["error"]["message"], payload
+
+
 @pytest.mark.parametrize("path,body,field", [
     ("/v1/chat/completions", {"echo": True}, "echo"),
     ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),

@@ -15,6 +15,7 @@ import hmac
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data.encode import bos_prefix
@@ -79,12 +80,8 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = await _json(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (or a list of one string)")
-        return await _serve(body, prompt, chat=False)
+        return await _serve(body, completion_prompts(body.get("prompt"), vocab_size(bank.model), limits.max_batch),
+                            chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -100,7 +97,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
             text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         else:
             text = render_default(msgs)  # leantune's default template, the one training uses (data/templates.py)
-        return await _serve(body, text, chat=True)
+        return await _serve(body, [text], chat=True)
 
     def _check_admin(request: HTTPRequest) -> None:
         if admin_token is None:
@@ -160,7 +157,9 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                            "not_found_error")
         return model
 
-    async def _serve(body: dict, text: str, chat: bool):
+    async def _serve(body: dict, prompts: list, chat: bool):
+        """``prompts``: texts (tokenized here, BOS first where the tokenizer wants one) or token id lists (as
+        given); ``n`` choices of each, choice i of prompt p at index p * n + i."""
         adapter = _adapter_of(body.get("model"))
         refuse_unsupported(body, chat)
         echo = body.get("echo", False)
@@ -179,32 +178,42 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         n = body.get("n", 1)
         if n is None:
             n = 1
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_batch:
-            raise ApiError(400, f"'n' must be an integer in [1, {limits.max_batch}] (--max-batch), got {n!r}")
+        most = limits.max_batch // len(prompts)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
+            raise ApiError(400, f"'n' must be an integer in [1, {most}] ({len(prompts)} prompt(s) x n choices at "
+                                f"most --max-batch {limits.max_batch}), got {n!r}")
         sampling = sampling_params(body, vocab_size(bank.model))
         k = logprob_count(body, chat)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = bos_prefix(tokenizer, ids)
-        ids = bos + ids
-        if len(ids) > limits.max_prompt_tokens:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server takes at most "
-                                f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
-        prompt_entries = None
-        if echo and k is not None:  # every prompt token's log-probability given the ones before it (the first's
-            # only after a BOS the tokenizer adds)
-            scored = await asyncio.wrap_future(engine.call(lambda: prompt_logprobs(bank, ids, adapter, k)))
-            prompt_entries = [(ids[j], None, None) if j == 0 else scored[j - 1] for j in range(len(bos), len(ids))]
-        echoed = text if echo else ""
+        items = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                bos = bos_prefix(tokenizer, ids)
+                item = _Prompt(bos + ids, len(bos), prompt)
+            else:  # token ids, taken as they are
+                item = _Prompt(list(prompt), 0, tokenizer.decode(prompt, skip_special_tokens=True))
+            if len(item.ids) > limits.max_prompt_tokens:
+                raise ApiError(400, f"the prompt is {len(item.ids)} tokens; this server takes at most "
+                                    f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
+            if not echo:
+                item.echoed = ""
+            elif k is not None:  # every echoed prompt token's log-probability given the ones before it
+                scored = await asyncio.wrap_future(engine.call(
+                    lambda ids=item.ids: prompt_logprobs(bank, ids, adapter, k)))
+                item.entries = [(item.ids[j], None, None) if j == 0 else scored[j - 1]
+                                for j in range(item.start, len(item.ids))]
+            items.append(item)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stops, seed = sampling.pop("stop"), sampling.pop("seed")
         reqs = []
-        for i in range(n if max_new else 0):
+        for i in range(len(items) * n if max_new else 0):
             def on_token(tok, end, i=i):  # called from the engine's thread
                 loop.call_soon_threadsafe(events.put_nowait, (i, tok, end))
 
-            reqs.append(Request(ids, adapter, max_new, on_token, time.monotonic() + limits.request_timeout_s,
-                                **sampling, stop=stops, seed=None if seed is None else seed + i, logprobs=k,
+            reqs.append(Request(items[i // n].ids, adapter, max_new, on_token,
+                                time.monotonic() + limits.request_timeout_s, **sampling, stop=stops,
+                                seed=None if seed is None else seed + i % n, logprobs=k,
                                 decode=lambda toks: tokenizer.decode(toks, skip_special_tokens=True)))
         try:
             engine.submit(*reqs)
@@ -214,7 +223,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         name = body.get("model") or BASE
-        answer = _Answer(tokenizer, chat, stops, echoed, prompt_entries, reqs, n)
+        answer = _Answer(tokenizer, chat, stops, items, n, reqs, k is not None)
         if stream:
             return StreamingResponse(_events(events, answer, rid, created, name), media_type="text/event-stream")
         while not answer.done():
@@ -226,10 +235,11 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                            "timeout_error")
         if reason is not None:
             raise ApiError(500, f"generation failed: {reason}", "server_error")
-        generated = sum(len(t) for t in answer.tokens)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+        generated, prompt_tokens = sum(len(t) for t in answer.tokens), sum(len(p.ids) for p in items)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+                 "total_tokens": prompt_tokens + generated}
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": name, "choices": [answer.choice(i) for i in range(n)], "usage": usage}
+                "model": name, "choices": [answer.choice(i) for i in range(answer.size)], "usage": usage}
 
     async def _events(events, answer, rid, created, name):
         obj = "chat.completion.chunk" if answer.chat else "text_completion"
@@ -238,12 +248,12 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name,
                                           "choices": [choice]}) + "\n\n"
 
-        for i in range(answer.n):
+        for i in range(answer.size):
             first = answer.first_chunk(i)
             if first is not None:
                 yield chunk(first)
         if not answer.reqs:  # max_tokens 0 (echo): the prompt was all
-            for i in range(answer.n):
+            for i in range(answer.size):
                 yield chunk(answer.last_chunk(i))
         while not answer.done():
             i, tok, end = await events.get()
@@ -263,21 +273,34 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
     return app
 
 
-class _Answer:
-    """The n choices of one request as their tokens arrive: each one's tokens, text (cut at a stop string), finish
-    reason and log-probabilities in OpenAI's shapes (the legacy completions' ``tokens / token_logprobs /
-    top_logprobs / text_offset``, or chat's ``content``), whole or as stream chunks."""
+@dataclass
+class _Prompt:
+    ids: list[int]  # what the model reads
+    start: int  # where the echoed tokens begin (after a BOS the server put first)
+    echoed: str  # the text an echo shows ("" without echo)
+    entries: list | None = None  # with echo and logprobs: (token, log-probability, alternatives) per echoed token
 
-    def __init__(self, tokenizer, chat: bool, stops, echoed: str, prompt_entries, reqs: list[Request], n: int):
-        self.tokenizer, self.chat, self.stops, self.echoed = tokenizer, chat, stops, echoed
-        self.prompt_entries, self.reqs, self.n = prompt_entries, reqs, n
-        self.logprobs = bool(reqs) and reqs[0].logprobs is not None or prompt_entries is not None
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.offsets: list[list[int]] = [[] for _ in range(n)]  # where each token's text starts (with logprobs)
-        self.reasons: list[str | None] = [None if reqs else "length" for _ in range(n)]  # no reqs: max_tokens 0
-        self.sent = [""] * n  # streaming: the text sent so far (the echo aside)
-        self.lp_sent = [0] * n  # streaming: the tokens whose log-probabilities were sent
+
+class _Answer:
+    """The choices of one request as their tokens arrive (``n`` per prompt, choice i of prompt ``i // n``): each
+    one's tokens, text (cut at a stop string), finish reason and log-probabilities in OpenAI's shapes (the legacy
+    completions' ``tokens / token_logprobs / top_logprobs / text_offset``, or chat's ``content``), whole or as
+    stream chunks."""
+
+    def __init__(self, tokenizer, chat: bool, stops, prompts: list[_Prompt], n: int, reqs: list[Request],
+                 logprobs: bool):
+        self.tokenizer, self.chat, self.stops, self.prompts, self.n = tokenizer, chat, stops, prompts, n
+        self.reqs, self.logprobs = reqs, logprobs
+        self.size = len(prompts) * n
+        self.tokens: list[list[int]] = [[] for _ in range(self.size)]
+        self.offsets: list[list[int]] = [[] for _ in range(self.size)]  # where each token's text starts (logprobs)
+        self.reasons: list[str | None] = [None if reqs else "length" for _ in range(self.size)]  # none: max_tokens 0
+        self.sent = [""] * self.size  # streaming: the text sent so far (the echo aside)
+        self.lp_sent = [0] * self.size  # streaming: the tokens whose log-probabilities were sent
         self.hold = max((len(s) for s in stops), default=1) - 1  # what could be the start of a stop string waits
+
+    def echoed(self, i: int) -> str:
+        return self.prompts[i // self.n].echoed
 
     def done(self) -> bool:
         return all(r is not None for r in self.reasons)
@@ -297,7 +320,7 @@ class _Answer:
             self.reasons[i] = end
 
     def final_text(self, i: int) -> str:
-        return self.echoed + cut_at_stop(self.decode(self.tokens[i]), self.stops)
+        return self.echoed(i) + cut_at_stop(self.decode(self.tokens[i]), self.stops)
 
     def _kept(self, i: int) -> int:
         """How many generated tokens the answer's text shows: those whose text starts before a stop string's cut."""
@@ -308,11 +331,13 @@ class _Answer:
     def _generated(self, i: int, lo: int, hi: int) -> list:
         """The generated tokens lo..hi of choice i: (token, log-probability, alternatives, offset in the text)."""
         entries = self.reqs[i].token_logprobs if self.reqs else []
-        return [(*entries[j], len(self.echoed) + self.offsets[i][j]) for j in range(lo, hi)]
+        return [(*entries[j], len(self.echoed(i)) + self.offsets[i][j]) for j in range(lo, hi)]
 
-    def _prompt(self) -> list:
-        ids = [e[0] for e in self.prompt_entries]
-        return [(*e, len(self.decode(ids[:j]))) for j, e in enumerate(self.prompt_entries)]
+    def _prompt(self, i: int) -> list:
+        """The echoed prompt's entries of choice i, with their offsets (none without echo and logprobs)."""
+        entries = self.prompts[i // self.n].entries or []
+        ids = [e[0] for e in entries]
+        return [(*e, len(self.decode(ids[:j]))) for j, e in enumerate(entries)]
 
     def _format(self, entries: list):
         """OpenAI's logprobs object for (token, log-probability, alternatives, offset) entries."""
@@ -328,8 +353,7 @@ class _Answer:
     def final_logprobs(self, i: int):
         if not self.logprobs:
             return None
-        return self._format((self._prompt() if self.prompt_entries is not None else []) +
-                            self._generated(i, 0, self._kept(i)))
+        return self._format(self._prompt(i) + self._generated(i, 0, self._kept(i)))
 
     def choice(self, i: int) -> dict:
         """Choice i of the whole (non-streamed) answer."""
@@ -344,10 +368,10 @@ class _Answer:
         """Chat: the role; completions with echo: the prompt (and its log-probabilities); else nothing."""
         if self.chat:
             return {"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}
-        if not self.echoed:
+        if not self.echoed(i):
             return None
-        lp = self._format(self._prompt()) if self.prompt_entries is not None else None
-        return {"index": i, "text": self.echoed, "logprobs": lp, "finish_reason": None}
+        lp = self._format(self._prompt(i)) if self.logprobs else None
+        return {"index": i, "text": self.echoed(i), "logprobs": lp, "finish_reason": None}
 
     def _part(self, i: int, text: str, reason: str | None, hi: int) -> dict:
         lo, self.lp_sent[i] = self.lp_sent[i], max(self.lp_sent[i], hi)
@@ -459,6 +483,28 @@ def logprob_count(body: dict, chat: bool) -> int | None:
         raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}] (alternatives per token), "
                             f"got {lp!r}")
     return lp
+
+
+def completion_prompts(prompt, vocab: int | None, most: int) -> list:
+    """A completions request's ``prompt`` as OpenAI takes it — a string, a list of token ids, or a list of either —
+    as a list of prompts (strings or token id lists), checked (ids below ``vocab``; at most ``most`` prompts)."""
+    def tokens(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    if isinstance(prompt, str) or tokens(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or tokens(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either")
+    if len(prompts) > most:
+        raise ApiError(400, f"'prompt' holds {len(prompts)} prompts; this server takes at most {most} per request "
+                            "(--max-batch)")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < (vocab or 2**63)] if not isinstance(p, str) else []
+        if bad:
+            raise ApiError(400, f"'prompt' has token id {bad[0]}, not a token of this model (0 to {vocab - 1})")
+    return prompts
 
 
 def refuse_unsupported(body: dict, chat: bool) -> None:
