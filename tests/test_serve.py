@@ -560,3 +560,28 @@ def test_chat_only_fields_are_checked(served, path, body, field):
     body = {"model": "l4", "messages": [{"role": "user", "content": "x"}], **body}
     status, _h, p = call(live.port, "POST", path, body)
     assert status == 400 and f"'{field}'" in json.loads(p)["error"]["message"], p
+
+
+def test_the_official_openai_client_reads_every_answer_shape(served):
+    """OpenAI's own Python client (its typed responses and its server-sent-events reader) against the server:
+    completions with logprobs and n, echo scoring, chat streamed with logprobs, the model list and an error."""
+    openai = pytest.importorskip("openai")
+    live, folders, _tok = served
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{live.port}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["base", *folders]
+    out = client.completions.create(model="l4", prompt=PROMPTS[2], max_tokens=TOKENS, temperature=0, logprobs=2, n=2)
+    assert [c.text for c in out.choices] == [expected(folders["l4"], PROMPTS[2:3])[0]] * 2
+    assert len(out.choices[0].logprobs.token_logprobs) == out.usage.completion_tokens // 2
+    scored = client.completions.create(model="l4", prompt=PROMPTS[2], max_tokens=0, echo=True, logprobs=0,
+                                       temperature=0)
+    assert scored.choices[0].text == PROMPTS[2] and scored.choices[0].logprobs.token_logprobs[0] is not None
+    stream = client.chat.completions.create(model="ia3", messages=[{"role": "user", "content": PROMPTS[3]}],
+                                            max_tokens=TOKENS, temperature=0, stream=True, logprobs=True,
+                                            top_logprobs=1)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == expected(folders["ia3"], PROMPTS[3:], chat=True)[0]
+    scored_tokens = sum(len(c.choices[0].logprobs.content) for c in chunks if c.choices[0].logprobs)
+    assert (chunks[-1].choices[0].finish_reason, scored_tokens) == ("length", TOKENS)
+    with pytest.raises(openai.NotFoundError, match="no model"):
+        client.completions.create(model="nope", prompt="x", max_tokens=1)
