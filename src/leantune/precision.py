@@ -4,8 +4,10 @@ The frozen base stays in the dtype it was loaded in (that is the memory saving).
 is float32:
 
 * tensors a method creates (LoRA's A and B, S²FT's blocks, Light-PEFT's masks, ...) are made in float32
-  (:func:`trainable_dtype`; float64 beside a float64 base), whatever the base's dtype; outside autocast their term is computed from the input cast to
-  the tensor's dtype and cast back to the layer's output dtype;
+  (:func:`trainable_dtype`; float64 beside a float64 base), whatever the base's dtype; outside autocast their term
+  is computed from the input cast to the tensor's dtype and cast back to the layer's output dtype; under autocast
+  the input goes in as it is and autocast runs the term's products in its dtype (LoRA's and S²FT's fused terms,
+  ``attached.term_input`` for the others), so backward keeps the activation, not a float32 copy of it;
 * base tensors that a method trains in place (full fine-tuning, LISA, BitFit, LN tuning) keep their low-precision
   storage, and :class:`MasterWeights` gives each a float32 *master copy*: the optimizer updates the master, whose
   value is written back, rounded, into the model after every step. The adapter folder stores the masters, so

@@ -15,8 +15,9 @@ at step 0. Where it sits, in anatomy placement points (``anatomy.PLACEMENTS``):
                         shared by all layers (one set for the down projections, one for the up), s_i t_iᵀ rank 1 per
                         layer (Mahabadi et al. 2021); ``compacter_pp`` the same at the Pfeiffer placement
 
-Defaults and their sources: docs/methods.md. The adapter's tensors are float32 whatever the base dtype; the term
-is computed in float32 outside autocast and cast back to the layer's output dtype.
+Defaults and their sources: docs/methods.md. The adapter's tensors are float32 whatever the base dtype; outside
+autocast the term is computed in float32 and cast back to the layer's output dtype, under autocast in autocast's
+dtype (``attached.term_input``).
 
 Plain bottlenecks (houlsby, pfeiffer, parallel, scaled_parallel) are prunable by Light-PEFT: whole adapter modules
 by importance and the bottleneck width (rows of W_down, columns of W_up), the same interface as LoRA's ranks.
@@ -35,7 +36,7 @@ from torch import nn
 from ..anatomy import Anatomy, PlacementError
 from ..precision import trainable_dtype
 from ..prune.importance import AdapterUnit
-from .attached import AttachedMethod, term_context
+from .attached import AttachedMethod, term_input
 from .base import Capabilities, ConfigError, MethodConfig, register
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "swish": F.silu, "tanh": torch.tanh}
@@ -99,9 +100,8 @@ class Bottleneck(nn.Module):
         self.active = True
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """The term, in ``z``'s dtype (computed in the adapter's float32)."""
-        with term_context(z):
-            t = self.up(ACTIVATIONS[self.non_linearity](self.down(z.to(self.up.bias.dtype))))
+        """The term, in ``z``'s dtype (computed in the adapter's float32; under autocast in autocast's dtype)."""
+        t = self.up(ACTIVATIONS[self.non_linearity](self.down(term_input(z, self.up.bias.dtype))))
         return (t * self.scale).to(z.dtype)
 
     def capture(self, module, args) -> None:

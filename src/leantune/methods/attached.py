@@ -13,7 +13,6 @@ slow weights) are submodules of each child; they are yielded, counted and saved 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from typing import ClassVar
 
@@ -130,11 +129,11 @@ class AttachedMethod(Method):
 # -- the precision policy for a term computed beside a frozen layer (precision.py) -------------------------------
 
 
-def term_context(x: torch.Tensor):
-    """The method's term runs in its own (float32) parameters' dtype, outside autocast: the caller casts the input
-    to the parameters' dtype and the result back to the layer output's dtype."""
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
+def term_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The input of a method's term beside a frozen layer. Outside autocast: cast to the term's (float32) parameters'
+    dtype, the term computed in it, and the caller casts the result back to the layer output's dtype. Under
+    autocast: the input as it comes, so autocast runs the term's products in its dtype (as LoRA's and S²FT's terms
+    do, and PEFT's and AdapterHub's) and backward keeps the input itself rather than a float32 copy of it
+    (elementwise products with the float32 parameters still promote to float32, exactly)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..anatomy import Anatomy
 from .adapters import AdapterConfig, Bottleneck, Pfeiffer, ScaledParallel, ScaledParallelConfig
-from .attached import term_context
+from .attached import term_input
 from .base import Capabilities, ConfigError, Method, MethodConfig, check_state_keys, register
 from .lora import Lora, LoraConfig
 from .prompts import PrefixConfig, PrefixTuningMethod
@@ -152,10 +152,9 @@ def _gated_lora_forward(module: nn.Module, base_forward, fusable: bool, x, *args
     lora = module.lora
     if not lora.active:
         return out
-    with term_context(x):
-        xf = x.to(lora.A.dtype)
-        term = F.linear(F.linear(lora.dropout(xf), lora.A), lora.B) * lora.scale
-        term = torch.sigmoid(lora.gate(xf)) * term
+    xf = term_input(x, lora.A.dtype)
+    term = F.linear(F.linear(lora.dropout(xf), lora.A), lora.B) * lora.scale
+    term = torch.sigmoid(lora.gate(xf)) * term
     return out + term.to(out.dtype)
 
 
@@ -165,8 +164,7 @@ def _gated_after_forward(layer: nn.Module, base_forward, fusable: bool, x, *args
     a: Bottleneck = layer.adapter
     if not a.active:
         return h
-    with term_context(h):
-        g = torch.sigmoid(a.gate(h.to(a.gate.weight.dtype))).to(h.dtype)
+    g = torch.sigmoid(a.gate(term_input(h, a.gate.weight.dtype))).to(h.dtype)
     return h + g * a(h)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from ..anatomy import Placement, is_conv1d, weight_2d
 from ..precision import trainable_dtype
 from ..quant import refuse_quantized_merge
-from .attached import AttachedMethod, term_context
+from .attached import AttachedMethod, term_input
 from .base import Capabilities, ConfigError, MethodConfig, register
 from .terms import InScale, OutScale
 
@@ -86,13 +86,11 @@ def _ia3_forward(layer: nn.Module, base_forward, fusable: bool, x, *args, **kwar
         return base_forward(x, *args, **kwargs)
     v_in = c.vector("in")
     if v_in is not None:
-        with term_context(x):
-            x = (x.to(v_in.dtype) * v_in).to(x.dtype)
+        x = (term_input(x, v_in.dtype) * v_in).to(x.dtype)
     h = base_forward(x, *args, **kwargs)
     v_out = c.vector("out")
     if v_out is not None:
-        with term_context(h):
-            h = (h.to(v_out.dtype) * v_out).to(h.dtype)
+        h = (term_input(h, v_out.dtype) * v_out).to(h.dtype)
     return h
 
 

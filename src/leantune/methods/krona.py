@@ -22,7 +22,7 @@ from torch import nn
 from ..anatomy import in_out_features, is_conv1d, resolve_roles
 from ..precision import trainable_dtype
 from ..quant import refuse_quantized_merge
-from .attached import AttachedMethod, term_context
+from .attached import AttachedMethod, term_input
 from .base import Capabilities, ConfigError, MethodConfig, register
 
 
@@ -56,12 +56,13 @@ class KronaFactors(nn.Module):
         self.merged = False
 
     def term(self, x: torch.Tensor) -> torch.Tensor:
-        """``s·(A ⊗ B) x`` for x (..., in), as ``A X Bᵀ`` (no ΔW formed), in the factors' dtype."""
+        """``s·(A ⊗ B) x`` for x (..., in), as ``A X Bᵀ`` (no ΔW formed), in the factors' dtype (under autocast,
+        in autocast's)."""
         (a1, a2), (b1, b2) = self.A.shape, self.B.shape
         lead = x.shape[:-1]
         n = x[..., 0].numel()
         # two plain 2-D products (a batched matmul picks its algorithm by requires_grad: results would depend on it)
-        t = (x.to(self.B.dtype).reshape(n * a2, b2) @ self.B.t()).view(n, a2, b1)  # X Bᵀ
+        t = (term_input(x, self.B.dtype).reshape(n * a2, b2) @ self.B.t()).view(n, a2, b1)  # X Bᵀ
         y = (t.transpose(1, 2).reshape(n * b1, a2) @ self.A.t()).view(n, b1, a1)  # (A X Bᵀ)ᵀ
         return y.transpose(1, 2).reshape(*lead, a1 * b1) * self.scale
 
@@ -74,8 +75,7 @@ def _krona_forward(layer: nn.Module, base_forward, fusable: bool, x, *args, **kw
     k: KronaFactors = layer.krona
     if k.merged:
         return h
-    with term_context(x):
-        return h + k.term(x).to(h.dtype)
+    return h + k.term(x).to(h.dtype)
 
 
 @register("krona")

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..anatomy import Anatomy
 from ..precision import trainable_dtype
-from .attached import AttachedMethod, term_context
+from .attached import AttachedMethod, term_input
 from .base import Capabilities, ConfigError, MethodConfig, register
 
 PREFIX_IMPL = "leantune_prefix_"  # + the wrapped implementation: "leantune_prefix_sdpa", "leantune_prefix_eager"
@@ -206,8 +206,7 @@ class Prefix(nn.Module):
         x = self.__dict__.pop("_gate_input", None)
         if x is None or x.shape[1] != q_len:
             raise RuntimeError("prefix gate: the attention module's input was not seen before its attention")
-        with term_context(x):
-            g = torch.sigmoid(self.gate(x.to(self.gate.weight.dtype)))  # (b, q, 1)
+        g = torch.sigmoid(self.gate(term_input(x, self.gate.weight.dtype)))  # (b, q, 1)
         return g[:, :, :, None]
 
 
