@@ -179,7 +179,7 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple:
     model's distribution at that position (``log_softmax`` of the raw logits: before bias, penalties, temperature
     and top_p, as vLLM reports them by default)."""
     lp = torch.log_softmax(logits.float(), -1)
-    top = lp.topk(k) if k else None
+    top = lp.topk(min(k, lp.shape[-1])) if k else None
     return [(t, float(lp[i, t]), [] if top is None else list(zip(top.indices[i].tolist(), top.values[i].tolist(),
                                                                       strict=True)))
             for i, t in enumerate(tokens)]

@@ -238,8 +238,10 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         generated, prompt_tokens = sum(len(t) for t in answer.tokens), sum(len(p.ids) for p in items)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated,
                  "total_tokens": prompt_tokens + generated}
+        # off the event loop: with logprobs, every token's text offset is a decode of the tokens before it
+        choices = await asyncio.to_thread(lambda: [answer.choice(i) for i in range(answer.size)])
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": name, "choices": [answer.choice(i) for i in range(answer.size)], "usage": usage}
+                "model": name, "choices": choices, "usage": usage}
 
     async def _events(events, answer, rid, created, name):
         obj = "chat.completion.chunk" if answer.chat else "text_completion"
@@ -249,7 +251,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
                                           "choices": [choice]}) + "\n\n"
 
         for i in range(answer.size):
-            first = answer.first_chunk(i)
+            first = await asyncio.to_thread(answer.first_chunk, i)  # an echoed prompt's offsets: off the event loop
             if first is not None:
                 yield chunk(first)
         if not answer.reqs:  # max_tokens 0 (echo): the prompt was all
