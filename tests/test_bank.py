@@ -18,6 +18,7 @@ from leantune.serve.bank import AdapterBank, check_name
 MIXED = [
     ("lora", {"r": 4}),
     ("lora", {"r": 8, "rslora": True, "targets": "q,v,down"}),
+    ("lora", {"r": 4, "dora": True}),  # an output scale, a low-rank term and (GPT-2) a bias term
     ("s2ft", {"budget": "count", "heads": 1, "channels": 6, "seed": 1}),
     ("s2ft", {"budget": "count", "heads": 2, "channels": 3, "seed": 2, "targets": "o,down,v,up"}),
     ("ia3", {}),
@@ -129,24 +130,57 @@ def test_whole_batch_on_one_adapter_takes_the_switch_and_the_base_comes_back_bit
 
 
 def test_switch_only_adapters_run_as_their_own_group(tmp_path):
-    dora = make_adapter(tmp_path / "dora", "builtin:tiny-llama", "lora", 3, r=4, dora=True)
+    krona = make_adapter(tmp_path / "krona", "builtin:tiny-llama", "krona", 3)
     lora = make_adapter(tmp_path / "lora", "builtin:tiny-llama", "lora", 4, r=4)
     model = base()
     before = params(model)
     bank = AdapterBank(model)
-    bank.add("dora", dora)
+    bank.add("krona", krona)
     bank.add("lora", lora)
-    assert not bank.adapters["dora"].mixed and bank.adapters["lora"].mixed
+    assert not bank.adapters["krona"].mixed and bank.adapters["lora"].mixed
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    names = ["dora", "lora", None, "dora"]
+    names = ["krona", "lora", None, "krona"]
     x = ids(3, b=4)
     got = bank.forward(x, names)
     for i, n in enumerate(names):
-        want = alone("builtin:tiny-llama", {"dora": dora, "lora": lora}.get(n), x[i:i + 1])
+        want = alone("builtin:tiny-llama", {"krona": krona, "lora": lora}.get(n), x[i:i + 1])
         torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="switch only"):
-        with bank.using(["dora", "lora"]):
+        with bank.using(["krona", "lora"]):
             pass
+    bank.switch(None)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_dora_on_a_base_with_biases_gives_the_bias_back_what_its_output_scale_takes(tmp_path):
+    """DoRA's terms: an output scale f (bias included), B's rows scaled by f, and (1 - f) ⊙ b back on the bias.
+    GPT-2's layers have biases; a random-init base has them at zero, so this base gets nonzero ones."""
+    model, tok = leantune.load_model("builtin:tiny-gpt2")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    name = str(tmp_path / "base")
+    dora = make_adapter(tmp_path / "dora", name, "lora", 5, r=4, dora=True)
+    lora = make_adapter(tmp_path / "lora", name, "lora", 6, r=4)
+    model = base(name)
+    before = params(model)
+    bank = AdapterBank(model)
+    bank.add("dora", dora)
+    bank.add("lora", lora)
+    assert bank.adapters["dora"].mixed
+    names = ["dora", "lora", None, "dora"]
+    x = ids(7, b=4)
+    got = bank.forward(x, names)
+    for i, n in enumerate(names):
+        want = alone(name, {"dora": dora, "lora": lora}.get(n), x[i:i + 1])
+        torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=1e-5, msg=f"row {i} ({n})")
+    # one adapter for the batch: the switch (the scale merged into W and the bias, the low-rank change, the bias back)
+    torch.testing.assert_close(bank.forward(x[:2], ["dora", "dora"]), alone(name, dora, x[:2]), atol=1e-5, rtol=1e-5)
+    assert bank.current == "dora"
     bank.switch(None)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

@@ -27,8 +27,8 @@ from leantune.serve.engine import Engine, Limits, QueueFull, Request  # noqa: E4
 from leantune.serve.server import create_app, load_bank  # noqa: E402
 
 MODEL = "builtin:tiny-llama"
-ADAPTERS = {  # 8 adapters of every bank method, one served through the switch only (DoRA)
-    "l4": ("lora", {"r": 4}), "l8.rs": ("lora", {"r": 8, "rslora": True}), "l2-qv": ("lora", {"r": 2, "targets": "q,v"}),
+ADAPTERS = {  # 8 adapters of every bank method, one served through the switch only (KronA)
+    "l4": ("lora", {"r": 4}), "l8.rs": ("lora", {"r": 8, "rslora": True}), "krona": ("krona", {}),
     "s2ft_a": ("s2ft", {"budget": "count", "heads": 1, "channels": 6, "seed": 1}),
     "s2ft_b": ("s2ft", {"budget": "count", "heads": 2, "channels": 3, "seed": 2, "targets": "o,down,v,up"}),
     "ia3": ("ia3", {}), "bitfit": ("bitfit", {}), "dora": ("lora", {"r": 4, "dora": True}),
@@ -128,7 +128,7 @@ def test_generation_equals_leantune_generate(served, tmp_path):
                                       "--max-new-tokens", str(TOKENS)])
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip("\n") == PROMPTS[0] + complete(live.port, "s2ft_b", PROMPTS[0])
-    for name in ("l4", "dora"):
+    for name in ("krona", "dora"):
         assert complete(live.port, name, PROMPTS[1], stream=True) == expected(folders[name], PROMPTS[1:2])[0]
     assert complete(live.port, "base", PROMPTS[2]) == expected(None, PROMPTS[2:3])[0]
     assert complete(live.port, "ia3", PROMPTS[3], chat=True) == expected(folders["ia3"], PROMPTS[3:], chat=True)[0]
@@ -532,11 +532,11 @@ def test_n_choices_each_draw_with_seed_plus_index_streamed_or_not(served):
 def test_several_prompts_and_token_id_prompts_each_answer_as_alone(served):
     live, folders, tok = served
     ids = [tok.bos_token_id] + tok(PROMPTS[0], add_special_tokens=False)["input_ids"]
-    body = {"model": "l2-qv", "max_tokens": TOKENS, "temperature": 0}
+    body = {"model": "l4", "max_tokens": TOKENS, "temperature": 0}
     status, _h, payload = call(live.port, "POST", "/v1/completions", {**body, "prompt": [PROMPTS[2], ids], "n": 2})
     assert status == 200, payload
     choices = json.loads(payload)["choices"]
-    want = expected(folders["l2-qv"], [PROMPTS[2], PROMPTS[0]])
+    want = expected(folders["l4"], [PROMPTS[2], PROMPTS[0]])
     assert [(c["index"], c["text"]) for c in choices] == [(0, want[0]), (1, want[0]), (2, want[1]), (3, want[1])]
     # a token id prompt is read as given (here: with the BOS the server would have put first), echoed decoded
     # and scored from its second token on

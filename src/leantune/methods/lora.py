@@ -32,7 +32,7 @@ from ..quant import refuse_quantized_merge
 from . import fused
 from .attached import AttachedMethod
 from .base import Capabilities, ConfigError, MethodConfig, register
-from .terms import LowRank
+from .terms import Bias, LowRank, OutScale
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Lora(AttachedMethod):
         return Capabilities(
             mergeable=True,
             restores_base=False,
-            mixed_batch=not self.config.dora and not self.config.experts,  # bank_terms(): one low-rank term a layer
+            mixed_batch=not self.config.experts,  # bank_terms(): a low-rank term a layer (DoRA: with a scale)
             prunable=not self.config.dora,  # DoRA's row norm spans the input columns Light-PEFT removes
             inference_overhead="extra_ffn",
             quantized_base=True,  # QLoRA: the term beside a 4-bit/8-bit layer (DoRA reads the weight dequantized)
@@ -306,10 +306,25 @@ class Lora(AttachedMethod):
         self.experts, self._expert_hooks = {}, []
         return super().unload()
 
+    @torch.no_grad()
     def bank_terms(self) -> dict | None:
-        if self.config.dora or self.experts:
-            return None  # DoRA's row norm and the expert parametrizations are no additive per-layer term
-        return {n: [LowRank(m.lora.A.data, m.lora.B.data, m.lora.scale)] for n, m in self.layers.items()}
+        """One low-rank term a layer. DoRA, once trained, is ``y = f ⊙ (W x) + b + f ⊙ s·B A x`` with ``f = m /
+        ‖W + s·B A‖`` per output row, a constant: an output scale f (which scales the bias too), the low-rank term
+        with B's rows scaled by f, and the bias given back what the scale took, ``(1 - f) ⊙ b``; in that order, so
+        a switch merges the scale into W before it adds the low-rank change."""
+        if self.experts:
+            return None  # the expert parametrizations are no per-layer term
+        out = {}
+        for n, m in self.layers.items():
+            lora = m.lora
+            if lora.magnitude is None:
+                out[n] = [LowRank(lora.A.data, lora.B.data, lora.scale)]
+                continue
+            f = (lora.magnitude / lora.dora_norm(weight_2d(m))).float()
+            out[n] = [OutScale(f), LowRank(lora.A.data, lora.B.data * f[:, None].to(lora.B.dtype), lora.scale)]
+            if m.bias is not None:
+                out[n].append(Bias((1 - f) * m.bias.detach().float()))
+        return out
 
     def lora_factors(self) -> dict:
         cfg = self.config

@@ -11,7 +11,8 @@ that computes, for each row of the batch, that row's adapter with batched gather
   bias (BitFit)     the row's gathered bias change added
 
 Slot 0 of every stack is zero (or ones for scales): rows of the base (name None) and of adapters that do not touch
-a layer gather it. A mergeable method without terms (DoRA, KronA, full, LN tuning) is kept as the merged values of
+a layer gather it. DoRA is an output scale, a low-rank term and a bias term (``Lora.bank_terms``). A mergeable
+method without terms (KronA, full, LN tuning) is kept as the merged values of
 the tensors it changes and served through the switch only: ``forward`` / ``generate`` run its rows as their own
 group. ``switch(name)`` folds one adapter into the weights (the fast path when a whole batch uses one adapter) and
 keeps the original values of what it changed, so switching back gives the base bitwise: S²FT's k columns
@@ -21,7 +22,7 @@ weighted sum of adapters as a new one.
 On a quantized base (bitsandbytes 4-bit / LLM.int8 layers, ``leantune.quant``) nothing is ever merged into a
 quantized weight (that would re-quantize the update): a mixed-batch adapter is served through its terms on top of
 the quantized layer's output also when it has the whole batch (no switch fast path), and a switch-only adapter whose
-merge would write into a quantized layer (DoRA, KronA) is served *attached*: its method applied unmerged to the base
+merge would write into a quantized layer (KronA) is served *attached*: its method applied unmerged to the base
 while its group runs and removed after (checked at ``add`` to give the base back bitwise; else refused with the
 reason). One whose merge touches only full-precision tensors (LN tuning: norms) keeps the switch.
 """
