@@ -585,3 +585,43 @@ def test_the_official_openai_client_reads_every_answer_shape(served):
     assert (chunks[-1].choices[0].finish_reason, scored_tokens) == ("length", TOKENS)
     with pytest.raises(openai.NotFoundError, match="no model"):
         client.completions.create(model="nope", prompt="x", max_tokens=1)
+
+
+def test_a_group_keeps_its_turn_for_group_steps_so_switch_only_adapters_switch_once_per_turn(served):
+    """A switch-only adapter (KronA) decoding beside a mixed-batch one: with turns of 4 steps the bank switches at
+    most half as often as with turns of one step, and every answer is still its adapter's greedy output alone."""
+    _live, folders, _ = served
+    want = {n: expected(folders[n], PROMPTS[:2]) for n in ("krona", "l4")}
+    counts = {}
+    for steps in (1, 4):
+        bank, tok = load_bank(MODEL, {n: folders[n] for n in ("krona", "l4")})
+        switches = []
+        plain_switch = bank.switch
+
+        def counting(name, plain_switch=plain_switch, bank=bank, switches=switches):
+            if name != bank.current:
+                switches.append(name)
+            plain_switch(name)
+
+        bank.switch = counting
+        engine = Engine(bank, tok.pad_token_id, tok.eos_token_id, Limits(group_steps=steps))
+        done = {}
+        reqs = []
+        for adapter in ("krona", "l4"):
+            for prompt in PROMPTS[:2]:
+                ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                key = (adapter, prompt)
+                done[key] = threading.Event()
+                reqs.append((key, Request([tok.bos_token_id, *ids], adapter, TOKENS,
+                                          lambda t, end, ev=done[key]: end is not None and ev.set(),
+                                          time.monotonic() + 120)))
+        engine.submit(*[r for _k, r in reqs])
+        engine.start()
+        try:
+            assert all(e.wait(120) for e in done.values())
+        finally:
+            engine.stop()
+        for (adapter, prompt), r in reqs:
+            assert tok.decode(r.tokens, skip_special_tokens=True) == want[adapter][PROMPTS.index(prompt)], steps
+        counts[steps] = len(switches)
+    assert 0 < 2 * counts[4] <= counts[1], counts

@@ -370,6 +370,8 @@ def serve(
     queue_size: int = typer.Option(256, "--queue-size", help="requests waiting or running; more get 429"),
     request_timeout: float = typer.Option(120.0, "--request-timeout", help="seconds from arrival to the last token"),
     max_batch: int = typer.Option(32, "--max-batch", help="rows decoded together in one step"),
+    group_steps: int = typer.Option(4, "--group-steps", help="steps a group of rows keeps its turn while others "
+                                    "wait (switch-only adapters switch once per turn)"),
     admin_token_env: Optional[str] = typer.Option(None, "--admin-token-env", help="name of an environment variable "
                                                   "holding the admin token; turns on POST/DELETE /admin/adapters"),
     base_dtype: Optional[str] = typer.Option(None, "--base-dtype", help="auto | fp32 | bf16 | fp16"),
@@ -398,7 +400,7 @@ def serve(
     try:
         limits = Limits(max_new_tokens=max_new_tokens, default_new_tokens=min(64, max_new_tokens),
                         max_prompt_tokens=max_prompt_tokens, queue_size=queue_size,
-                        request_timeout_s=request_timeout, max_batch=max_batch)
+                        request_timeout_s=request_timeout, max_batch=max_batch, group_steps=group_steps)
         _use_family_specs(family_spec)
         bank, tok = load_bank(model, parse_adapters(adapter), base_dtype, quantize)
         server_app = create_app(bank, tok, limits, admin_token=token, base_name=model)  # refuses T5-style models

@@ -11,7 +11,8 @@ KV cache per group of rows: a step drops the rows that finished from the group's
 no row attends to any more), feeds each row in it its last token, and prefills only the rows that joined (their
 whole sequence, left-padded among themselves, through the bank's terms rather than a switch) and appends them to
 the cache, the narrower side left-padded with masked positions. Requests whose adapters are served through the
-switch only (no mixed-batch form) step as their own group, in turn with the mixed group. Steps run without autograd.
+switch only (no mixed-batch form) step as their own group; groups take turns of ``Limits.group_steps`` steps, so
+such a group switches in and out once per turn rather than once per step. Steps run without autograd.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ class Limits:
     queue_size: int = 256  # requests waiting or running; one more is refused with 429
     request_timeout_s: float = 120.0  # from arrival to the last token
     max_batch: int = 32  # rows decoded together in one step
+    # consecutive steps a group keeps its turn while other groups wait: a switch-only adapter's group pays a switch
+    # in and out (on a quantized base an apply and a removal) per turn, not per step
+    group_steps: int = 4
 
     def __post_init__(self):
-        for name in ("max_new_tokens", "default_new_tokens", "max_prompt_tokens", "queue_size", "max_batch"):
+        for name in ("max_new_tokens", "default_new_tokens", "max_prompt_tokens", "queue_size", "max_batch",
+                     "group_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"serve limit {name} must be a positive integer, got {value!r}")
@@ -221,7 +226,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stop = False
         self._numbers = itertools.count()
-        self._turn = 0
+        self._turn: tuple | None = None  # (the group whose turn it is, the steps it has had in a row)
         self._cohorts: dict = {}
         self.steps = 0
         self.tokens = 0  # generated tokens, EOS included (for throughput figures)
@@ -303,10 +308,9 @@ class Engine:
         if not self._active:
             return
         groups = self.bank.groups([r.adapter for r in self._active])
-        self._turn = (self._turn + 1) % len(groups)
-        rows = [self._active[i] for i in groups[self._turn]]
-        key = self._group_key(rows)
-        keys = {self._group_key([self._active[i] for i in g]) for g in groups}
+        keys = [self._group_key([self._active[i] for i in g]) for g in groups]
+        key = self._next_group(keys)
+        rows = [self._active[i] for i in groups[keys.index(key)]]
         self._cohorts = {k: c for k, c in self._cohorts.items() if k in keys}  # groups with no rows left: freed
         rows, logits = self._decode(key, rows)
         nxt = next_tokens(logits[:, -1], rows)
@@ -331,6 +335,20 @@ class Engine:
                 self._finish(r, "stop")
             elif len(r.tokens) >= r.max_new_tokens:
                 self._finish(r, "length")
+
+    def _next_group(self, keys: list) -> object:
+        """The group whose turn it is: the current one for up to ``limits.group_steps`` steps in a row while it has
+        rows, then the next in order (a group alone keeps the turn)."""
+        if self._turn is not None:
+            current, streak = self._turn
+            if current in keys and (streak < self.limits.group_steps or len(keys) == 1):
+                self._turn = (current, streak + 1)
+                return current
+            nxt = keys[(keys.index(current) + 1) % len(keys)] if current in keys else keys[0]
+        else:
+            nxt = keys[0]
+        self._turn = (nxt, 1)
+        return nxt
 
     def _group_key(self, rows: list[Request]):
         """The mixed group (None) or the switch-only adapter a group of rows runs on."""
