@@ -67,13 +67,9 @@ def log(msg: str) -> None:
 
 
 def make_adapters(root: Path, method: str, n: int) -> list[tuple[str, Path, Path]]:
-    """(name, leantune folder, PEFT folder) of n adapters with random (trained-looking) values (seeded: folders
-    already made under ``root`` are reused)."""
+    """(name, leantune folder, PEFT folder) of n adapters with random (trained-looking) values."""
     from leantune.interop.peft import export_peft
 
-    out = [(f"{method}{i}", root / f"{method}{i}", root / f"{method}{i}.peft") for i in range(n)]
-    if all(f.is_dir() and pf.is_dir() for _n, f, pf in out):
-        return out
     out = []
     model = SPEC.build()
     for i in range(n):

@@ -179,7 +179,7 @@ def adjusted_logits(logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
     return out
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple:
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple]:
     """(token, its log-probability, its k most likely alternatives as [(token, log-probability)]) under the
     model's distribution at that position (``log_softmax`` of the raw logits: before bias, penalties, temperature
     and top_p, as vLLM reports them by default)."""
@@ -192,8 +192,9 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple:
 
 def next_tokens(logits: torch.Tensor, rows: list[Request]) -> list[int]:
     """One token per row from its last position's logits (rows, vocab), after the row's bias and penalties
-    (``adjusted_logits``): the argmax where the row's temperature is 0; else a draw from ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely
-    tokens whose probabilities reach top_p), by inverting the cumulative distribution at one uniform number from
+    (``adjusted_logits``): the argmax where the row's temperature is 0; else a draw from
+    ``softmax(logits / temperature)`` restricted to the top_p nucleus (the fewest most likely tokens whose
+    probabilities reach top_p), by inverting the cumulative distribution at one uniform number from
     the row's own generator, so a seeded request draws the same tokens whatever batch it shares."""
     logits = adjusted_logits(logits, rows)
     out = logits.argmax(-1).tolist()

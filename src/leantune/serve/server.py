@@ -50,6 +50,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
     limits = limits or Limits()
     engine = Engine(bank, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                     tokenizer.eos_token_id, limits)
+    vocab = vocab_size(bank.model)  # the token ids a prompt or a logit_bias may name (the bank's base is fixed)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -80,8 +81,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
         body = await _json(request)
-        return await _serve(body, completion_prompts(body.get("prompt"), vocab_size(bank.model), limits.max_batch),
-                            chat=False)
+        return await _serve(body, completion_prompts(body.get("prompt"), vocab, limits.max_batch), chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest):
@@ -182,7 +182,7 @@ def create_app(bank: AdapterBank, tokenizer, limits: Limits | None = None, admin
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= most:
             raise ApiError(400, f"'n' must be an integer in [1, {most}] ({len(prompts)} prompt(s) x n choices at "
                                 f"most --max-batch {limits.max_batch}), got {n!r}")
-        sampling = sampling_params(body, vocab_size(bank.model))
+        sampling = sampling_params(body, vocab)
         k = logprob_count(body, chat)
         items = []
         for prompt in prompts:
